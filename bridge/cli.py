@@ -1,0 +1,95 @@
+"""The `maintenance-bridge` command: run, simulate, demo, status, listen.
+
+Bad configuration is one line on stderr and exit code 2, before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from bridge import __version__
+from bridge.config import ConfigError, add_run_options, build, default_state_dir
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2) like every other config error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"maintenance-bridge: error: {message}\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = _Parser(prog="maintenance-bridge", description=__doc__.splitlines()[0])
+    top.add_argument("--version", action="version", version=f"maintenance-bridge {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="watch the metadata server and publish events")
+    add_run_options(run)
+
+    sim = sub.add_parser("simulate", help="a local metadata server with a control API")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8089)
+    sim.add_argument("--scenario", help="migrate|terminate|preempt|upcoming or a JSON file")
+    sim.add_argument("--speed", type=float, default=1.0, help="divide the scenario's times")
+    sim.add_argument("--loop", action="store_true", help="replay the scenario forever")
+
+    demo = sub.add_parser("demo", help="simulator + bridge + scenario, events printed")
+    demo.add_argument("--json", action="store_true", help="print the CloudEvents as JSON lines")
+    demo.add_argument("--speed", type=float, default=1.0, help="scenario speed-up")
+
+    status = sub.add_parser("status", help="what the state dir says about a bridge")
+    status.add_argument("--state-dir", default=None, help="[BRIDGE_STATE_DIR]")
+    status.add_argument("--json", action="store_true")
+
+    listen = sub.add_parser("listen", help="pull and pretty-print events from a subscription")
+    listen.add_argument("--subscription", required=True, help="projects/P/subscriptions/S")
+    listen.add_argument("--count", type=int, default=0, help="exit after N messages (0: never)")
+    listen.add_argument("--timeout", type=float, default=0.0, help="exit after N s (0: never)")
+    listen.add_argument("--json", action="store_true")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    environ = dict(os.environ)
+    try:
+        if args.command == "run":
+            return _run(args, environ)
+        if args.command == "simulate":
+            from bridge.simulator import serve
+
+            return serve(args.host, args.port, args.scenario, args.speed, args.loop)
+        if args.command == "demo":
+            from bridge.demo import demo
+
+            return demo(speed=args.speed, as_json=args.json, environ=environ)
+        if args.command == "status":
+            from bridge.operator import status
+
+            state_dir = (
+                args.state_dir or environ.get("BRIDGE_STATE_DIR") or default_state_dir(environ)
+            )
+            return status(Path(state_dir), as_json=args.json)
+        from bridge.operator import listen
+
+        return listen(args.subscription, count=args.count, timeout=args.timeout, as_json=args.json)
+    except ConfigError as exc:
+        print(f"maintenance-bridge: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
+    from bridge.daemon import install_signal_handlers, run
+    from bridge.logs import configure
+
+    config = build(args, environ)
+    configure(config.log_format, config.log_level)
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    return run(config, stop, environ=environ)

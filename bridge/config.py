@@ -1,0 +1,289 @@
+"""The one configuration object: built once from flags and environment, passed down.
+
+Every option has a flag and a `BRIDGE_*` environment variable (the flag wins). No other module
+reads the environment; `GCE_METADATA_HOST` is honoured here, as Google's client libraries do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bridge.events import DEFAULT_TYPE_PREFIX, WATCHED_KEYS
+
+DEFAULT_METADATA_HOST = "metadata.google.internal"
+METADATA_PATH = "/computeMetadata/v1/"
+_TOPIC = re.compile(
+    r"^projects/(?P<project>[a-z][-a-z0-9.:]{4,62}[a-z0-9])/topics/(?P<topic>[A-Za-z][\w.~+%-]{2,254})$"
+)
+_TYPE_PREFIX = re.compile(r"^[a-z0-9]+(\.[a-z0-9-]+)+$")
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the CLI prints the message as one line and exits 2."""
+
+
+def default_state_dir(environ: Mapping[str, str]) -> str:
+    if sys.platform == "win32":
+        return str(Path(environ.get("PROGRAMDATA", r"C:\ProgramData")) / "maintenance-bridge")
+    return "/var/lib/maintenance-bridge"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One run option: its flag, its BRIDGE_* variable, its parser and its help."""
+
+    name: str
+    default: Any
+    help: str
+    parse: Any = str
+    choices: tuple[str, ...] | None = None
+    repeat: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "BRIDGE_" + self.name.upper()
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _positive(parse: Any) -> Any:
+    def check(text: str) -> Any:
+        value = parse(text)
+        if value <= 0:
+            raise ValueError(f"must be positive: {text!r}")
+        return value
+
+    check.__name__ = parse.__name__
+    return check
+
+
+RUN_OPTIONS: tuple[Option, ...] = (
+    Option("topic", "", "Pub/Sub topic, projects/P/topics/T (selects the pubsub sink)"),
+    Option(
+        "sink",
+        "",
+        "where events go (default: pubsub with a topic, else stdout)",
+        choices=("pubsub", "stdout"),
+    ),
+    Option(
+        "content_mode",
+        "binary",
+        "CloudEvents content mode on Pub/Sub",
+        choices=("binary", "structured"),
+    ),
+    Option("state_dir", None, "directory of the SQLite state store and outbox"),
+    Option(
+        "metadata_url",
+        "",
+        "metadata server base URL (default from GCE_METADATA_HOST, "
+        "else http://metadata.google.internal/computeMetadata/v1/)",
+    ),
+    Option(
+        "allow_metadata_host",
+        False,
+        "accept a metadata URL outside link-local, loopback and metadata.google.internal",
+        parse=_bool,
+    ),
+    Option("keys", ",".join(WATCHED_KEYS), "comma-separated metadata keys to watch"),
+    Option("type_prefix", DEFAULT_TYPE_PREFIX, "CloudEvents type prefix (reverse-DNS, versioned)"),
+    Option("poll_timeout", 60, "timeout_sec of each long-poll, seconds", parse=_positive(int)),
+    Option(
+        "absent_interval",
+        60.0,
+        "seconds between asks of a key that answers at once (404, or 503 'no notifications')",
+        parse=_positive(float),
+    ),
+    Option(
+        "retry_cap",
+        2.0,
+        "cap of the retry back-off after a metadata error, seconds",
+        parse=_positive(float),
+    ),
+    Option("drain_timeout", 5.0, "seconds to flush the outbox on SIGTERM", parse=float),
+    Option("publish_latency", 0.0005, "Pub/Sub batch max_latency, seconds", parse=float),
+    Option("outbox_max_events", 10000, "outbox bound by count", parse=_positive(int)),
+    Option("outbox_max_bytes", 16 * 1024 * 1024, "outbox bound by bytes", parse=_positive(int)),
+    Option(
+        "exec",
+        (),
+        "command run for each event (CloudEvent JSON on stdin); "
+        "TYPE=CMD limits it to events whose kind starts with TYPE; repeatable",
+        repeat=True,
+    ),
+    Option("exec_timeout", 30.0, "seconds before a hook is killed", parse=_positive(float)),
+    Option("http_port", 0, "port of /healthz, /readyz and /metrics (0: off)", parse=int),
+    Option("http_host", "127.0.0.1", "address the HTTP endpoint binds"),
+    Option("heartbeat_interval", 0.0, "seconds between heartbeat events (0: off)", parse=float),
+    Option("log_format", "json", "log format on stderr", choices=("json", "text")),
+    Option("log_level", "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `maintenance-bridge run` needs, validated."""
+
+    topic: str = ""
+    sink: str = "stdout"
+    content_mode: str = "binary"
+    state_dir: Path = Path("/var/lib/maintenance-bridge")
+    metadata_url: str = f"http://{DEFAULT_METADATA_HOST}{METADATA_PATH}"
+    allow_metadata_host: bool = False
+    keys: tuple[str, ...] = WATCHED_KEYS
+    type_prefix: str = DEFAULT_TYPE_PREFIX
+    poll_timeout: int = 60
+    absent_interval: float = 60.0
+    retry_cap: float = 2.0
+    drain_timeout: float = 5.0
+    publish_latency: float = 0.0005
+    outbox_max_events: int = 10000
+    outbox_max_bytes: int = 16 * 1024 * 1024
+    exec: tuple[str, ...] = ()
+    exec_timeout: float = 30.0
+    http_port: int = 0
+    http_host: str = "127.0.0.1"
+    heartbeat_interval: float = 0.0
+    log_format: str = "json"
+    log_level: str = "INFO"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "bridge.sqlite3"
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Flags for every run option; defaults stay None so that env and defaults apply later."""
+    for opt in RUN_OPTIONS:
+        kwargs: dict[str, Any] = {"help": f"{opt.help} [{opt.env}]", "default": None}
+        if opt.choices:
+            kwargs["choices"] = opt.choices
+        if opt.repeat:
+            kwargs["action"] = "append"
+        parser.add_argument(opt.flag, dest=opt.name, **kwargs)
+
+
+def build(
+    args: argparse.Namespace, environ: Mapping[str, str], *, check_dirs: bool = True
+) -> Config:
+    """Flags over `BRIDGE_*` variables over defaults, then validation. Raises ConfigError."""
+    values: dict[str, Any] = {}
+    for opt in RUN_OPTIONS:
+        flagged = getattr(args, opt.name, None)
+        raw: Any
+        if flagged is not None:
+            raw = flagged
+        elif opt.env in environ:
+            raw = environ[opt.env]
+            if opt.repeat:
+                raw = [line for line in raw.splitlines() if line.strip()]
+        else:
+            values[opt.name] = opt.default
+            continue
+        values[opt.name] = _parse(opt, raw)
+    if values["state_dir"] is None:
+        values["state_dir"] = default_state_dir(environ)
+    values["state_dir"] = Path(values["state_dir"])
+    values["exec"] = tuple(values["exec"])
+    values["keys"] = tuple(k.strip() for k in str(values["keys"]).split(",") if k.strip())
+    values["metadata_url"] = _metadata_url(values["metadata_url"], environ)
+    if not values["sink"]:
+        values["sink"] = "pubsub" if values["topic"] else "stdout"
+    config = Config(**values)
+    _validate(config)
+    if check_dirs:
+        check_state_dir(config.state_dir)
+    return config
+
+
+def _parse(opt: Option, raw: Any) -> Any:
+    if opt.repeat:
+        return list(raw)
+    if opt.choices and raw not in opt.choices:
+        raise ConfigError(f"{opt.flag}: {raw!r} is not one of {', '.join(opt.choices)}")
+    try:
+        return opt.parse(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        raise ConfigError(f"{opt.flag} / {opt.env}: invalid value {raw!r}") from None
+
+
+def _metadata_url(flag: str, environ: Mapping[str, str]) -> str:
+    if flag:
+        url = flag
+    elif environ.get("GCE_METADATA_HOST"):
+        url = f"http://{environ['GCE_METADATA_HOST']}{METADATA_PATH}"
+    else:
+        url = f"http://{DEFAULT_METADATA_HOST}{METADATA_PATH}"
+    return url if url.endswith("/") else url + "/"
+
+
+def metadata_host_allowed(url: str) -> bool:
+    """Link-local, loopback or the metadata server's own name: where credentials may not leak."""
+    host = urlsplit(url).hostname or ""
+    if host in (DEFAULT_METADATA_HOST, "localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_link_local
+
+
+def _validate(config: Config) -> None:
+    if config.topic and not _TOPIC.match(config.topic):
+        raise ConfigError(
+            f"--topic: {config.topic!r} is not a topic path like projects/PROJECT/topics/TOPIC"
+        )
+    if config.sink == "pubsub" and not config.topic:
+        raise ConfigError("--sink pubsub needs --topic projects/P/topics/T")
+    parts = urlsplit(config.metadata_url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ConfigError(f"--metadata-url: {config.metadata_url!r} is not an http:// URL")
+    if not config.allow_metadata_host and not metadata_host_allowed(config.metadata_url):
+        raise ConfigError(
+            f"--metadata-url: {parts.hostname!r} is not link-local, loopback or "
+            f"{DEFAULT_METADATA_HOST}; pass --allow-metadata-host to use it anyway"
+        )
+    unknown = [k for k in config.keys if k not in WATCHED_KEYS]
+    if unknown or not config.keys:
+        raise ConfigError(
+            f"--keys: choose among {', '.join(WATCHED_KEYS)} (got {unknown or 'none'})"
+        )
+    if not _TYPE_PREFIX.match(config.type_prefix):
+        raise ConfigError(f"--type-prefix: {config.type_prefix!r} is not a reverse-DNS name")
+    for spec in config.exec:
+        if not spec.strip():
+            raise ConfigError("--exec: empty command")
+    if not 0 <= config.http_port <= 65535:
+        raise ConfigError(f"--http-port: {config.http_port} is not a port number")
+    if config.drain_timeout < 0 or config.heartbeat_interval < 0 or config.publish_latency < 0:
+        raise ConfigError("--drain-timeout, --heartbeat-interval, --publish-latency: must be >= 0")
+
+
+def check_state_dir(path: Path) -> None:
+    """Create the state dir and prove it writable now, before any watching starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--state-dir: {path} is not writable ({exc.strerror or exc})") from None

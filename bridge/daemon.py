@@ -1,0 +1,164 @@
+"""`maintenance-bridge run`: wires the stream together and runs it until told to stop.
+
+metadata server -> watchers -> recorder (transition, store + outbox) -> relay -> sink
+                                                                      -> hooks
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+
+import tenacity
+
+from bridge.config import Config, ConfigError
+from bridge.endpoints import serve
+from bridge.events import Instance, Scheduling
+from bridge.health import Health
+from bridge.hooks import Hooks
+from bridge.metadata import MetadataClient, MetadataError
+from bridge.metrics import Metrics
+from bridge.recorder import Recorder
+from bridge.relay import Relay
+from bridge.sinks import Sink, make_sink
+from bridge.store import Store
+from bridge.watcher import Watcher
+
+log = logging.getLogger("bridge")
+
+
+def run(
+    config: Config,
+    stop: threading.Event,
+    *,
+    sink: Sink | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    """Run until `stop` is set; returns the exit code. Raises ConfigError before watching."""
+    try:
+        store = Store(
+            config.db_path, max_events=config.outbox_max_events, max_bytes=config.outbox_max_bytes
+        )
+        snapshot = store.load()
+    except sqlite3.Error as exc:
+        raise ConfigError(f"--state-dir: cannot open {config.db_path}: {exc}") from None
+    if sink is None:
+        sink = _make_sink(config)
+    metrics, health = Metrics(), Health()
+    relay = Relay(sink, store, metrics, retry_cap=config.retry_cap)
+    for seq, event in snapshot.pending:
+        relay.enqueue(seq, event, None, [])
+    if snapshot.pending:
+        log.info("resuming: %d events from the outbox go out first", len(snapshot.pending))
+    metrics.track_outbox(relay.depth, relay.oldest_seen)
+    server = (
+        serve(config.http_host, config.http_port, health, metrics) if config.http_port else None
+    )
+    relay.start()
+    hooks = Hooks(config.exec, config.exec_timeout, metrics, environ or os.environ)
+    try:
+        identity = _identity(config, stop, health)
+        if identity is None:
+            return 0
+        instance, scheduling = identity
+        log.info(
+            "watching %s for %s (%s) in %s, sink %s",
+            ", ".join(config.keys),
+            instance.name,
+            instance.id,
+            instance.zone,
+            sink.name,
+        )
+        recorder = Recorder(
+            config, store, snapshot, instance, scheduling, relay, hooks, health, metrics
+        )
+        for key in config.keys:
+            Watcher(key, config, recorder.observe, stop, health, metrics).start()
+        if config.heartbeat_interval:
+            threading.Thread(
+                target=_heartbeats,
+                args=(recorder, config.heartbeat_interval, stop),
+                name="heartbeat",
+                daemon=True,
+            ).start()
+        health.ready = True
+        while not stop.wait(0.5):  # a short wait keeps Ctrl+C working on Windows
+            pass
+        return 0
+    finally:
+        health.ready = False
+        emptied = relay.drain(config.drain_timeout)
+        left = relay.depth()
+        if not emptied:
+            log.warning(
+                "stopping with %d events in the outbox; they go out on the next start", left
+            )
+        hooks.close()
+        sink.close()
+        store.close()
+        if server is not None:
+            server.shutdown()
+        log.info("stopped")
+
+
+def _make_sink(config: Config) -> Sink:
+    try:
+        return make_sink(config)
+    except Exception as exc:  # e.g. google.auth's DefaultCredentialsError off GCE
+        raise ConfigError(f"--sink {config.sink}: {exc}".splitlines()[0]) from None
+
+
+def _identity(
+    config: Config, stop: threading.Event, health: Health
+) -> tuple[Instance, Scheduling] | None:
+    """Read who we are, retrying as the watchers do; None if stopped first."""
+    client = MetadataClient(config.metadata_url)
+
+    def sleep(seconds: float) -> None:
+        if stop.wait(seconds):
+            raise InterruptedError
+
+    def warn(state: tenacity.RetryCallState) -> None:
+        if state.attempt_number == 1 and state.outcome is not None:
+            log.warning(
+                "reading identity from %s failed: %s (retrying)",
+                config.metadata_url,
+                state.outcome.exception(),
+            )
+
+    health.expect("identity", 30.0)
+    try:
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(MetadataError),
+            wait=tenacity.wait_exponential_jitter(initial=0.05, max=config.retry_cap, jitter=0.05),
+            sleep=sleep,
+            before_sleep=warn,
+            reraise=True,
+        )(client.identity)
+    except InterruptedError:
+        return None
+    finally:
+        client.close()
+        health.deadlines.pop("identity", None)
+
+
+def _heartbeats(recorder: Recorder, interval: float, stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        recorder.heartbeat(datetime.now(timezone.utc), time.monotonic())
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT (and SIGBREAK on Windows) stop the bridge; main thread only."""
+    for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            # ValueError/OSError: not the main thread, or not settable on this platform.
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, lambda *_: stop.set())

@@ -1,0 +1,479 @@
+"""The event contract: the typed CloudEvent model, its two Pub/Sub encodings and the one decoder.
+
+Standard library only, so that every subscriber (the example Cloud Functions vendor this file
+with `bridge/__init__.py`) decodes exactly what the bridge encodes. Building an event is pure:
+the id, the sequence number and the observation time are given, never taken from a clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+SPECVERSION = "1.0"
+DEFAULT_TYPE_PREFIX = "io.github.maintenancebridge.gce.v1"
+DATASCHEMA = "https://maintenance-bridge.github.io/schemas/v1/event-data.json"
+DATA_CONTENT_TYPE = "application/json"
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json; charset=UTF-8"
+
+MAINTENANCE = "instance/maintenance-event"
+PREEMPTED = "instance/preempted"
+UPCOMING = "instance/upcoming-maintenance"
+WATCHED_KEYS: tuple[str, ...] = (MAINTENANCE, PREEMPTED, UPCOMING)
+
+# The documented default of each key: what a first start compares against.
+BASELINE: dict[str, str] = {MAINTENANCE: "NONE", PREEMPTED: "FALSE", UPCOMING: ""}
+FAMILY: dict[str, str] = {MAINTENANCE: "maintenance", PREEMPTED: "preemption", UPCOMING: "upcoming"}
+
+# Every kind the bridge emits: the part of the CloudEvent type after the configurable prefix.
+KINDS: tuple[str, ...] = (
+    "maintenance.started",
+    "maintenance.changed",
+    "maintenance.ended",
+    "preemption.started",
+    "preemption.changed",
+    "preemption.ended",
+    "upcoming.scheduled",
+    "upcoming.updated",
+    "upcoming.cleared",
+    "bridge.heartbeat",
+)
+
+# Documented notice windows, by the value `maintenance-event` changed to.
+NOTICE_SECONDS: dict[str, int] = {
+    "MIGRATE_ON_HOST_MAINTENANCE": 60,
+    "TERMINATE_ON_HOST_MAINTENANCE": 3600,
+}
+PREEMPTION_NOTICE_SECONDS = 30
+
+# CloudEvents attributes that are not extensions; everything else under ce-* is an extension.
+_CORE_ATTRIBUTES = ("specversion", "id", "source", "type", "time", "subject", "dataschema")
+_EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
+
+
+class DecodeError(ValueError):
+    """Raised for anything that is not a well-formed maintenance-bridge event.
+
+    The only error the decoder raises; its message says what was wrong, so that a subscriber can
+    log it and acknowledge the message instead of retrying it forever.
+    """
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One observed change of a watched key, values in canonical form (see `transitions`)."""
+
+    key: str
+    previous: str
+    current: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Instance:
+    """Who the event is about: read once from the metadata server at start."""
+
+    id: str
+    name: str
+    zone: str
+    project_id: str
+    project_number: str
+    hostname: str = ""
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """The VM's `instance/scheduling/` values; "" where the key does not exist on this VM."""
+
+    on_host_maintenance: str = ""
+    automatic_restart: str = ""
+    preemptible: str = ""
+    provisioning_model: str = ""
+
+
+@dataclass(frozen=True)
+class Upcoming:
+    """A maintenance window from `instance/upcoming-maintenance`."""
+
+    type: str = ""
+    can_reschedule: bool | None = None
+    window_start_time: str = ""
+    window_end_time: str = ""
+    latest_window_start_time: str = ""
+    maintenance_status: str = ""
+    maintenance_reasons: tuple[str, ...] = ()
+
+    @classmethod
+    def from_canonical(cls, value: str) -> Upcoming | None:
+        """The window in a canonical `upcoming-maintenance` value, or None for nothing scheduled."""
+        if not value:
+            return None
+        raw = json.loads(value)
+        if not isinstance(raw, dict):
+            return cls(type=value)
+        flag = raw.get("can_reschedule")
+        reasons = raw.get("maintenance_reasons") or ()
+        return cls(
+            type=_text(raw.get("type")),
+            can_reschedule=None if flag is None else str(flag).lower() == "true",
+            window_start_time=_text(raw.get("window_start_time")),
+            window_end_time=_text(raw.get("window_end_time")),
+            latest_window_start_time=_text(raw.get("latest_window_start_time")),
+            maintenance_status=_text(raw.get("maintenance_status")),
+            maintenance_reasons=tuple(_text(r) for r in reasons)
+            if isinstance(reasons, list)
+            else (_text(reasons),),
+        )
+
+
+@dataclass(frozen=True)
+class EventData:
+    """The `data` of every event (schemas/v1/event-data.schema.json)."""
+
+    key: str
+    previous: str
+    current: str
+    observed_at: str
+    happened_while_down: bool
+    sequence: int
+    instance: Instance
+    scheduling: Scheduling
+    notice_seconds: int | None = None
+    upcoming: Upcoming | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "key": self.key,
+            "previous": self.previous,
+            "current": self.current,
+            "observed_at": self.observed_at,
+            "happened_while_down": self.happened_while_down,
+            "sequence": self.sequence,
+            "instance": _fields(self.instance),
+            "scheduling": _fields(self.scheduling),
+        }
+        if self.notice_seconds is not None:
+            out["notice_seconds"] = self.notice_seconds
+        if self.upcoming is not None:
+            up = _fields(self.upcoming)
+            up["maintenance_reasons"] = list(self.upcoming.maintenance_reasons)
+            if self.upcoming.can_reschedule is None:
+                del up["can_reschedule"]
+            out["upcoming"] = up
+        return out
+
+
+@dataclass(frozen=True)
+class Event:
+    """One CloudEvent 1.0 as the bridge emits it."""
+
+    id: str
+    source: str
+    type: str
+    time: str
+    subject: str
+    data: EventData
+    extensions: Mapping[str, str] = field(default_factory=dict)
+    dataschema: str = DATASCHEMA
+    datacontenttype: str = DATA_CONTENT_TYPE
+    specversion: str = SPECVERSION
+
+    @property
+    def kind(self) -> str:
+        """The type without its (configurable) prefix, e.g. `maintenance.started`."""
+        return ".".join(self.type.split(".")[-2:])
+
+    def attributes(self) -> dict[str, str]:
+        """Context attributes and extensions, without data."""
+        out = {
+            "specversion": self.specversion,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "time": self.time,
+            "subject": self.subject,
+            "dataschema": self.dataschema,
+            "datacontenttype": self.datacontenttype,
+        }
+        out.update(self.extensions)
+        return out
+
+    def to_structured(self) -> dict[str, Any]:
+        """The structured-mode JSON object."""
+        return {**self.attributes(), "data": self.data.to_json()}
+
+    def to_pubsub(self, mode: str = "binary") -> tuple[dict[str, str], bytes]:
+        """Message attributes and payload per Google's CloudEvents Pub/Sub binding."""
+        if mode == "structured":
+            return {"content-type": STRUCTURED_CONTENT_TYPE}, dumps(self.to_structured())
+        attrs = {f"ce-{k}": v for k, v in self.attributes().items() if k != "datacontenttype"}
+        attrs["content-type"] = self.datacontenttype
+        return attrs, dumps(self.data.to_json())
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, the one serialisation used on every wire."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC, millisecond precision, `Z` suffix."""
+    moment = moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def source_of(instance: Instance) -> str:
+    """The instance's full resource name, the CloudEvents `source`."""
+    return (
+        f"//compute.googleapis.com/projects/{instance.project_id}"
+        f"/zones/{instance.zone}/instances/{instance.name}"
+    )
+
+
+def build_event(
+    transition: Transition,
+    *,
+    event_id: str,
+    sequence: int,
+    observed_at: datetime,
+    instance: Instance,
+    scheduling: Scheduling,
+    happened_while_down: bool,
+    notice_seconds: int | None,
+    type_prefix: str = DEFAULT_TYPE_PREFIX,
+) -> Event:
+    """The CloudEvent for one recorded transition; everything it depends on is an argument."""
+    if transition.kind.startswith("upcoming."):
+        upcoming_value = (
+            transition.previous if transition.kind == "upcoming.cleared" else transition.current
+        )
+        upcoming = Upcoming.from_canonical(upcoming_value)
+    else:
+        upcoming = None
+    when = rfc3339(observed_at)
+    data = EventData(
+        key=transition.key,
+        previous=transition.previous,
+        current=transition.current,
+        observed_at=when,
+        happened_while_down=happened_while_down,
+        sequence=sequence,
+        instance=instance,
+        scheduling=scheduling,
+        notice_seconds=notice_seconds,
+        upcoming=upcoming,
+    )
+    return Event(
+        id=event_id,
+        source=source_of(instance),
+        type=f"{type_prefix}.{transition.kind}",
+        time=when,
+        subject=transition.key,
+        data=data,
+        extensions={
+            "instanceid": instance.id,
+            "zone": instance.zone,
+            "project": instance.project_id,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: every envelope a subscriber meets, one error type.
+
+
+def decode_pubsub(attributes: Mapping[str, str], data: bytes | str) -> Event:
+    """A Pub/Sub message (attributes + payload), in binary or structured content mode."""
+    if not isinstance(attributes, Mapping):
+        raise DecodeError(f"message attributes must be a map, not {type(attributes).__name__}")
+    if not isinstance(data, bytes | str):
+        raise DecodeError(f"message data must be bytes, not {type(data).__name__}")
+    content_type = attributes.get("content-type", attributes.get("Content-Type", ""))
+    if not isinstance(content_type, str):
+        raise DecodeError("the content-type attribute must be a string")
+    payload = _json(data, "message data")
+    if content_type.lower().startswith("application/cloudevents"):
+        return decode_structured(payload)
+    ce = {}
+    for name, value in attributes.items():
+        if isinstance(name, str) and name.startswith("ce-"):
+            ce[name[3:]] = value
+    ce["datacontenttype"] = content_type
+    return _event(ce, payload, "binary-mode attributes")
+
+
+def decode_structured(obj: Any) -> Event:
+    """A structured-mode JSON CloudEvent (already parsed), e.g. one line of the stdout sink."""
+    if not isinstance(obj, Mapping):
+        raise DecodeError(f"a structured CloudEvent must be a JSON object, not {_kind(obj)}")
+    attrs = {k: v for k, v in obj.items() if k not in ("data", "data_base64")}
+    if "data" in obj:
+        data = obj["data"]
+    elif "data_base64" in obj:
+        data = _json(_b64(obj["data_base64"], "data_base64"), "data_base64")
+    else:
+        raise DecodeError("the structured CloudEvent has no data")
+    return _event(attrs, data, "structured CloudEvent")
+
+
+def decode_message_published(payload: Any) -> Event:
+    """The data of an Eventarc `google.cloud.pubsub.topic.v1.messagePublished` CloudEvent."""
+    if not isinstance(payload, Mapping):
+        raise DecodeError(f"messagePublished data must be a JSON object, not {_kind(payload)}")
+    message = payload.get("message")
+    if not isinstance(message, Mapping):
+        raise DecodeError("messagePublished data has no message object")
+    attributes = message.get("attributes") or {}
+    raw = message.get("data", "")
+    return decode_pubsub(attributes, _b64(raw, "message.data"))
+
+
+def decode_push(body: bytes | str | Mapping[str, Any]) -> Event:
+    """The body of a Pub/Sub push request (`{"message": {...}, "subscription": ...}`)."""
+    if isinstance(body, bytes | str):
+        body = _json(body, "push request body")
+    return decode_message_published(body)
+
+
+def _event(attrs: Mapping[str, Any], data: Any, where: str) -> Event:
+    for name in ("specversion", "id", "source", "type"):
+        if not isinstance(attrs.get(name), str) or not attrs[name]:
+            raise DecodeError(f"{where}: required attribute {name!r} is missing or not a string")
+    if attrs["specversion"] != SPECVERSION:
+        raise DecodeError(f"{where}: unsupported specversion {attrs['specversion']!r}")
+    kind = ".".join(attrs["type"].split(".")[-2:])
+    if kind not in KINDS:
+        raise DecodeError(f"{where}: type {attrs['type']!r} is not a maintenance-bridge event")
+    extensions: dict[str, str] = {}
+    for name, value in attrs.items():
+        if name in _CORE_ATTRIBUTES or name == "datacontenttype":
+            continue
+        if not isinstance(name, str) or not _EXTENSION_NAME.match(name):
+            raise DecodeError(f"{where}: invalid attribute name {name!r}")
+        if not isinstance(value, str):
+            raise DecodeError(f"{where}: attribute {name!r} must be a string")
+        extensions[name] = value
+    optional = {n: attrs.get(n, "") for n in ("time", "subject", "dataschema")}
+    for name, value in optional.items():
+        if not isinstance(value, str):
+            raise DecodeError(f"{where}: attribute {name!r} must be a string")
+    content_type = attrs.get("datacontenttype") or DATA_CONTENT_TYPE
+    if not isinstance(content_type, str) or not content_type.startswith("application/json"):
+        raise DecodeError(f"{where}: unsupported datacontenttype {content_type!r}")
+    return Event(
+        id=attrs["id"],
+        source=attrs["source"],
+        type=attrs["type"],
+        time=optional["time"],
+        subject=optional["subject"],
+        dataschema=optional["dataschema"],
+        datacontenttype=content_type,
+        data=_event_data(data),
+        extensions=extensions,
+    )
+
+
+def _event_data(raw: Any) -> EventData:
+    obj = _object(raw, "data")
+    notice = obj.get("notice_seconds")
+    if notice is not None and (type(notice) is not int or notice < 0):
+        raise DecodeError("data.notice_seconds must be a non-negative integer")
+    sequence = obj.get("sequence")
+    if type(sequence) is not int or sequence < 0:
+        raise DecodeError("data.sequence must be a non-negative integer")
+    down = obj.get("happened_while_down")
+    if not isinstance(down, bool):
+        raise DecodeError("data.happened_while_down must be a boolean")
+    upcoming = obj.get("upcoming")
+    return EventData(
+        key=_str(obj, "key", "data"),
+        previous=_str(obj, "previous", "data"),
+        current=_str(obj, "current", "data"),
+        observed_at=_str(obj, "observed_at", "data"),
+        happened_while_down=down,
+        sequence=sequence,
+        instance=_record(Instance, obj.get("instance"), "data.instance"),
+        scheduling=_record(Scheduling, obj.get("scheduling", {}), "data.scheduling"),
+        notice_seconds=notice,
+        upcoming=None if upcoming is None else _upcoming(upcoming),
+    )
+
+
+def _upcoming(raw: Any) -> Upcoming:
+    obj = _object(raw, "data.upcoming")
+    flag = obj.get("can_reschedule")
+    if flag is not None and not isinstance(flag, bool):
+        raise DecodeError("data.upcoming.can_reschedule must be a boolean")
+    reasons = obj.get("maintenance_reasons", [])
+    if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+        raise DecodeError("data.upcoming.maintenance_reasons must be a list of strings")
+    texts = {
+        name: _str(obj, name, "data.upcoming", required=False)
+        for name in (
+            "type",
+            "window_start_time",
+            "window_end_time",
+            "latest_window_start_time",
+            "maintenance_status",
+        )
+    }
+    return Upcoming(can_reschedule=flag, maintenance_reasons=tuple(reasons), **texts)
+
+
+def _record(cls: type, raw: Any, where: str) -> Any:
+    obj = _object(raw, where)
+    return cls(
+        **{
+            name: _str(obj, name, where, required=spec.default is MISSING)
+            for name, spec in cls.__dataclass_fields__.items()
+        }
+    )
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in record.__dataclass_fields__}
+
+
+def _str(obj: Mapping[str, Any], name: str, where: str, *, required: bool = True) -> str:
+    value = obj.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise DecodeError(f"{where}.{name} is missing or not a string")
+    return value
+
+
+def _object(raw: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise DecodeError(f"{where} must be a JSON object, not {_kind(raw)}")
+    return raw
+
+
+def _json(raw: bytes | str, where: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise DecodeError(f"{where} is not valid JSON: {exc}") from None
+
+
+def _b64(raw: Any, where: str) -> bytes:
+    if not isinstance(raw, str):
+        raise DecodeError(f"{where} must be a base64 string, not {_kind(raw)}")
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise DecodeError(f"{where} is not valid base64: {exc}") from None
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)

@@ -1,0 +1,47 @@
+"""Logging to stderr: JSON that Cloud Logging understands (`severity`, `message`), or text."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+from bridge.events import rfc3339
+
+_SEVERITY = {
+    "WARNING": "WARNING",
+    "CRITICAL": "CRITICAL",
+    "ERROR": "ERROR",
+    "INFO": "INFO",
+    "DEBUG": "DEBUG",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; the Ops Agent maps `severity` and `message` natively."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "severity": _SEVERITY.get(record.levelname, "DEFAULT"),
+            "message": record.getMessage(),
+            "time": rfc3339(datetime.fromtimestamp(record.created, timezone.utc)),
+            "logger": record.name,
+        }
+        if record.exc_info:
+            entry["stack_trace"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # The Pub/Sub client logs each retry at DEBUG/INFO; ours say it once per failure class.
+    for noisy in ("google", "urllib3", "grpc"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -1,0 +1,161 @@
+"""The metadata server client: one HTTP edge, strict about what it accepts.
+
+It always sends `Metadata-Flavor: Google`, follows no redirect, refuses a response without the
+header, caps what it reads and sorts every failure into a small fixed set of classes (used for
+logs and metric labels) so that callers retry what is transient and never crash on it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from bridge.events import Instance, Scheduling
+
+FLAVOR = {"Metadata-Flavor": "Google"}
+MAX_BODY = 64 * 1024
+NO_NOTIFICATIONS = "no notifications have been received yet"
+# Failure classes: the only label values metrics and logs ever use.
+FAILURE_CLASSES = ("http_5xx", "http_429", "http_4xx", "timeout", "connection", "protocol")
+
+
+class MetadataError(Exception):
+    """A failed request; `failure_class` is one of FAILURE_CLASSES."""
+
+    def __init__(self, failure_class: str, message: str) -> None:
+        super().__init__(message)
+        self.failure_class = failure_class
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One answer: the decoded value and its ETag, or `absent` (404, or the 503 that means
+    'nothing scheduled yet' on upcoming-maintenance). `received` is a monotonic timestamp."""
+
+    value: Any
+    etag: str | None
+    received: float
+    absent: bool = False
+
+
+class MetadataClient:
+    """Requests against one metadata server; one instance per thread (requests.Session)."""
+
+    def __init__(self, base_url: str, *, connect_timeout: float = 2.0) -> None:
+        self.base_url = base_url
+        self.connect_timeout = connect_timeout
+        self.session = requests.Session()
+        self.session.trust_env = False  # never route the metadata server through a proxy
+        self.session.headers.update(FLAVOR)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def get(
+        self,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        timeout: float = 5.0,
+        alt: str = "json",
+    ) -> Reading:
+        """One GET of `path` (relative to the base URL); raises MetadataError."""
+        query = {"alt": alt, **(params or {})}
+        try:
+            response = self.session.get(
+                self.base_url + path,
+                params=query,
+                timeout=(self.connect_timeout, timeout),
+                allow_redirects=False,
+            )
+        except requests.Timeout as exc:
+            raise MetadataError("timeout", f"{path}: no answer within {timeout:.0f} s") from exc
+        except requests.RequestException as exc:
+            raise MetadataError("connection", f"{path}: {_reason(exc)}") from exc
+        received = time.monotonic()
+        return _reading(path, response, received, alt)
+
+    def watch(self, path: str, last_etag: str, timeout_sec: int) -> Reading:
+        """A hanging GET that returns when the value's ETag differs from `last_etag`."""
+        params = {
+            "wait_for_change": "true",
+            "last_etag": last_etag,
+            "timeout_sec": str(timeout_sec),
+        }
+        # The client deadline outlives the server's: the server may not honour timeout_sec.
+        return self.get(path, params=params, timeout=timeout_sec + 10)
+
+    def identity(self) -> tuple[Instance, Scheduling]:
+        """Who this VM is, read once at start."""
+
+        def text(path: str, required: bool = True) -> str:
+            reading = self.get(path, alt="text")
+            if reading.absent:
+                if required:
+                    raise MetadataError("http_4xx", f"{path}: not found on this metadata server")
+                return ""
+            return str(reading.value).strip()
+
+        zone = text("instance/zone").rsplit("/", 1)[-1]
+        instance = Instance(
+            id=text("instance/id"),
+            name=text("instance/name"),
+            zone=zone,
+            project_id=text("project/project-id"),
+            project_number=text("project/numeric-project-id"),
+            hostname=text("instance/hostname", required=False),
+        )
+        sched = self.get("instance/scheduling/", params={"recursive": "true"})
+        raw = sched.value if isinstance(sched.value, dict) and not sched.absent else {}
+        scheduling = Scheduling(
+            on_host_maintenance=str(raw.get("onHostMaintenance", "")),
+            automatic_restart=str(raw.get("automaticRestart", "")),
+            preemptible=str(raw.get("preemptible", "")),
+            provisioning_model=str(raw.get("provisioningModel", "")),
+        )
+        return instance, scheduling
+
+
+def _reading(path: str, response: requests.Response, received: float, alt: str) -> Reading:
+    status = response.status_code
+    if response.headers.get("Metadata-Flavor") != "Google":
+        raise MetadataError(
+            "protocol", f"{path}: HTTP {status} without 'Metadata-Flavor: Google' refused"
+        )
+    if 300 <= status < 400:
+        location = response.headers.get("Location", "?")
+        raise MetadataError("protocol", f"{path}: redirect to {location} refused")
+    body = response.content
+    if status == 404:
+        return Reading(None, None, received, absent=True)
+    if status == 503 and NO_NOTIFICATIONS.encode() in body:
+        return Reading(None, None, received, absent=True)
+    if status == 429:
+        raise MetadataError("http_429", f"{path}: HTTP 429 rate limited")
+    if status >= 500:
+        raise MetadataError("http_5xx", f"{path}: HTTP {status}")
+    if status != 200:
+        raise MetadataError("http_4xx", f"{path}: HTTP {status}: {body[:200]!r}")
+    if len(body) > MAX_BODY:
+        raise MetadataError("protocol", f"{path}: {len(body)} bytes is over the {MAX_BODY} cap")
+    try:
+        text = body.decode("utf-8")
+        value = json.loads(text) if alt == "json" else text
+    except UnicodeDecodeError:
+        raise MetadataError("protocol", f"{path}: body is not valid UTF-8") from None
+    except ValueError:
+        raise MetadataError("protocol", f"{path}: body is not valid JSON: {body[:80]!r}") from None
+    return Reading(value, response.headers.get("ETag"), received)
+
+
+def _reason(exc: requests.RequestException) -> str:
+    """The innermost cause, short: 'Connection refused', 'Connection reset by peer', ..."""
+    cause: BaseException = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    text = str(cause) or type(cause).__name__
+    return text.split("] ")[-1][:160]

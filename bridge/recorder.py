@@ -1,0 +1,133 @@
+"""From an observed value to a recorded event: compare, build, store, hand on.
+
+The one place where the stream meets the store. It keeps the last value of every key and the
+next sequence number in memory (loaded from the store at start), so that if the disk fails the
+bridge still publishes from memory, loudly, rather than stop telling the fleet.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import uuid
+from datetime import datetime
+
+from bridge.config import Config
+from bridge.events import BASELINE, Event, Instance, Scheduling, Transition, build_event, rfc3339
+from bridge.health import Health
+from bridge.hooks import Hooks
+from bridge.metrics import Metrics
+from bridge.relay import Relay
+from bridge.store import Snapshot, Store
+from bridge.transitions import classify, notice_seconds
+
+log = logging.getLogger("bridge.recorder")
+HEARTBEAT = Transition(key="bridge/heartbeat", previous="", current="", kind="bridge.heartbeat")
+
+
+class Recorder:
+    """Serialises observations from every watcher (one lock), so sequence numbers are total."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        snapshot: Snapshot,
+        instance: Instance,
+        scheduling: Scheduling,
+        relay: Relay,
+        hooks: Hooks,
+        health: Health,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.instance = instance
+        self.scheduling = scheduling
+        self.relay = relay
+        self.hooks = hooks
+        self.health = health
+        self.metrics = metrics
+        self.values = dict(snapshot.values)
+        self.next_sequence = snapshot.next_sequence
+        self._lock = threading.Lock()
+
+    def observe(
+        self, key: str, value: str, observed_at: datetime, seen: float, first: bool
+    ) -> Event | None:
+        """Record `value` of `key`; returns the event when it was a transition."""
+        with self._lock:
+            stored = key in self.values
+            transition = classify(key, self.values.get(key, BASELINE[key]), value)
+            if transition is None:
+                if not stored:  # remember the first value, for `status` and the next start
+                    self._persist(None, (key, value, rfc3339(observed_at)))
+                    self.values[key] = value
+                return None
+            # Seen on the first answer after a start: it happened while the bridge was not running.
+            event = self._build(transition, observed_at, happened_while_down=first)
+            self._commit(event, seen, (key, value, rfc3339(observed_at)))
+            self.values[key] = value
+        self._after(event, transition)
+        return event
+
+    def heartbeat(self, now: datetime, seen: float) -> Event:
+        with self._lock:
+            event = self._build(HEARTBEAT, now, happened_while_down=False)
+            self._commit(event, seen, None)
+        self.metrics.events.labels(event.kind).inc()
+        return event
+
+    def _build(
+        self, transition: Transition, observed_at: datetime, *, happened_while_down: bool
+    ) -> Event:
+        return build_event(
+            transition,
+            event_id=str(uuid.uuid4()),
+            sequence=self.next_sequence,
+            observed_at=observed_at,
+            instance=self.instance,
+            scheduling=self.scheduling,
+            happened_while_down=happened_while_down,
+            notice_seconds=notice_seconds(transition),
+            type_prefix=self.config.type_prefix,
+        )
+
+    def _commit(self, event: Event, seen: float, state: tuple[str, str, str] | None) -> None:
+        dropped = self._persist(event, state)
+        self.next_sequence += 1
+        self.relay.enqueue(event.data.sequence, event, seen, dropped)
+
+    def _persist(self, event: Event | None, state: tuple[str, str, str] | None) -> list[int]:
+        try:
+            dropped = self.store.record(event, state)
+        except sqlite3.Error as exc:
+            self.metrics.store_errors.inc()
+            if not self.health.store_error:
+                log.critical(
+                    "state store %s not writable (%s): publishing from memory only; "
+                    "a restart now would lose what is not yet published",
+                    self.store.path,
+                    exc,
+                )
+            self.health.store_failed(str(exc))
+            return []
+        if self.health.store_error:
+            log.warning("state store writable again")
+            self.health.store_ok()
+        return dropped
+
+    def _after(self, event: Event, transition: Transition) -> None:
+        self.metrics.events.labels(event.kind).inc()
+        self.metrics.last_change.set_to_current_time()
+        log.info(
+            "%s: %s -> %s (event %s, sequence %d%s)",
+            event.kind,
+            transition.previous or "(nothing)",
+            transition.current or "(nothing)",
+            event.id,
+            event.data.sequence,
+            ", happened while the bridge was down" if event.data.happened_while_down else "",
+        )
+        self.hooks.dispatch(event)

@@ -1,0 +1,167 @@
+"""The outbox relay: sends recorded events to the sink in order and retires the acknowledged.
+
+Events are sent in sequence order, several in flight at once; they leave the outbox only in
+that order and only once acknowledged. On a failure the relay stops at the first unacknowledged
+event, lets the sink recover (Pub/Sub pauses an ordering key after a failed publish) and sends
+again from there after a short back-off, so order per instance holds and an id is never
+replaced: a retry may deliver an event twice, always under the same id.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from datetime import datetime, timezone
+
+from bridge.events import Event, rfc3339
+from bridge.metrics import Metrics
+from bridge.sinks import Sink, failure_class
+from bridge.store import Store
+
+log = logging.getLogger("bridge.relay")
+WINDOW = 100
+ACK_TIMEOUT = 60.0
+
+
+class Relay:
+    """Owns the in-memory copy of the outbox; runs in its own thread."""
+
+    def __init__(
+        self, sink: Sink, store: Store | None, metrics: Metrics, *, retry_cap: float = 2.0
+    ) -> None:
+        self.sink = sink
+        self.store = store
+        self.metrics = metrics
+        self.retry_cap = retry_cap
+        # (seq, event, monotonic time the change was seen, or None when restored from disk)
+        self._queue: deque[tuple[int, Event, float | None]] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._failures = 0
+        self._failure_class = ""
+        self.last_publish = 0.0
+        self.thread = threading.Thread(target=self._run, name="relay", daemon=True)
+
+    # -- producer side -------------------------------------------------------------------------
+
+    def enqueue(self, seq: int, event: Event, seen: float | None, dropped: list[int]) -> None:
+        with self._cond:
+            if dropped:
+                gone = set(dropped)
+                kept = [item for item in self._queue if item[0] not in gone]
+                self._queue.clear()
+                self._queue.extend(kept)
+                self.metrics.dropped.inc(len(dropped))
+                log.error("outbox full: dropped %d lower-priority events", len(dropped))
+            if seq not in set(dropped):
+                self._queue.append((seq, event, seen))
+            self._cond.notify()
+
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def oldest_seen(self) -> float | None:
+        with self._cond:
+            return self._queue[0][2] if self._queue else None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the outbox to empty, then stop; True when it emptied."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue and time.monotonic() < deadline:
+                self._cond.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            emptied = not self._queue
+            self._stopping = True
+            self._cond.notify_all()
+        self.thread.join(timeout=1.0)
+        return emptied
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch = list(self._queue)[:WINDOW]
+            if not self._send(batch):
+                self._backoff()
+
+    def _send(self, batch: list[tuple[int, Event, float | None]]) -> bool:
+        """Send a batch and retire its acknowledged prefix; False on the first failure."""
+        futures = []
+        for seq, event, seen in batch:
+            try:
+                futures.append((seq, event, seen, self.sink.send(event)))
+            except Exception as exc:  # the client refused it outright
+                self._failed(event, exc)
+                return False
+        for seq, event, seen, future in futures:
+            try:
+                future.result(timeout=ACK_TIMEOUT)
+            except Exception as exc:
+                self._failed(event, exc)
+                return False
+            self._retire(seq, event, seen)
+        return True
+
+    def _retire(self, seq: int, event: Event, seen: float | None) -> None:
+        now = time.monotonic()
+        if seen is not None:
+            self.metrics.latency.observe(now - seen)
+        self.metrics.published.inc()
+        self.last_publish = now
+        with self._cond:
+            if self._queue and self._queue[0][0] == seq:
+                self._queue.popleft()
+            self._cond.notify_all()
+        if self._failures:
+            log.info(
+                "sink %s accepting again after %d failed attempts", self.sink.name, self._failures
+            )
+            self._failures = 0
+            self._failure_class = ""
+        if self.store is not None:
+            try:
+                self.store.ack(seq, event.id, rfc3339(datetime.now(timezone.utc)))
+            except Exception as exc:  # already published: a later restart may send it again
+                log.error("could not retire event %s from the outbox: %s", event.id, exc)
+
+    def _failed(self, event: Event, exc: BaseException) -> None:
+        cls = failure_class(exc)
+        self.metrics.publish_failures.labels(cls).inc()
+        self._failures += 1
+        if cls != self._failure_class:
+            hint = {
+                "not_found": " (does the topic exist? events wait in the outbox)",
+                "permission": " (grant roles/pubsub.publisher on the topic; events wait)",
+            }.get(cls, "")
+            log.error("publish of %s failed: %s: %s%s", event.id, cls, exc, hint)
+            self._failure_class = cls
+            if self.store is not None:
+                try:
+                    self.store.note_error(
+                        f"publish {cls}: {exc}"[:500], rfc3339(datetime.now(timezone.utc))
+                    )
+                except Exception:
+                    log.debug("could not note the error in the store", exc_info=True)
+        try:
+            self.sink.recover(event)
+        except Exception as rexc:
+            log.warning("sink recovery failed: %s", rexc)
+
+    def _backoff(self) -> None:
+        delay = min(self.retry_cap, 0.05 * 2 ** min(self._failures, 10)) * random.uniform(0.5, 1)
+        with self._cond:
+            if not self._stopping:
+                self._cond.wait(delay)

@@ -1,0 +1,145 @@
+"""One long-poll loop per watched key.
+
+Each loop hangs on its own key (`wait_for_change` + `last_etag`), so a change is seen the moment
+the server answers, and querying `instance/maintenance-event` itself on every round keeps the
+60 s migration warning armed (the server skips it unless the key was queried since the last
+event). Errors are retried at once with capped, jittered back-off; a key that answers at once
+instead of hanging (404, the 'no notifications' 503, a missing ETag) is asked again only after
+a pause, never in a tight loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import tenacity
+
+from bridge.config import Config
+from bridge.events import UPCOMING
+from bridge.health import Health
+from bridge.metadata import MetadataClient, MetadataError, Reading
+from bridge.metrics import Metrics
+from bridge.transitions import canonical
+
+log = logging.getLogger("bridge.watcher")
+
+# observe(key, canonical value, wall-clock time of the answer, monotonic time, first reading)
+Observer = Callable[[str, str, datetime, float, bool], None]
+NO_ETAG_PAUSE = 1.0
+
+
+class _Stopped(Exception):
+    """Raised from the back-off sleep when the bridge is shutting down."""
+
+
+class Watcher:
+    """Watches one key until `stop` is set; runs in its own thread."""
+
+    def __init__(
+        self,
+        key: str,
+        config: Config,
+        observe: Observer,
+        stop: threading.Event,
+        health: Health,
+        metrics: Metrics,
+    ) -> None:
+        self.key = key
+        self.config = config
+        self.observe = observe
+        self.stop = stop
+        self.health = health
+        self.metrics = metrics
+        self.thread = threading.Thread(target=self._run, name=f"watch {key}", daemon=True)
+        self._failures = 0
+        self._failure_class = ""
+        self._told_absent = False
+        self._retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(MetadataError),
+            wait=tenacity.wait_exponential_jitter(initial=0.05, max=config.retry_cap, jitter=0.05),
+            sleep=self._sleep,
+            before_sleep=self._on_failure,
+            reraise=True,
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        client = MetadataClient(self.config.metadata_url)
+        etag = "0"  # never matches: the first round answers at once with the current value
+        first = True
+        try:
+            while not self.stop.is_set():
+                timeout = self.config.poll_timeout
+                self.health.expect(self.key, timeout + 10 + self.config.retry_cap)
+                reading = self._retrying(client.watch, self.key, etag, timeout)
+                self._recovered()
+                pause = self._handle(reading, first)
+                first = False
+                etag = reading.etag or "0"
+                if pause:
+                    self.health.expect(self.key, pause)
+                    self._sleep(pause)
+        except _Stopped:
+            pass
+        except Exception:  # a bug must not silently end the watch: log it, health goes red
+            log.exception("watcher for %s died", self.key)
+        finally:
+            client.close()
+
+    def _handle(self, reading: Reading, first: bool) -> float:
+        """Pass the value on; return how long to pause before the next round (0: none)."""
+        now = datetime.now(timezone.utc)
+        if self.stop.is_set():  # shutting down: the store may already be closed
+            return 0.0
+        if reading.absent:
+            if self.key == UPCOMING:
+                self.observe(self.key, "", now, reading.received, first)
+            elif not self._told_absent:
+                log.warning(
+                    "%s does not exist on this VM; asking again every %.0f s",
+                    self.key,
+                    self.config.absent_interval,
+                )
+                self._told_absent = True
+            return self.config.absent_interval
+        self._told_absent = False
+        self.observe(self.key, canonical(self.key, reading.value), now, reading.received, first)
+        if reading.etag is None:
+            log.warning(
+                "%s answered without an ETag; asking again in %.0f s", self.key, NO_ETAG_PAUSE
+            )
+            return NO_ETAG_PAUSE
+        return 0.0
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop.wait(seconds):
+            raise _Stopped
+
+    def _on_failure(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        cls = getattr(exc, "failure_class", "other")
+        self.metrics.metadata_errors.labels(cls).inc()
+        self._failures += 1
+        if cls != self._failure_class:  # one line per failure class, not one per retry
+            log.warning(
+                "metadata %s on %s: %s (retrying, back-off capped at %.1f s)",
+                cls,
+                self.key,
+                exc,
+                self.config.retry_cap,
+            )
+            self._failure_class = cls
+        self.health.expect(self.key, self.config.retry_cap + self.config.poll_timeout + 10)
+
+    def _recovered(self) -> None:
+        if self._failures:
+            log.info(
+                "metadata %s answering again after %d failed attempts", self.key, self._failures
+            )
+            self._failures = 0
+            self._failure_class = ""
