@@ -118,7 +118,9 @@ class Upcoming:
         if not isinstance(raw, dict):
             return cls(type=value)
         flag = raw.get("can_reschedule")
-        reasons = raw.get("maintenance_reasons") or ()
+        reasons = raw.get("maintenance_reasons")
+        if reasons is None:
+            reasons = []
         return cls(
             type=_text(raw.get("type")),
             can_reschedule=None if flag is None else str(flag).lower() == "true",

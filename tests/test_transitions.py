@@ -140,3 +140,8 @@ def test_pubsub_encodings_round_trip(mode: str) -> None:
         assert attributes == {"content-type": "application/cloudevents+json; charset=UTF-8"}
     assert decode_pubsub(attributes, payload) == event
     assert decode_structured(event.to_structured()) == event
+
+
+def test_upcoming_without_reasons_has_an_empty_list() -> None:
+    event = _event((UPCOMING, "", canonical(UPCOMING, {"type": "SCHEDULED"})))
+    assert event.to_structured()["data"]["upcoming"]["maintenance_reasons"] == []

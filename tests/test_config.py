@@ -1,0 +1,99 @@
+"""Configuration: flags over BRIDGE_* over defaults; bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge.config import ConfigError, add_run_options, build
+
+
+def _build(argv: list[str], env: dict[str, str], tmp_path: Path):
+    parser = argparse.ArgumentParser()
+    add_run_options(parser)
+    env = {"BRIDGE_STATE_DIR": str(tmp_path), **env}
+    return build(parser.parse_args(argv), env)
+
+
+def test_flags_win_over_environment(tmp_path: Path) -> None:
+    config = _build(["--poll-timeout", "30"], {"BRIDGE_POLL_TIMEOUT": "45",
+                                               "BRIDGE_DRAIN_TIMEOUT": "2.5"}, tmp_path)
+    assert config.poll_timeout == 30
+    assert config.drain_timeout == 2.5
+
+
+def test_sink_follows_the_topic(tmp_path: Path) -> None:
+    assert _build([], {}, tmp_path).sink == "stdout"
+    config = _build([], {"BRIDGE_TOPIC": "projects/my-proj/topics/maint"}, tmp_path)
+    assert (config.sink, config.topic) == ("pubsub", "projects/my-proj/topics/maint")
+
+
+def test_gce_metadata_host_is_honoured(tmp_path: Path) -> None:
+    config = _build([], {"GCE_METADATA_HOST": "169.254.169.254:8080"}, tmp_path)
+    assert config.metadata_url == "http://169.254.169.254:8080/computeMetadata/v1/"
+    assert _build([], {}, tmp_path).metadata_url == (
+        "http://metadata.google.internal/computeMetadata/v1/")
+
+
+def test_exec_hooks_repeat_from_flags_and_env(tmp_path: Path) -> None:
+    assert _build(["--exec", "a", "--exec", "b"], {}, tmp_path).exec == ("a", "b")
+    assert _build([], {"BRIDGE_EXEC": "a\nmaintenance.=b"}, tmp_path).exec == (
+        "a", "maintenance.=b")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--topic", "my-topic"], {}, "is not a topic path"),
+        (["--sink", "pubsub"], {}, "needs --topic"),
+        ([], {"BRIDGE_POLL_TIMEOUT": "soon"}, "invalid value"),
+        ([], {"BRIDGE_POLL_TIMEOUT": "-1"}, "invalid value"),
+        ([], {"BRIDGE_CONTENT_MODE": "xml"}, "is not one of"),
+        (["--metadata-url", "http://example.com/computeMetadata/v1/"], {}, "not link-local"),
+        (["--metadata-url", "ftp://169.254.169.254/"], {}, "not an http:// URL"),
+        (["--keys", "instance/hostname"], {}, "--keys"),
+        (["--type-prefix", "Not A Prefix"], {}, "reverse-DNS"),
+    ],
+)
+def test_bad_configuration_is_one_clear_error(argv: list[str], env: dict[str, str],
+                                              message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _build(argv, env, tmp_path)
+
+
+def test_metadata_host_can_be_allowed_explicitly(tmp_path: Path) -> None:
+    config = _build(["--metadata-url", "http://10.0.0.5/computeMetadata/v1/",
+                     "--allow-metadata-host", "true"], {}, tmp_path)
+    assert config.metadata_url.startswith("http://10.0.0.5/")
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True,
+                          text=True, timeout=30, env=env)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--topic", "projects/x/topics/t", "--state-dir", "{tmp}/s"],
+        ["run", "--state-dir", "/proc/forbidden"],
+        ["run", "--sink", "kafka"],
+        ["run", "--no-such-flag"],
+    ],
+)
+def test_cli_exits_2_with_one_line(args: list[str], tmp_path: Path) -> None:
+    result = _cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("maintenance-bridge: error: ")
+    assert result.stdout == ""
+
+
+def test_python_dash_m_and_version() -> None:
+    result = _cli("--version")
+    assert result.returncode == 0 and "maintenance-bridge" in result.stdout

@@ -1,0 +1,143 @@
+"""The metadata client against the simulator: long polls, ETags and every error class."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from bridge.metadata import MetadataClient, MetadataError
+from bridge.simulator import Simulator
+
+KEY = "instance/maintenance-event"
+
+
+@pytest.fixture
+def client(sim: Simulator):
+    c = MetadataClient(sim.url)
+    yield c
+    c.close()
+
+
+def test_value_and_etag(client: MetadataClient) -> None:
+    reading = client.get(KEY)
+    assert reading.value == "NONE"
+    assert reading.etag and len(reading.etag) == 16
+
+
+def test_hanging_poll_returns_on_change(client: MetadataClient, sim: Simulator) -> None:
+    etag = client.get(KEY).etag
+    threading.Timer(0.2, sim.set_value, (KEY, "MIGRATE_ON_HOST_MAINTENANCE")).start()
+    began = time.monotonic()
+    reading = client.watch(KEY, etag, 30)
+    assert 0.15 < time.monotonic() - began < 2
+    assert reading.value == "MIGRATE_ON_HOST_MAINTENANCE"
+    assert reading.etag != etag
+
+
+def test_timeout_sec_returns_same_value(client: MetadataClient) -> None:
+    etag = client.get(KEY).etag
+    reading = client.watch(KEY, etag, 1)
+    assert (reading.value, reading.etag) == ("NONE", etag)
+
+
+def test_etag_is_content_derived_so_never_an_id(client: MetadataClient, sim: Simulator) -> None:
+    first = client.get(KEY).etag
+    sim.set_value(KEY, "MIGRATE_ON_HOST_MAINTENANCE")
+    sim.set_value(KEY, "NONE")
+    assert client.get(KEY).etag == first  # A -> B -> A: the old ETag is back
+
+
+def test_absent_keys(client: MetadataClient, sim: Simulator) -> None:
+    assert client.get("instance/upcoming-maintenance").absent  # the 'no notifications' 503
+    sim.delete_value("instance/preempted")
+    assert client.get("instance/preempted").absent  # 404
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "failure_class"),
+    [
+        ("status", {"status": 503}, "http_5xx"),
+        ("status", {"status": 500}, "http_5xx"),
+        ("status", {"status": 504}, "http_5xx"),
+        ("status", {"status": 429}, "http_429"),
+        ("status", {"status": 403}, "http_4xx"),
+        ("drop", {}, "connection"),
+        ("reset", {}, "connection"),
+        ("no_flavor", {}, "protocol"),
+        ("redirect", {}, "protocol"),
+        ("malformed", {}, "protocol"),
+        ("huge", {}, "protocol"),
+        ("invalid_utf8", {}, "protocol"),
+    ],
+)
+def test_failures_are_classified(client: MetadataClient, sim: Simulator, kind: str,
+                                 params: dict, failure_class: str) -> None:
+    sim.inject(kind, **params)
+    with pytest.raises(MetadataError) as caught:
+        client.get(KEY)
+    assert caught.value.failure_class == failure_class
+    assert client.get(KEY).value == "NONE"  # and the next request is fine
+
+
+def test_redirect_is_never_followed(client: MetadataClient, sim: Simulator) -> None:
+    sim.inject("redirect")
+    with pytest.raises(MetadataError, match="redirect"):
+        client.get(KEY)
+    assert sim.stats()[KEY] == 1
+
+
+def test_slow_answer_times_out(client: MetadataClient, sim: Simulator) -> None:
+    sim.inject("delay", seconds=2)
+    with pytest.raises(MetadataError) as caught:
+        client.get(KEY, timeout=0.3)
+    assert caught.value.failure_class == "timeout"
+
+
+def test_refused_connection() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = MetadataClient(f"http://127.0.0.1:{port}/computeMetadata/v1/")
+    with pytest.raises(MetadataError) as caught:
+        client.get(KEY)
+    assert caught.value.failure_class == "connection"
+
+
+def test_identity(client: MetadataClient) -> None:
+    instance, scheduling = client.identity()
+    assert (instance.name, instance.zone, instance.project_id) == (
+        "demo-vm", "us-central1-a", "demo-project")
+    assert instance.project_number == "123456789012"
+    assert scheduling.on_host_maintenance == "MIGRATE"
+    assert scheduling.provisioning_model == "STANDARD"
+
+
+def test_watcher_errors_are_retried_fast_and_never_fatal(sim: Simulator, tmp_path) -> None:
+    """A burst of 503s during a notice delays it by milliseconds, not the sample's seconds."""
+    from support.bridge import BridgeProcess
+
+    bridge = BridgeProcess(sim.url, tmp_path / "state")
+    try:
+        while sim.stats().get(KEY, 0) < 2:
+            time.sleep(0.02)
+        # The poll already hanging answers the first change; the faults hit the polls after it.
+        sim.inject("status", count=5, path=KEY, status=503)
+        sim.inject("reset", count=2, path=KEY)
+        before = sim.stats()[KEY]
+        sim.set_value(KEY, "MIGRATE_ON_HOST_MAINTENANCE")
+        bridge.next_event(timeout=10)
+        began = time.monotonic()
+        while sim.stats()[KEY] < before + 8:  # 7 faulted answers, then a hanging poll again
+            # 50 ms doubling per attempt, capped at 2 s: about 5 s for 7 faults in a row.
+            assert time.monotonic() - began < 8.0, "retries too slow"
+            time.sleep(0.01)
+        sim.set_value(KEY, "NONE")
+        _, event = bridge.next_event(timeout=10)
+        assert event["data"]["current"] == "NONE"
+        lines = [r["message"] for r in bridge.logs() if "metadata " in r.get("message", "")]
+        assert sum("http_5xx" in m for m in lines) == 1, lines  # one line per failure class
+    finally:
+        assert bridge.terminate() == 0
