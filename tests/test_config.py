@@ -97,3 +97,11 @@ def test_cli_exits_2_with_one_line(args: list[str], tmp_path: Path) -> None:
 def test_python_dash_m_and_version() -> None:
     result = _cli("--version")
     assert result.returncode == 0 and "maintenance-bridge" in result.stdout
+
+
+def test_readme_documents_every_option() -> None:
+    from bridge.config import RUN_OPTIONS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for opt in RUN_OPTIONS:
+        assert f"| `{opt.flag}` | `{opt.env}`" in readme, opt.flag
