@@ -146,7 +146,7 @@ def _identity(
         return None
     finally:
         client.close()
-        health.deadlines.pop("identity", None)
+        health.done("identity")
 
 
 def _heartbeats(recorder: Recorder, interval: float, stop: threading.Event) -> None:

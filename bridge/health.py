@@ -27,6 +27,11 @@ class Health:
         with self._lock:
             self.deadlines[loop] = time.monotonic() + seconds + GRACE_SECONDS
 
+    def done(self, loop: str) -> None:
+        """`loop` has finished for good: nothing more to promise."""
+        with self._lock:
+            self.deadlines.pop(loop, None)
+
     def store_failed(self, error: str) -> None:
         self.store_error = error
 
