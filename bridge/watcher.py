@@ -121,6 +121,8 @@ class Watcher:
             raise _Stopped
 
     def _on_failure(self, state: tenacity.RetryCallState) -> None:
+        if self.stop.is_set():  # the server went away because we are shutting down
+            raise _Stopped
         exc = state.outcome.exception() if state.outcome else None
         cls = getattr(exc, "failure_class", "other")
         self.metrics.metadata_errors.labels(cls).inc()
