@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import re
 import sys
 from collections.abc import Mapping
@@ -119,7 +120,8 @@ RUN_OPTIONS: tuple[Option, ...] = (
         parse=_positive(float),
     ),
     Option("drain_timeout", 5.0, "seconds to flush the outbox on SIGTERM", parse=float),
-    Option("publish_latency", 0.0005, "Pub/Sub batch max_latency, seconds", parse=float),
+    # 0: commit each publish at once (batches still form behind one in flight, per ordering key).
+    Option("publish_latency", 0.0, "Pub/Sub batch max_latency, seconds", parse=float),
     Option("outbox_max_events", 10000, "outbox bound by count", parse=_positive(int)),
     Option("outbox_max_bytes", 16 * 1024 * 1024, "outbox bound by bytes", parse=_positive(int)),
     Option(
@@ -154,7 +156,7 @@ class Config:
     absent_interval: float = 60.0
     retry_cap: float = 2.0
     drain_timeout: float = 5.0
-    publish_latency: float = 0.0005
+    publish_latency: float = 0.0
     outbox_max_events: int = 10000
     outbox_max_bytes: int = 16 * 1024 * 1024
     exec: tuple[str, ...] = ()
@@ -248,6 +250,10 @@ def metadata_host_allowed(url: str) -> bool:
 
 
 def _validate(config: Config) -> None:
+    for opt in RUN_OPTIONS:  # inf or nan would reach a wait() and crash the loop using it
+        value = getattr(config, opt.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{opt.flag} / {opt.env}: {value} is not a finite number")
     if config.topic and not _TOPIC.match(config.topic):
         raise ConfigError(
             f"--topic: {config.topic!r} is not a topic path like projects/PROJECT/topics/TOPIC"
@@ -257,6 +263,8 @@ def _validate(config: Config) -> None:
     parts = urlsplit(config.metadata_url)
     if parts.scheme != "http" or not parts.hostname:
         raise ConfigError(f"--metadata-url: {config.metadata_url!r} is not an http:// URL")
+    if parts.username is not None or parts.password is not None:  # not echoed: it may be secret
+        raise ConfigError("--metadata-url: no user or password in the URL (it would be logged)")
     if not config.allow_metadata_host and not metadata_host_allowed(config.metadata_url):
         raise ConfigError(
             f"--metadata-url: {parts.hostname!r} is not link-local, loopback or "

@@ -53,8 +53,10 @@ def run(
         sink = _make_sink(config)
     metrics, health = Metrics(), Health()
     relay = Relay(sink, store, metrics, retry_cap=config.retry_cap)
-    for seq, event in snapshot.pending:
-        relay.enqueue(seq, event, None, [])
+    for seq, event, recorded_at in snapshot.pending:
+        # No change time to measure latency from, but the outbox age counts from the recording.
+        since = time.monotonic() - max(0.0, time.time() - recorded_at)
+        relay.enqueue(seq, event, None, [], since=since)
     if snapshot.pending:
         log.info("resuming: %d events from the outbox go out first", len(snapshot.pending))
     metrics.track_outbox(relay.depth, relay.oldest_seen)
@@ -137,7 +139,9 @@ def _identity(
     try:
         return tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(MetadataError),
-            wait=tenacity.wait_exponential_jitter(initial=0.05, max=config.retry_cap, jitter=0.05),
+            wait=tenacity.wait_exponential_jitter(
+                multiplier=0.05, max=config.retry_cap, jitter=0.05
+            ),
             sleep=sleep,
             before_sleep=warn,
             reraise=True,

@@ -356,7 +356,8 @@ def _event(attrs: Mapping[str, Any], data: Any, where: str) -> Event:
     for name, value in attrs.items():
         if name in _CORE_ATTRIBUTES or name == "datacontenttype":
             continue
-        if not isinstance(name, str) or not _EXTENSION_NAME.match(name):
+        # fullmatch: `$` would let a trailing newline through; "data" is reserved by the format.
+        if not isinstance(name, str) or not _EXTENSION_NAME.fullmatch(name) or name == "data":
             raise DecodeError(f"{where}: invalid attribute name {name!r}")
         if not isinstance(value, str):
             raise DecodeError(f"{where}: attribute {name!r} must be a string")
@@ -462,6 +463,8 @@ def _json(raw: bytes | str, where: str) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise DecodeError(f"{where} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DecodeError(f"{where} is not valid JSON: nested too deeply") from None
 
 
 def _b64(raw: Any, where: str) -> bytes:

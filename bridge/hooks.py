@@ -103,7 +103,14 @@ class Hooks:
                     MAX_QUEUED,
                 )
                 continue
-            self._pool.submit(self._run, hook, event)
+            try:
+                self._pool.submit(self._run, hook, event)
+            except RuntimeError:  # closed: an event recorded while the bridge stops
+                self._slots.release()
+                self.metrics.hook_runs.labels("dropped").inc()
+                log.warning(
+                    "hook %r not run for event %s: the bridge is stopping", hook.command, event.id
+                )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

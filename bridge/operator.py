@@ -22,17 +22,24 @@ def status(state_dir: Path, *, as_json: bool) -> int:
     if as_json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"state dir      {state_dir}")
-    for key, entry in report["keys"].items():
-        print(f"{key:<30} {entry['value'] or '(nothing scheduled)'}  since {entry['observed_at']}")
+    rows = [("state dir", str(state_dir))]
+    for key, entry in sorted(report["keys"].items()):
+        value = entry["value"] or "(nothing scheduled)"
+        rows.append((key, f"{value}  since {entry['observed_at']}"))
     age = report["outbox_oldest_age_seconds"]
-    print(
-        f"outbox         {report['outbox_depth']} waiting"
-        + (f", oldest {age:.1f} s" if age is not None else "")
-    )
-    print(f"last publish   {report['last_publish'] or '-'}")
-    print(f"last error     {report['last_error'] or '-'}")
-    print(f"next sequence  {report['next_sequence']}")
+    rows += [
+        (
+            "outbox",
+            f"{report['outbox_depth']} waiting"
+            + (f", oldest {age:.1f} s" if age is not None else ""),
+        ),
+        ("last publish", report["last_publish"] or "-"),
+        ("last error", report["last_error"] or "-"),
+        ("next sequence", str(report["next_sequence"])),
+    ]
+    width = max(len(label) for label, _ in rows) + 2  # one column, whatever the keys
+    for label, text in rows:
+        print(f"{label:<{width}}{text}")
     return 0
 
 
@@ -72,14 +79,23 @@ def pull(subscription: str, *, count: int, timeout: float, as_json: bool) -> int
     deadline = time.monotonic() + timeout if timeout else None
     try:
         while (not count or seen < count) and (deadline is None or time.monotonic() < deadline):
+            # Never pull more than --count still wants (the rest would be acknowledged unseen),
+            # nor wait past --timeout (a quiet subscription holds a pull for its whole timeout).
+            wanted = min(10, count - seen) if count else 10
+            wait = 10.0 if deadline is None else min(10.0, deadline - time.monotonic())
             try:
                 response = client.pull(
-                    request={"subscription": subscription, "max_messages": 10}, timeout=10
+                    request={"subscription": subscription, "max_messages": wanted},
+                    timeout=max(0.1, wait),
                 )
             except exceptions.DeadlineExceeded:
                 continue
             except exceptions.NotFound:
                 raise ConfigError(f"--subscription: {subscription} does not exist") from None
+            if not response.received_messages:  # an early empty answer: pause, do not spin
+                left = 0.2 if deadline is None else deadline - time.monotonic()
+                time.sleep(max(0.0, min(0.2, left)))
+                continue
             ack_ids = []
             for received in response.received_messages:
                 message = received.message

@@ -61,7 +61,6 @@ class PubSubSink:
     name = "pubsub"
 
     def __init__(self, config: Config) -> None:
-        from google.api_core.retry import Retry
         from google.cloud import pubsub_v1
 
         self.topic = config.topic
@@ -72,9 +71,12 @@ class PubSubSink:
             ),
             publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True),
         )
-        # Shorter than the library's 600 s: the outbox, not the client, owns long outages,
-        # and the relay logs each of them.
-        self.retry = Retry(initial=0.1, maximum=2.0, multiplier=2.0, timeout=20.0)
+        # One attempt per publish, no retry inside the client: with message ordering on, the
+        # library stretches any retry deadline to 2**32 s, so during an outage a publish would
+        # never fail (no log line) and the relay would re-send it every ACK_TIMEOUT, piling up
+        # copies in the client. The outbox and the relay own retries and log each outage once.
+        self.retry = None
+        self.timeout = 20.0
 
     def send(self, event: Event) -> Any:
         attributes, data = event.to_pubsub(self.mode)
@@ -83,6 +85,7 @@ class PubSubSink:
             data,
             ordering_key=event.extensions.get("instanceid", ""),
             retry=self.retry,
+            timeout=self.timeout,
             **attributes,
         )
 

@@ -38,7 +38,7 @@ class Snapshot:
 
     values: dict[str, str]
     next_sequence: int
-    pending: list[tuple[int, Event]]
+    pending: list[tuple[int, Event, float]]  # (seq, event, unix time recorded)
 
 
 class Store:
@@ -64,8 +64,10 @@ class Store:
         with self._lock:
             values = dict(self._db.execute("SELECT key, value FROM state").fetchall())
             row = self._db.execute("SELECT value FROM meta WHERE name='next_sequence'").fetchone()
-            rows = self._db.execute("SELECT seq, body FROM outbox ORDER BY seq").fetchall()
-        pending = [(seq, decode_structured(json.loads(body))) for seq, body in rows]
+            rows = self._db.execute(
+                "SELECT seq, body, recorded_at FROM outbox ORDER BY seq"
+            ).fetchall()
+        pending = [(seq, decode_structured(json.loads(body)), at) for seq, body, at in rows]
         return Snapshot(values, int(row[0]) if row else 1, pending)
 
     def record(self, event: Event | None, state: tuple[str, str, str] | None = None) -> list[int]:

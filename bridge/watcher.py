@@ -55,11 +55,14 @@ class Watcher:
         self.metrics = metrics
         self.thread = threading.Thread(target=self._run, name=f"watch {key}", daemon=True)
         self._failures = 0
-        self._failure_class = ""
+        self._classes_told: set[str] = set()  # failure classes logged during this outage
         self._told_absent = False
+        self._told_no_etag = False
         self._retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(MetadataError),
-            wait=tenacity.wait_exponential_jitter(initial=0.05, max=config.retry_cap, jitter=0.05),
+            wait=tenacity.wait_exponential_jitter(
+                multiplier=0.05, max=config.retry_cap, jitter=0.05
+            ),
             sleep=self._sleep,
             before_sleep=self._on_failure,
             reraise=True,
@@ -110,10 +113,15 @@ class Watcher:
         self._told_absent = False
         self.observe(self.key, canonical(self.key, reading.value), now, reading.received, first)
         if reading.etag is None:
-            log.warning(
-                "%s answered without an ETag; asking again in %.0f s", self.key, NO_ETAG_PAUSE
-            )
+            if not self._told_no_etag:  # once, not on every re-ask
+                log.warning(
+                    "%s answered without an ETag; asking again every %.0f s",
+                    self.key,
+                    NO_ETAG_PAUSE,
+                )
+                self._told_no_etag = True
             return NO_ETAG_PAUSE
+        self._told_no_etag = False
         return 0.0
 
     def _sleep(self, seconds: float) -> None:
@@ -127,7 +135,7 @@ class Watcher:
         cls = getattr(exc, "failure_class", "other")
         self.metrics.metadata_errors.labels(cls).inc()
         self._failures += 1
-        if cls != self._failure_class:  # one line per failure class, not one per retry
+        if cls not in self._classes_told:  # one line per failure class, not one per retry
             log.warning(
                 "metadata %s on %s: %s (retrying, back-off capped at %.1f s)",
                 cls,
@@ -135,7 +143,7 @@ class Watcher:
                 exc,
                 self.config.retry_cap,
             )
-            self._failure_class = cls
+            self._classes_told.add(cls)
         self.health.expect(self.key, self.config.retry_cap + self.config.poll_timeout + 10)
 
     def _recovered(self) -> None:
@@ -144,4 +152,4 @@ class Watcher:
                 "metadata %s answering again after %d failed attempts", self.key, self._failures
             )
             self._failures = 0
-            self._failure_class = ""
+            self._classes_told.clear()

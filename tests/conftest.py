@@ -10,9 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support.pubsub import PubSubServer, start_pubsub  # noqa: E402
+from support.pubsub import PubSubServer, start_pubsub
 
-from bridge.simulator import Simulator  # noqa: E402
+from bridge.simulator import Simulator
 
 _PUBSUB_KINDS: list[str] = []
 

@@ -15,12 +15,22 @@ from bridge.simulator import Simulator
 
 PREFIX = "io.github.maintenancebridge.gce.v1."
 SEQUENCE = [
-    "MIGRATE_ON_HOST_MAINTENANCE", "NONE", "MIGRATE_ON_HOST_MAINTENANCE", "NONE",
-    "TERMINATE_ON_HOST_MAINTENANCE", "MIGRATE_ON_HOST_MAINTENANCE", "NONE",
+    "MIGRATE_ON_HOST_MAINTENANCE",
+    "NONE",
+    "MIGRATE_ON_HOST_MAINTENANCE",
+    "NONE",
+    "TERMINATE_ON_HOST_MAINTENANCE",
+    "MIGRATE_ON_HOST_MAINTENANCE",
+    "NONE",
 ]
 EXPECTED = [
-    "maintenance.started", "maintenance.ended", "maintenance.started", "maintenance.ended",
-    "maintenance.started", "maintenance.changed", "maintenance.ended",
+    "maintenance.started",
+    "maintenance.ended",
+    "maintenance.started",
+    "maintenance.ended",
+    "maintenance.started",
+    "maintenance.changed",
+    "maintenance.ended",
 ]
 
 
@@ -58,8 +68,10 @@ def test_every_transition_once_in_order_within_50ms(sim: Simulator, tmp_path: Pa
     assert len({e["id"] for e in events}) == len(events)
     assert [e["data"]["sequence"] for e in events] == list(range(1, len(events) + 1))
     assert all(e["data"]["happened_while_down"] is False for e in events)
-    print(f"change-to-stdout latency: median {statistics.median(latencies) * 1000:.1f} ms, "
-          f"max {max(latencies) * 1000:.1f} ms over {len(latencies)} transitions")
+    print(
+        f"change-to-stdout latency: median {statistics.median(latencies) * 1000:.1f} ms, "
+        f"max {max(latencies) * 1000:.1f} ms over {len(latencies)} transitions"
+    )
     assert max(latencies) < 0.050, latencies
     # The key itself is queried after every event, which keeps the 60 s warning armed.
     assert sim.stats()[MAINTENANCE] >= len(SEQUENCE) + 1
@@ -106,8 +118,12 @@ def test_first_start_baseline_is_the_documented_default(sim: Simulator, tmp_path
 
 def test_upcoming_maintenance_lifecycle(sim: Simulator, tmp_path: Path) -> None:
     bridge = BridgeProcess(sim.url, tmp_path / "state")
-    window = {"type": "SCHEDULED", "can_reschedule": "false", "maintenance_status": "PENDING",
-              "window_start_time": "2030-01-15T02:00:00Z"}
+    window = {
+        "type": "SCHEDULED",
+        "can_reschedule": "false",
+        "maintenance_status": "PENDING",
+        "window_start_time": "2030-01-15T02:00:00Z",
+    }
     try:
         _started(bridge, sim)
         sim.set_value(UPCOMING, json.dumps(window))
@@ -119,13 +135,17 @@ def test_upcoming_maintenance_lifecycle(sim: Simulator, tmp_path: Path) -> None:
     finally:
         bridge.terminate()
     assert [e["type"].removeprefix(PREFIX) for e in (scheduled, updated, cleared)] == [
-        "upcoming.scheduled", "upcoming.updated", "upcoming.cleared"]
+        "upcoming.scheduled",
+        "upcoming.updated",
+        "upcoming.cleared",
+    ]
     assert scheduled["data"]["upcoming"]["can_reschedule"] is False
     assert updated["data"]["upcoming"]["maintenance_status"] == "ONGOING"
 
 
-def test_sigterm_exits_zero_and_keeps_unpublished_events(sim: Simulator, tmp_path: Path,
-                                                         pubsub: PubSubServer) -> None:
+def test_sigterm_exits_zero_and_keeps_unpublished_events(
+    sim: Simulator, tmp_path: Path, pubsub: PubSubServer
+) -> None:
     # A topic that does not exist: the event cannot leave the outbox; SIGTERM waits
     # --drain-timeout, exits 0, and the next start publishes it under its first id.
     topic = f"projects/{pubsub.project}/topics/later"
@@ -152,8 +172,9 @@ def test_sigterm_exits_zero_and_keeps_unpublished_events(sim: Simulator, tmp_pat
     assert got[0].attributes["ce-id"] == event_id
 
 
-def test_publishes_to_the_pubsub_emulator_in_order(sim: Simulator, tmp_path: Path,
-                                                  pubsub: PubSubServer) -> None:
+def test_publishes_to_the_pubsub_emulator_in_order(
+    sim: Simulator, tmp_path: Path, pubsub: PubSubServer
+) -> None:
     with admin(pubsub) as ps:
         topic = ps.create_topic("maintenance")
         sub = ps.create_subscription(topic, "maintenance-sub", ordering=True)
@@ -172,8 +193,18 @@ def test_publishes_to_the_pubsub_emulator_in_order(sim: Simulator, tmp_path: Pat
     first = got[0]
     assert first.ordering_key == "4520031799277579481"  # the instance id
     assert first.attributes["content-type"] == "application/json"
-    for name in ("ce-specversion", "ce-id", "ce-source", "ce-type", "ce-time", "ce-subject",
-                 "ce-dataschema", "ce-instanceid", "ce-zone", "ce-project"):
+    for name in (
+        "ce-specversion",
+        "ce-id",
+        "ce-source",
+        "ce-type",
+        "ce-time",
+        "ce-subject",
+        "ce-dataschema",
+        "ce-instanceid",
+        "ce-zone",
+        "ce-project",
+    ):
         assert name in first.attributes, name
     assert first.attributes["ce-source"].startswith("//compute.googleapis.com/projects/")
     assert json.loads(first.data)["current"] == "MIGRATE_ON_HOST_MAINTENANCE"

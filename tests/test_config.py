@@ -20,8 +20,11 @@ def _build(argv: list[str], env: dict[str, str], tmp_path: Path):
 
 
 def test_flags_win_over_environment(tmp_path: Path) -> None:
-    config = _build(["--poll-timeout", "30"], {"BRIDGE_POLL_TIMEOUT": "45",
-                                               "BRIDGE_DRAIN_TIMEOUT": "2.5"}, tmp_path)
+    config = _build(
+        ["--poll-timeout", "30"],
+        {"BRIDGE_POLL_TIMEOUT": "45", "BRIDGE_DRAIN_TIMEOUT": "2.5"},
+        tmp_path,
+    )
     assert config.poll_timeout == 30
     assert config.drain_timeout == 2.5
 
@@ -36,13 +39,16 @@ def test_gce_metadata_host_is_honoured(tmp_path: Path) -> None:
     config = _build([], {"GCE_METADATA_HOST": "169.254.169.254:8080"}, tmp_path)
     assert config.metadata_url == "http://169.254.169.254:8080/computeMetadata/v1/"
     assert _build([], {}, tmp_path).metadata_url == (
-        "http://metadata.google.internal/computeMetadata/v1/")
+        "http://metadata.google.internal/computeMetadata/v1/"
+    )
 
 
 def test_exec_hooks_repeat_from_flags_and_env(tmp_path: Path) -> None:
     assert _build(["--exec", "a", "--exec", "b"], {}, tmp_path).exec == ("a", "b")
     assert _build([], {"BRIDGE_EXEC": "a\nmaintenance.=b"}, tmp_path).exec == (
-        "a", "maintenance.=b")
+        "a",
+        "maintenance.=b",
+    )
 
 
 @pytest.mark.parametrize(
@@ -59,21 +65,26 @@ def test_exec_hooks_repeat_from_flags_and_env(tmp_path: Path) -> None:
         (["--type-prefix", "Not A Prefix"], {}, "reverse-DNS"),
     ],
 )
-def test_bad_configuration_is_one_clear_error(argv: list[str], env: dict[str, str],
-                                              message: str, tmp_path: Path) -> None:
+def test_bad_configuration_is_one_clear_error(
+    argv: list[str], env: dict[str, str], message: str, tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError, match=message):
         _build(argv, env, tmp_path)
 
 
 def test_metadata_host_can_be_allowed_explicitly(tmp_path: Path) -> None:
-    config = _build(["--metadata-url", "http://10.0.0.5/computeMetadata/v1/",
-                     "--allow-metadata-host", "true"], {}, tmp_path)
+    config = _build(
+        ["--metadata-url", "http://10.0.0.5/computeMetadata/v1/", "--allow-metadata-host", "true"],
+        {},
+        tmp_path,
+    )
     assert config.metadata_url.startswith("http://10.0.0.5/")
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True,
-                          text=True, timeout=30, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args], capture_output=True, text=True, timeout=30, env=env
+    )
 
 
 @pytest.mark.parametrize(

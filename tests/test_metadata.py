@@ -73,8 +73,9 @@ def test_absent_keys(client: MetadataClient, sim: Simulator) -> None:
         ("invalid_utf8", {}, "protocol"),
     ],
 )
-def test_failures_are_classified(client: MetadataClient, sim: Simulator, kind: str,
-                                 params: dict, failure_class: str) -> None:
+def test_failures_are_classified(
+    client: MetadataClient, sim: Simulator, kind: str, params: dict, failure_class: str
+) -> None:
     sim.inject(kind, **params)
     with pytest.raises(MetadataError) as caught:
         client.get(KEY)
@@ -109,7 +110,10 @@ def test_refused_connection() -> None:
 def test_identity(client: MetadataClient) -> None:
     instance, scheduling = client.identity()
     assert (instance.name, instance.zone, instance.project_id) == (
-        "demo-vm", "us-central1-a", "demo-project")
+        "demo-vm",
+        "us-central1-a",
+        "demo-project",
+    )
     assert instance.project_number == "123456789012"
     assert scheduling.on_host_maintenance == "MIGRATE"
     assert scheduling.provisioning_model == "STANDARD"

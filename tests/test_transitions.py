@@ -19,8 +19,14 @@ from bridge.events import (
 )
 from bridge.transitions import canonical, classify, notice_seconds
 
-INSTANCE = Instance(id="42", name="vm-1", zone="europe-west4-b", project_id="proj-a",
-                    project_number="123", hostname="vm-1.internal")
+INSTANCE = Instance(
+    id="42",
+    name="vm-1",
+    zone="europe-west4-b",
+    project_id="proj-a",
+    project_number="123",
+    hostname="vm-1.internal",
+)
 SCHED = Scheduling("MIGRATE", "TRUE", "FALSE", "STANDARD")
 WHEN = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=timezone.utc)
 
@@ -30,8 +36,12 @@ WHEN = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=timezone.utc)
     [
         (MAINTENANCE, "NONE", "MIGRATE_ON_HOST_MAINTENANCE", "maintenance.started"),
         (MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE", "NONE", "maintenance.ended"),
-        (MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE", "MIGRATE_ON_HOST_MAINTENANCE",
-         "maintenance.changed"),
+        (
+            MAINTENANCE,
+            "TERMINATE_ON_HOST_MAINTENANCE",
+            "MIGRATE_ON_HOST_MAINTENANCE",
+            "maintenance.changed",
+        ),
         (MAINTENANCE, "NONE", "SOMETHING_NEW", "maintenance.started"),
         (PREEMPTED, "FALSE", "TRUE", "preemption.started"),
         (PREEMPTED, "TRUE", "FALSE", "preemption.ended"),
@@ -78,9 +88,15 @@ def test_notice_windows() -> None:
 def _event(kind_values: tuple[str, str, str], **kw: object):
     transition = classify(*kind_values)
     assert transition is not None
-    args = dict(event_id="id-1", sequence=7, observed_at=WHEN, instance=INSTANCE,
-                scheduling=SCHED, happened_while_down=False,
-                notice_seconds=notice_seconds(transition))
+    args = dict(
+        event_id="id-1",
+        sequence=7,
+        observed_at=WHEN,
+        instance=INSTANCE,
+        scheduling=SCHED,
+        happened_while_down=False,
+        notice_seconds=notice_seconds(transition),
+    )
     args.update(kw)
     return build_event(transition, **args)
 
@@ -116,9 +132,15 @@ def test_type_prefix_is_configurable() -> None:
 
 
 def test_upcoming_event_carries_the_window() -> None:
-    value = canonical(UPCOMING, {"type": "SCHEDULED", "can_reschedule": "true",
-                                 "window_start_time": "2030-01-15T02:00:00Z",
-                                 "maintenance_reasons": ["HOST_UPGRADE"]})
+    value = canonical(
+        UPCOMING,
+        {
+            "type": "SCHEDULED",
+            "can_reschedule": "true",
+            "window_start_time": "2030-01-15T02:00:00Z",
+            "maintenance_reasons": ["HOST_UPGRADE"],
+        },
+    )
     scheduled = _event((UPCOMING, "", value))
     assert scheduled.data.upcoming is not None
     assert scheduled.data.upcoming.can_reschedule is True

@@ -19,23 +19,37 @@ REPO = Path(__file__).resolve().parents[2]
 class BridgeProcess:
     """A bridge subprocess on the stdout sink (or any sink via args); logs go to a file."""
 
-    def __init__(self, metadata_url: str, state_dir: Path, *args: str,
-                 env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        metadata_url: str,
+        state_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
         self.log_path = log_path or state_dir.parent / f"{state_dir.name}.log"
         self.lines: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
         cmd = [
-            sys.executable, "-m", "bridge", "run",
-            "--metadata-url", metadata_url,
-            "--state-dir", str(state_dir),
-            "--absent-interval", "0.2",
-            "--log-format", "json",
+            sys.executable,
+            "-m",
+            "bridge",
+            "run",
+            "--metadata-url",
+            metadata_url,
+            "--state-dir",
+            str(state_dir),
+            "--absent-interval",
+            "0.2",
+            "--log-format",
+            "json",
             *args,
         ]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
         full_env.update(env or {})
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
-                                     stderr=self._log)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=self._log
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

@@ -1,0 +1,213 @@
+"""Write the golden example events: `python schemas/examples/generate.py [--check]`.
+
+For every kind, `<kind>.json` is the structured-mode CloudEvent (what the stdout sink prints and
+what structured content mode publishes) and `<kind>.pubsub.json` is the binary-mode Pub/Sub
+message: `{"attributes": {...}, "data": {...}}`, where `data` is the payload shown as a JSON
+object; the bytes on the wire are that object in compact UTF-8 JSON (`bridge.events.dumps`).
+
+Pure and deterministic: fixed ids, times and instances go through the bridge's own
+`build_event`, `classify` and `notice_seconds`, so a test can regenerate every file in memory
+and fail when the code and the goldens drift apart. The same run refreshes the examples
+embedded in docs/events.md (a ```json block after `<!-- example: NAME -->` shows NAME.json).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bridge.events import (
+    KINDS,
+    MAINTENANCE,
+    PREEMPTED,
+    UPCOMING,
+    Event,
+    Instance,
+    Scheduling,
+    Transition,
+    build_event,
+)
+from bridge.recorder import HEARTBEAT
+from bridge.transitions import canonical, classify, notice_seconds
+
+HERE = Path(__file__).resolve().parent
+DOCS = HERE.parents[1] / "docs" / "events.md"
+EXAMPLE_BLOCK = re.compile(
+    r"(?P<head><!-- example: (?P<name>[a-z.]+) -->\n```json\n)(?P<body>.*?)(?P<tail>^```$)",
+    re.DOTALL | re.MULTILINE,
+)
+
+STANDARD_VM = Instance(
+    id="4520031799277579481",
+    name="demo-vm",
+    zone="us-central1-a",
+    project_id="demo-project",
+    project_number="123456789012",
+    hostname="demo-vm.us-central1-a.c.demo-project.internal",
+)
+STANDARD = Scheduling(
+    on_host_maintenance="MIGRATE",
+    automatic_restart="TRUE",
+    preemptible="FALSE",
+    provisioning_model="STANDARD",
+)
+SPOT_VM = Instance(
+    id="7091345577210934712",
+    name="spot-vm",
+    zone="europe-west4-b",
+    project_id="demo-project",
+    project_number="123456789012",
+    hostname="spot-vm.europe-west4-b.c.demo-project.internal",
+)
+SPOT = Scheduling(
+    on_host_maintenance="TERMINATE",
+    automatic_restart="FALSE",
+    preemptible="TRUE",
+    provisioning_model="SPOT",
+)
+
+
+def _window(start: str, end: str) -> str:
+    """An upcoming-maintenance value as the metadata server gives it (alt=json), canonical."""
+    return canonical(
+        UPCOMING,
+        {
+            "type": "SCHEDULED",
+            "canReschedule": True,
+            "windowStartTime": start,
+            "windowEndTime": end,
+            "latestWindowStartTime": "2030-01-29T02:00:00Z",
+            "maintenanceStatus": "PENDING",
+            "maintenanceReasons": ["PLANNED_UPDATE"],
+        },
+    )
+
+
+FIRST = _window("2030-01-15T02:00:00Z", "2030-01-15T06:00:00Z")
+MOVED = _window("2030-01-20T02:00:00Z", "2030-01-20T06:00:00Z")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One point of the example timeline: which value changed, on which VM, when."""
+
+    kind: str
+    key: str
+    previous: str
+    current: str
+    instance: Instance
+    scheduling: Scheduling
+    sequence: int
+    at: str
+    happened_while_down: bool = False
+
+
+# Two VMs' weeks, sequence numbers per VM as the bridge counts them.
+TIMELINE: tuple[Example, ...] = (
+    Example("upcoming.scheduled", UPCOMING, "", FIRST, STANDARD_VM, STANDARD, 1,
+            "2030-01-08T09:00:00.125"),
+    Example("upcoming.updated", UPCOMING, FIRST, MOVED, STANDARD_VM, STANDARD, 2,
+            "2030-01-09T16:30:12.500"),
+    Example("bridge.heartbeat", "bridge/heartbeat", "", "", STANDARD_VM, STANDARD, 3,
+            "2030-01-10T00:00:00.000"),
+    Example("maintenance.started", MAINTENANCE, "NONE", "MIGRATE_ON_HOST_MAINTENANCE",
+            STANDARD_VM, STANDARD, 4, "2030-01-20T02:00:01.042"),
+    Example("maintenance.changed", MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE",
+            "TERMINATE_ON_HOST_MAINTENANCE", STANDARD_VM, STANDARD, 5, "2030-01-20T02:00:31.317"),
+    Example("maintenance.ended", MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE", "NONE",
+            STANDARD_VM, STANDARD, 6, "2030-01-20T02:55:04.880"),
+    Example("upcoming.cleared", UPCOMING, MOVED, "", STANDARD_VM, STANDARD, 7,
+            "2030-01-20T02:55:05.013"),
+    Example("preemption.started", PREEMPTED, "FALSE", "TRUE", SPOT_VM, SPOT, 1,
+            "2030-02-03T11:42:07.604"),
+    Example("preemption.changed", PREEMPTED, "TRUE", "UNKNOWN", SPOT_VM, SPOT, 2,
+            "2030-02-03T11:42:20.001"),
+    Example("preemption.ended", PREEMPTED, "UNKNOWN", "FALSE", SPOT_VM, SPOT, 3,
+            "2030-02-03T12:10:45.338", happened_while_down=True),
+)  # fmt: skip
+
+
+def event_for(example: Example) -> Event:
+    """The event the bridge builds for `example`, exactly as the recorder calls build_event."""
+    if example.kind == HEARTBEAT.kind:
+        transition: Transition | None = HEARTBEAT
+    else:
+        transition = classify(example.key, example.previous, example.current)
+    if transition is None or transition.kind != example.kind:
+        raise AssertionError(f"{example.kind}: the values classify as {transition}")
+    observed = datetime.fromisoformat(example.at).replace(tzinfo=timezone.utc)
+    return build_event(
+        transition,
+        event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"maintenance-bridge:example:{example.kind}")),
+        sequence=example.sequence,
+        observed_at=observed,
+        instance=example.instance,
+        scheduling=example.scheduling,
+        happened_while_down=example.happened_while_down,
+        notice_seconds=notice_seconds(transition),
+    )
+
+
+def events() -> dict[str, Event]:
+    """kind -> golden event, in `KINDS` order."""
+    by_kind = {example.kind: event_for(example) for example in TIMELINE}
+    if sorted(by_kind) != sorted(KINDS):
+        raise AssertionError(f"examples {sorted(by_kind)} != kinds {sorted(KINDS)}")
+    return {kind: by_kind[kind] for kind in KINDS}
+
+
+def pubsub_form(event: Event) -> dict[str, Any]:
+    """The binary-mode message: attributes, and the payload shown as a JSON object."""
+    attributes, payload = event.to_pubsub("binary")
+    return {"attributes": attributes, "data": json.loads(payload)}
+
+
+def _text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def render() -> dict[str, str]:
+    """File name -> content of every golden file."""
+    files: dict[str, str] = {}
+    for kind, event in events().items():
+        files[f"{kind}.json"] = _text(event.to_structured())
+        files[f"{kind}.pubsub.json"] = _text(pubsub_form(event))
+    return files
+
+
+def embed(doc: str, files: dict[str, str]) -> str:
+    """`doc` with every marked example block replaced by the golden file it names."""
+
+    def block(match: re.Match[str]) -> str:
+        return match["head"] + files[f"{match['name']}.json"] + match["tail"]
+
+    return EXAMPLE_BLOCK.sub(block, doc)
+
+
+def main(argv: list[str]) -> int:
+    """Write the files, or with --check report the ones that differ (exit 1)."""
+    check = "--check" in argv
+    files = render()
+    wanted = {HERE / name: text for name, text in files.items()}
+    if DOCS.exists():
+        wanted[DOCS] = embed(DOCS.read_text(encoding="utf-8"), files)
+    stale = []
+    for path, text in wanted.items():
+        if path.exists() and path.read_text(encoding="utf-8") == text:
+            continue
+        stale.append(path.name)
+        if not check:
+            path.write_text(text, encoding="utf-8")
+    verb = "stale" if check else "written"
+    print(f"{len(stale)} files {verb}: {', '.join(stale) or '-'}", file=sys.stderr)
+    return 1 if check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,127 @@
+"""Plumbing shared by the example subscribers: unwrap, filter, deduplicate, log.
+
+Terraform copies this file next to each function's `main.py` (and `bridge/events.py`, the
+project's one decoder) in the function's zip, so every subscriber treats the envelope the same
+way: a malformed message is logged and acknowledged, never raised (with retries on, a raise would
+loop), and only transient faults propagate so that Eventarc / Pub/Sub retries them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from bridge.events import DecodeError, Event, decode_message_published
+
+MESSAGE_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
+
+
+def log(severity: str, message: str, **fields: Any) -> None:
+    """One JSON line on stdout: Cloud Logging parses it into a structured entry with severity."""
+    entry = {"severity": severity, "message": message, **fields}
+    print(json.dumps(entry, default=str, sort_keys=True), file=sys.stdout, flush=True)
+
+
+class SeenIds:
+    """A bounded, thread-safe LRU of processed event keys.
+
+    Per function instance and lost on restart: it stops the common case (Pub/Sub redelivering a
+    message seconds later to the same instance) but not a duplicate that lands on another
+    instance. Subscribers whose effect must happen exactly once keep the ids in durable storage
+    (the ledger does, in Firestore).
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._limit = max(1, limit)
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            if key in self._ids:
+                self._ids.move_to_end(key)  # type: ignore[arg-type]
+                return True
+            return False
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self._ids[key] = None
+            self._ids.move_to_end(key)
+            while len(self._ids) > self._limit:
+                self._ids.popitem(last=False)
+
+
+def event_key(event: Event) -> str:
+    """The identity of an inner event: CloudEvents makes `source` + `id` unique."""
+    return f"{event.source}\n{event.id}"
+
+
+def load_filter(raw: str | None = None) -> dict[str, frozenset[str]]:
+    """The accepted values per attribute, from `EVENT_FILTER` (JSON: name -> list of values).
+
+    Names are the Pub/Sub attribute names the bridge writes (`ce-type`, `ce-zone`, ...). An empty
+    or absent filter accepts everything. Malformed configuration fails loudly at start-up.
+    """
+    raw = os.environ.get("EVENT_FILTER", "") if raw is None else raw
+    if not raw.strip():
+        return {}
+    parsed = json.loads(raw)
+    if not isinstance(parsed, dict):
+        raise ValueError("EVENT_FILTER must be a JSON object of attribute -> [values]")
+    out: dict[str, frozenset[str]] = {}
+    for name, values in parsed.items():
+        if isinstance(values, str):
+            values = [values]
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"EVENT_FILTER[{name!r}] must be a list of strings")
+        if values:
+            out[str(name)] = frozenset(values)
+    return out
+
+
+def accepts(event: Event, wanted: Mapping[str, frozenset[str]]) -> bool:
+    """Whether the event passes the filter: every listed attribute must have a listed value.
+
+    Matched on the decoded event's attributes rather than on the raw message attributes, so the
+    filter works for structured-mode messages too (whose only Pub/Sub attribute is content-type).
+    """
+    attributes = event.attributes()
+    for name, values in wanted.items():
+        bare = name[3:] if name.startswith("ce-") else name
+        if attributes.get(bare) not in values:
+            return False
+    return True
+
+
+def unwrap(cloud_event: Any, wanted: Mapping[str, frozenset[str]]) -> Event | None:
+    """The maintenance event inside an Eventarc messagePublished CloudEvent, or None to ack.
+
+    Logs the envelope (type, source, subscription) first: a push that the Functions Framework
+    converted from a plain Pub/Sub push body has no subscription, which the logs then show.
+    """
+    data = cloud_event.get_data()
+    envelope = {
+        "ce_type": cloud_event.get("type"),
+        "ce_source": cloud_event.get("source"),
+        "ce_id": cloud_event.get("id"),
+        "subscription": data.get("subscription") if isinstance(data, Mapping) else None,
+    }
+    if cloud_event.get("type") != MESSAGE_PUBLISHED:
+        log("ERROR", "malformed delivery: not a Pub/Sub messagePublished event; acked", **envelope)
+        return None
+    try:
+        event = decode_message_published(data)
+    except DecodeError as exc:
+        log("ERROR", f"malformed message acked: {exc}", error="DecodeError", **envelope)
+        return None
+    fields = {**envelope, "event_id": event.id, "event_source": event.source, "kind": event.kind}
+    if not accepts(event, wanted):
+        log("INFO", "event filtered out; acked", **fields)
+        return None
+    log("INFO", "event received", **fields)
+    return event

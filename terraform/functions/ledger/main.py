@@ -1,0 +1,230 @@
+"""ledger: one Firestore document per instance with its current maintenance state and history.
+
+Configuration (environment):
+  LEDGER_COLLECTION   collection of instance documents (default `maintenance-ledger`).
+  FIRESTORE_DATABASE  database id (default `(default)`).
+  HISTORY_LIMIT       history entries kept on the instance document (default 50).
+  EVENT_FILTER        optional JSON attribute filter, see subscriber.load_filter.
+  GOOGLE_CLOUD_PROJECT / FIRESTORE_EMULATOR_HOST as usual for google-cloud-firestore.
+
+Document `<collection>/<project_id>_<instance_id>`:
+  instance     the instance's identity (name, zone, ids, hostname)
+  state        per family (`maintenance`, `preemption`, `upcoming`): the latest transition
+  disrupting   True while a maintenance event or a preemption is under way
+  upcoming_window_start  Firestore timestamp of a scheduled window (absent when none)
+  history      the last HISTORY_LIMIT transitions, in observation order
+  heartbeat    the latest `bridge.heartbeat` (observed_at, sequence): is the bridge alive?
+and one sub-document `events/<sha256(source, id)>` per processed event: the de-duplication key,
+written in the same transaction as the state, so a redelivered event changes nothing.
+
+Out-of-order deliveries: a family's state only moves forward in `data.sequence`; an older event
+still lands in the history. A sequence that goes backwards while `observed_at` moves more than
+RESET_GRACE_SECONDS forward is taken as a bridge that lost its state and started counting again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import functions_framework
+from google.cloud import firestore
+from subscriber import load_filter, log, unwrap
+
+from bridge.events import Event
+
+COLLECTION = os.environ.get("LEDGER_COLLECTION", "maintenance-ledger")
+DATABASE = os.environ.get("FIRESTORE_DATABASE", "(default)")
+HISTORY_LIMIT = int(os.environ.get("HISTORY_LIMIT", "50"))
+RESET_GRACE_SECONDS = float(os.environ.get("RESET_GRACE_SECONDS", "600"))
+FILTER = load_filter()
+
+_client: firestore.Client | None = None
+
+
+def client() -> firestore.Client:
+    """The Firestore client, created on first use so that importing needs no credentials."""
+    global _client
+    if _client is None:
+        _client = firestore.Client(database=DATABASE)
+    return _client
+
+
+def _parse_time(value: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _advances(sequence: int, observed_at: str, stored: dict[str, Any] | None) -> bool:
+    """Whether (sequence, observed_at) supersedes what is stored (a state or a heartbeat)."""
+    if not stored:
+        return True
+    old_seq = stored.get("sequence", -1)
+    if sequence != old_seq:
+        if sequence > old_seq:
+            return True
+        # Backwards: a late delivery, or a bridge that lost its state and counts from 1 again.
+        now, before = _parse_time(observed_at), _parse_time(stored.get("observed_at", ""))
+        return bool(now and before and (now - before).total_seconds() > RESET_GRACE_SECONDS)
+    return False
+
+
+def _entry(event: Event, envelope: dict[str, Any]) -> dict[str, Any]:
+    d = event.data
+    entry = {
+        "event_id": event.id,
+        "event_source": event.source,
+        "kind": event.kind,
+        "key": d.key,
+        "previous": d.previous,
+        "current": d.current,
+        "sequence": d.sequence,
+        "observed_at": d.observed_at,
+        "happened_while_down": d.happened_while_down,
+        "notice_seconds": d.notice_seconds,
+        "subscription": envelope.get("subscription"),
+        "message_id": envelope.get("message_id"),
+    }
+    if d.upcoming is not None:
+        entry["upcoming"] = {
+            "type": d.upcoming.type,
+            "window_start_time": d.upcoming.window_start_time,
+            "window_end_time": d.upcoming.window_end_time,
+            "maintenance_status": d.upcoming.maintenance_status,
+            "can_reschedule": d.upcoming.can_reschedule,
+        }
+    return entry
+
+
+def _disrupting(state: dict[str, Any]) -> bool:
+    maintenance = state.get("maintenance", {}).get("current", "NONE")
+    preempted = state.get("preemption", {}).get("current", "FALSE")
+    return maintenance not in ("NONE", "") or preempted == "TRUE"
+
+
+def doc_id(event: Event) -> str:
+    inst = event.data.instance
+    return f"{inst.project_id}_{inst.id}"
+
+
+def record_heartbeat(db: firestore.Client, event: Event) -> str:
+    """A heartbeat only moves `heartbeat` forward: no history, no marker (it is idempotent)."""
+    instance_ref = db.collection(COLLECTION).document(doc_id(event))
+    beat = {"observed_at": event.data.observed_at, "sequence": event.data.sequence}
+
+    @firestore.transactional
+    def apply(tx: firestore.Transaction) -> str:
+        snap = instance_ref.get(transaction=tx)
+        stored = (snap.to_dict() or {}).get("heartbeat") if snap.exists else None
+        if not _advances(beat["sequence"], beat["observed_at"], stored):
+            return "stale-heartbeat"
+        tx.set(
+            instance_ref, {"heartbeat": beat, "updated_at": firestore.SERVER_TIMESTAMP}, merge=True
+        )
+        return "heartbeat"
+
+    return apply(db.transaction())
+
+
+def record(db: firestore.Client, event: Event, envelope: dict[str, Any]) -> str:
+    """Apply one event in a transaction; returns `applied`, `history-only` or `duplicate`."""
+    if event.kind == "bridge.heartbeat":
+        return record_heartbeat(db, event)
+    instance_ref = db.collection(COLLECTION).document(doc_id(event))
+    marker = hashlib.sha256(f"{event.source}\n{event.id}".encode()).hexdigest()
+    marker_ref = instance_ref.collection("events").document(marker)
+    entry = _entry(event, envelope)
+
+    @firestore.transactional
+    def apply(tx: firestore.Transaction) -> str:
+        if marker_ref.get(transaction=tx).exists:
+            return "duplicate"
+        snap = instance_ref.get(transaction=tx)
+        doc = snap.to_dict() if snap.exists else {}
+        state = dict(doc.get("state") or {})
+        family = event.kind.split(".")[0]
+        history = [*(doc.get("history") or []), entry]
+        history.sort(key=lambda e: (e.get("observed_at", ""), e.get("sequence", 0)))
+        outcome = "history-only"
+        update: dict[str, Any] = {
+            "instance": {
+                "id": event.data.instance.id,
+                "name": event.data.instance.name,
+                "zone": event.data.instance.zone,
+                "project_id": event.data.instance.project_id,
+                "project_number": event.data.instance.project_number,
+                "hostname": event.data.instance.hostname,
+            },
+            "history": history[-HISTORY_LIMIT:],
+            "updated_at": firestore.SERVER_TIMESTAMP,
+        }
+        if _advances(event.data.sequence, event.data.observed_at, state.get(family)):
+            outcome = "applied"
+            state[family] = entry
+            update["state"] = state
+            update["disrupting"] = _disrupting(state)
+            if family == "upcoming":
+                start = None
+                if event.kind != "upcoming.cleared" and event.data.upcoming is not None:
+                    start = _parse_time(event.data.upcoming.window_start_time)
+                update["upcoming_window_start"] = start
+        tx.set(instance_ref, update, merge=True)
+        tx.set(marker_ref, {**entry, "recorded_at": firestore.SERVER_TIMESTAMP, "outcome": outcome})
+        return outcome
+
+    return apply(db.transaction())
+
+
+def about_to_be_disrupted(
+    db: firestore.Client,
+    within: timedelta = timedelta(hours=24),
+    now: datetime | None = None,
+    collection: str = COLLECTION,
+) -> list[dict[str, Any]]:
+    """Which VMs are about to be disrupted? Those under way plus windows starting `within`.
+
+    Two single-field queries (automatically indexed, no composite index to deploy), merged.
+    """
+    now = now or datetime.now(timezone.utc)
+    docs = {}
+    col = db.collection(collection)
+    for snap in col.where(filter=firestore.FieldFilter("disrupting", "==", True)).stream():
+        docs[snap.id] = snap.to_dict()
+    soon = firestore.FieldFilter("upcoming_window_start", "<=", now + within)
+    for snap in col.where(filter=soon).stream():
+        docs.setdefault(snap.id, snap.to_dict())
+    return [{"id": k, **v} for k, v in sorted(docs.items())]
+
+
+@functions_framework.cloud_event
+def handle(cloud_event) -> None:
+    """Record the event once; ack malformed ones; Firestore errors raise and are retried."""
+    event = unwrap(cloud_event, FILTER)
+    if event is None:
+        return
+    data = cloud_event.get_data()
+    envelope = {
+        "subscription": data.get("subscription"),
+        "message_id": (data.get("message") or {}).get("messageId"),
+    }
+    outcome = record(client(), event, envelope)
+    log("INFO", f"ledger {outcome}", event_id=event.id, kind=event.kind, doc=doc_id(event))
+
+
+if __name__ == "__main__":  # `python main.py [HOURS]`: print the VMs about to be disrupted.
+    hours = float(sys.argv[1]) if len(sys.argv) > 1 else 24.0
+    for vm in about_to_be_disrupted(client(), timedelta(hours=hours)):
+        inst = vm.get("instance", {})
+        start = vm.get("upcoming_window_start")
+        print(
+            f"{inst.get('name')} ({inst.get('zone')}): disrupting={vm.get('disrupting')}"
+            f" window_start={start}"
+        )

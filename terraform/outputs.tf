@@ -1,0 +1,78 @@
+output "topic_id" {
+  description = "The events topic (projects/P/topics/T): pass it to `maintenance-bridge run --topic`."
+  value       = google_pubsub_topic.events.id
+}
+
+output "topic_name" {
+  description = "Short name of the events topic."
+  value       = google_pubsub_topic.events.name
+}
+
+output "schema_id" {
+  description = "The Pub/Sub schema attached to the topic, or null when attach_schema = false."
+  value       = try(google_pubsub_schema.event_data[0].id, null)
+}
+
+output "dead_letter_topic_id" {
+  description = "Where undeliverable messages go."
+  value       = google_pubsub_topic.dead_letter.id
+}
+
+output "dead_letter_subscription_id" {
+  description = "Pull subscription on the dead-letter topic, for inspecting and replaying dead letters."
+  value       = google_pubsub_subscription.dead_letter.id
+}
+
+output "subscriptions" {
+  description = "Subscriptions the module created (name -> id): the push subscriptions (function_delivery = \"push\") and the BigQuery one. Eventarc-managed trigger subscriptions are not Terraform resources."
+  value = merge(
+    { for fn, sub in google_pubsub_subscription.push : fn => sub.id },
+    var.bigquery_history.enabled ? { bigquery = google_pubsub_subscription.bigquery[0].id } : {},
+  )
+}
+
+output "functions" {
+  description = "The example subscribers: name, URL, runtime service account and (Eventarc delivery) trigger."
+  value = {
+    for fn, f in google_cloudfunctions2_function.function : fn => {
+      name            = f.name
+      uri             = f.service_config[0].uri
+      service_account = google_service_account.function[fn].email
+      trigger         = try(f.event_trigger[0].trigger, null)
+    }
+  }
+}
+
+output "publisher_service_accounts" {
+  description = "Every service account allowed to publish to the topic (and only to it)."
+  value       = values(local.publishers)
+}
+
+output "service_accounts" {
+  description = "All service accounts the module created."
+  value = {
+    publisher = try(google_service_account.publisher[0].email, null)
+    invoker   = try(google_service_account.invoker[0].email, null)
+    functions = { for fn, sa in google_service_account.function : fn => sa.email }
+  }
+}
+
+output "notify_webhook_secret" {
+  description = "Secret Manager secret the notify function reads the webhook URL from (add a version with the URL)."
+  value       = var.notify.enabled ? "projects/${var.project_id}/secrets/${local.notify_secret_id}" : null
+}
+
+output "functions_source_bucket" {
+  description = "Bucket holding the functions' source zips."
+  value       = try(google_storage_bucket.functions_source[0].name, null)
+}
+
+output "bigquery_table" {
+  description = "The maintenance history table (project.dataset.table), or null."
+  value       = var.bigquery_history.enabled ? "${var.project_id}.${var.bigquery_history.dataset_id}.${var.bigquery_history.table_id}" : null
+}
+
+output "instance_template" {
+  description = "Self link of the example instance template running the bridge, or null."
+  value       = try(google_compute_instance_template.bridge[0].self_link, null)
+}

@@ -1,0 +1,354 @@
+variable "project_id" {
+  description = "Project that hosts the topic, the functions and everything else."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{4,28}[a-z0-9]$", var.project_id))
+    error_message = "project_id must be a Google Cloud project ID (6-30 characters: a-z, 0-9, -)."
+  }
+}
+
+variable "region" {
+  description = "Region of the functions, their triggers, the source bucket and the example VM template."
+  type        = string
+  default     = "us-central1"
+
+  validation {
+    condition     = can(regex("^[a-z]+-[a-z]+[0-9]+$", var.region))
+    error_message = "region must be a region name such as us-central1."
+  }
+}
+
+variable "name" {
+  description = "Prefix of every resource name (topic, subscriptions, service accounts, functions)."
+  type        = string
+  default     = "maintenance-bridge"
+
+  validation {
+    # 22 + the longest service-account suffix ("-invoker", 8) stays within the 30-character limit.
+    condition     = can(regex("^[a-z][a-z0-9-]{2,20}[a-z0-9]$", var.name))
+    error_message = "name must be 4-22 characters of a-z, 0-9 and -, starting with a letter."
+  }
+}
+
+variable "labels" {
+  description = "Labels added to every resource that supports them."
+  type        = map(string)
+  default     = {}
+
+  validation {
+    condition = alltrue([
+      for k, v in var.labels : can(regex("^[a-z][a-z0-9_-]{0,62}$", k)) && can(regex("^[a-z0-9_-]{0,63}$", v))
+    ])
+    error_message = "Label keys must start with a lowercase letter; keys and values use a-z, 0-9, _ and - (63 characters at most)."
+  }
+}
+
+variable "enable_apis" {
+  description = "Enable the APIs the module uses (never disabled on destroy). Turn off where a platform team manages APIs."
+  type        = bool
+  default     = true
+}
+
+# --- topic ------------------------------------------------------------------------------------
+
+variable "topic_name" {
+  description = "Name of the events topic; defaults to \"<name>-events\"."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.topic_name == null || can(regex("^[a-zA-Z][a-zA-Z0-9._~%+-]{2,254}$", var.topic_name))
+    error_message = "topic_name must be a valid Pub/Sub topic name (3-255 characters, starting with a letter, not \"goog\")."
+  }
+}
+
+variable "message_retention_duration" {
+  description = "How long the topic keeps messages (seconds with an \"s\" suffix, 10 minutes to 31 days), so a new subscription can seek back and replay the fleet's recent events."
+  type        = string
+  default     = "604800s"
+
+  validation {
+    condition = (
+      can(regex("^[0-9]+s$", var.message_retention_duration)) &&
+      try(tonumber(trimsuffix(var.message_retention_duration, "s")) >= 600 && tonumber(trimsuffix(var.message_retention_duration, "s")) <= 2678400, false)
+    )
+    error_message = "message_retention_duration must be between \"600s\" and \"2678400s\"."
+  }
+}
+
+variable "kms_key_name" {
+  description = "Optional Cloud KMS key (projects/P/locations/L/keyRings/R/cryptoKeys/K) for the events and dead-letter topics. The Pub/Sub service agent needs roles/cloudkms.cryptoKeyEncrypterDecrypter on it. Null = Google-managed encryption."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.kms_key_name == null || can(regex("^projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+$", var.kms_key_name))
+    error_message = "kms_key_name must be a full crypto key name: projects/P/locations/L/keyRings/R/cryptoKeys/K."
+  }
+}
+
+variable "attach_schema" {
+  description = "Attach the event-data Protocol Buffers schema (schemas/v1/event-data.proto) to the topic with JSON encoding, so Pub/Sub rejects a malformed payload at publish time. Only binary content mode passes schema validation."
+  type        = bool
+  default     = true
+}
+
+variable "type_prefix" {
+  description = "CloudEvents type prefix the bridge is configured with; used to expand the kinds in the function filters into full ce-type values."
+  type        = string
+  default     = "io.github.maintenancebridge.gce.v1"
+
+  validation {
+    condition     = can(regex("^[a-z0-9]+(\\.[a-z0-9-]+)+$", var.type_prefix))
+    error_message = "type_prefix must be a reverse-DNS name such as io.github.maintenancebridge.gce.v1."
+  }
+}
+
+# --- dead letters -----------------------------------------------------------------------------
+
+variable "max_delivery_attempts" {
+  description = "Deliveries before a message goes to the dead-letter topic (applies to every subscription the module creates)."
+  type        = number
+  default     = 10
+
+  validation {
+    condition     = var.max_delivery_attempts >= 5 && var.max_delivery_attempts <= 100 && floor(var.max_delivery_attempts) == var.max_delivery_attempts
+    error_message = "max_delivery_attempts must be an integer from 5 to 100 (Pub/Sub's limits)."
+  }
+}
+
+variable "dead_letter_retention_duration" {
+  description = "How long the dead-letter subscription keeps undeliverable messages for inspection (seconds, 10 minutes to 7 days)."
+  type        = string
+  default     = "604800s"
+
+  validation {
+    condition = (
+      can(regex("^[0-9]+s$", var.dead_letter_retention_duration)) &&
+      try(tonumber(trimsuffix(var.dead_letter_retention_duration, "s")) >= 600 && tonumber(trimsuffix(var.dead_letter_retention_duration, "s")) <= 604800, false)
+    )
+    error_message = "dead_letter_retention_duration must be between \"600s\" and \"604800s\"."
+  }
+}
+
+# --- publishers -------------------------------------------------------------------------------
+
+variable "create_publisher_service_account" {
+  description = "Create a service account for the VMs that run the bridge (granted publisher on this topic only)."
+  type        = bool
+  default     = true
+}
+
+variable "publisher_service_account_emails" {
+  description = "Existing service accounts (e.g. the VMs' current ones) that get roles/pubsub.publisher on this topic only."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for e in var.publisher_service_account_emails : can(regex("^[a-z0-9-]+@[a-z0-9.-]+\\.gserviceaccount\\.com$", e))])
+    error_message = "publisher_service_account_emails must be service account emails (...@....gserviceaccount.com)."
+  }
+}
+
+# --- example subscribers ----------------------------------------------------------------------
+
+variable "function_delivery" {
+  description = <<-EOT
+    How events reach the functions.
+    "eventarc": an Eventarc Pub/Sub trigger per function (retry policy RETRY_POLICY_RETRY). Eventarc
+    creates and owns the trigger's subscription, so Terraform can neither attach a dead-letter policy
+    nor a server-side filter to it; attribute filters are applied inside the function.
+    "push": the module creates one push subscription per function (attribute filter applied by
+    Pub/Sub, dead-letter policy, exponential back-off) pushing to the function with an OIDC token.
+  EOT
+  type        = string
+  default     = "eventarc"
+
+  validation {
+    condition     = contains(["eventarc", "push"], var.function_delivery)
+    error_message = "function_delivery must be \"eventarc\" or \"push\"."
+  }
+}
+
+variable "functions_source_location" {
+  description = "Location of the bucket that holds the functions' source zips; defaults to the region."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.functions_source_location == null || can(regex("^[a-zA-Z0-9-]+$", var.functions_source_location))
+    error_message = "functions_source_location must be a Cloud Storage location such as us-central1 or US."
+  }
+}
+
+variable "notify" {
+  description = <<-EOT
+    The chat notifier. webhook_secret_id: an existing Secret Manager secret (short id) holding the
+    webhook URL; null creates "<name>-chat-webhook" (add the URL as a version after apply).
+    chat_format: "google_chat" or "slack". kinds: event kinds to accept (empty = all), e.g.
+    "maintenance.started". attributes: further attribute filters, attribute -> accepted values
+    (e.g. {"ce-zone" = ["us-central1-a"]}).
+  EOT
+  type = object({
+    enabled           = optional(bool, true)
+    webhook_secret_id = optional(string)
+    chat_format       = optional(string, "google_chat")
+    kinds             = optional(list(string), [])
+    attributes        = optional(map(list(string)), {})
+    max_instances     = optional(number, 3)
+  })
+  default = {}
+
+  validation {
+    condition     = alltrue([for k in var.notify.kinds : contains(["maintenance.started", "maintenance.changed", "maintenance.ended", "preemption.started", "preemption.changed", "preemption.ended", "upcoming.scheduled", "upcoming.updated", "upcoming.cleared", "bridge.heartbeat"], k)])
+    error_message = "notify.kinds must list event kinds the bridge emits, e.g. maintenance.started."
+  }
+  validation {
+    condition     = alltrue([for a, v in var.notify.attributes : can(regex("^ce-[a-z0-9]{1,20}$", a)) && length(v) > 0])
+    error_message = "notify.attributes keys must be ce-* attribute names (e.g. ce-zone), each with at least one value."
+  }
+
+  validation {
+    condition     = contains(["google_chat", "slack"], var.notify.chat_format)
+    error_message = "notify.chat_format must be \"google_chat\" or \"slack\"."
+  }
+  validation {
+    condition     = var.notify.webhook_secret_id == null || can(regex("^[a-zA-Z0-9_-]{1,255}$", coalesce(var.notify.webhook_secret_id, "x")))
+    error_message = "notify.webhook_secret_id must be a secret's short id (letters, digits, _ and -)."
+  }
+  validation {
+    condition     = var.notify.max_instances >= 1 && var.notify.max_instances <= 100
+    error_message = "notify.max_instances must be from 1 to 100."
+  }
+}
+
+variable "ledger" {
+  description = "The Firestore ledger. database: an existing Firestore (native mode) database; collection: where the per-instance documents go. kinds / attributes: filters as for notify."
+  type = object({
+    enabled       = optional(bool, true)
+    database      = optional(string, "(default)")
+    collection    = optional(string, "maintenance-ledger")
+    history_limit = optional(number, 50)
+    kinds         = optional(list(string), [])
+    attributes    = optional(map(list(string)), {})
+    max_instances = optional(number, 3)
+  })
+  default = {}
+
+  validation {
+    condition     = alltrue([for k in var.ledger.kinds : contains(["maintenance.started", "maintenance.changed", "maintenance.ended", "preemption.started", "preemption.changed", "preemption.ended", "upcoming.scheduled", "upcoming.updated", "upcoming.cleared", "bridge.heartbeat"], k)])
+    error_message = "ledger.kinds must list event kinds the bridge emits, e.g. maintenance.started."
+  }
+  validation {
+    condition     = alltrue([for a, v in var.ledger.attributes : can(regex("^ce-[a-z0-9]{1,20}$", a)) && length(v) > 0])
+    error_message = "ledger.attributes keys must be ce-* attribute names (e.g. ce-zone), each with at least one value."
+  }
+
+  validation {
+    condition     = can(regex("^[a-zA-Z0-9_-]{1,100}$", var.ledger.collection))
+    error_message = "ledger.collection must be a plain collection id (letters, digits, _ and -)."
+  }
+  validation {
+    condition     = var.ledger.history_limit >= 1 && var.ledger.history_limit <= 500
+    error_message = "ledger.history_limit must be from 1 to 500 (it lives inside one document)."
+  }
+  validation {
+    condition     = var.ledger.max_instances >= 1 && var.ledger.max_instances <= 100
+    error_message = "ledger.max_instances must be from 1 to 100."
+  }
+}
+
+variable "drain" {
+  description = <<-EOT
+    The load-balancer drainer. backends: the unmanaged instance groups (type "instance_group") or
+    zonal NEGs (type "network_endpoint_group", with the endpoint port) the fleet's VMs belong to;
+    they bound the function's IAM (a custom role, granted only on these resources and on instances
+    in their zones). metadata_key: optional instance metadata key naming a VM's own backends
+    ("instanceGroups/NAME" or "networkEndpointGroups/NAME:PORT"); needs compute.instances.get.
+  EOT
+  type = object({
+    enabled = optional(bool, true)
+    backends = optional(list(object({
+      type = optional(string, "instance_group")
+      zone = string
+      name = string
+      port = optional(number)
+    })), [])
+    metadata_key = optional(string, "")
+    kinds        = optional(list(string), [])
+    attributes   = optional(map(list(string)), {})
+  })
+  default = {}
+
+  validation {
+    condition     = alltrue([for k in var.drain.kinds : contains(["maintenance.started", "maintenance.changed", "maintenance.ended", "preemption.started", "preemption.changed", "preemption.ended", "upcoming.scheduled", "upcoming.updated", "upcoming.cleared", "bridge.heartbeat"], k)])
+    error_message = "drain.kinds must list event kinds the bridge emits, e.g. maintenance.started."
+  }
+  validation {
+    condition     = alltrue([for a, v in var.drain.attributes : can(regex("^ce-[a-z0-9]{1,20}$", a)) && length(v) > 0])
+    error_message = "drain.attributes keys must be ce-* attribute names (e.g. ce-zone), each with at least one value."
+  }
+
+  validation {
+    condition     = alltrue([for b in var.drain.backends : contains(["instance_group", "network_endpoint_group"], b.type)])
+    error_message = "drain.backends[*].type must be \"instance_group\" or \"network_endpoint_group\"."
+  }
+  validation {
+    condition     = alltrue([for b in var.drain.backends : can(regex("^[a-z]+-[a-z]+[0-9]+-[a-z]$", b.zone))])
+    error_message = "drain.backends[*].zone must be a zone name such as us-central1-a."
+  }
+  validation {
+    condition     = var.drain.metadata_key == "" || can(regex("^[a-zA-Z0-9_-]{1,128}$", var.drain.metadata_key))
+    error_message = "drain.metadata_key must be a metadata key (letters, digits, _ and -)."
+  }
+}
+
+# --- BigQuery history -------------------------------------------------------------------------
+
+variable "bigquery_history" {
+  description = "Optional BigQuery subscription that writes every event (data, attributes and Pub/Sub metadata) to a day-partitioned table: the fleet's maintenance history."
+  type = object({
+    enabled             = optional(bool, false)
+    dataset_id          = optional(string, "maintenance_bridge")
+    table_id            = optional(string, "events")
+    location            = optional(string, "US")
+    deletion_protection = optional(bool, true)
+  })
+  default = {}
+
+  validation {
+    condition     = can(regex("^[a-zA-Z0-9_]+$", var.bigquery_history.dataset_id)) && length(var.bigquery_history.dataset_id) <= 1024 && can(regex("^[a-zA-Z0-9_]+$", var.bigquery_history.table_id)) && length(var.bigquery_history.table_id) <= 1024
+    error_message = "bigquery_history.dataset_id and table_id may contain letters, digits and underscores only."
+  }
+}
+
+# --- example VM -------------------------------------------------------------------------------
+
+variable "example_instance_template" {
+  description = "An instance template for a VM that runs the bridge as the publisher service account (no VM is created). bridge_package: what pip installs (name, pinned name, wheel URL). bridge_settings: extra BRIDGE_* environment settings of the service, e.g. { BRIDGE_HEARTBEAT_INTERVAL = \"300\" }."
+  type = object({
+    enabled         = optional(bool, true)
+    machine_type    = optional(string, "e2-small")
+    source_image    = optional(string, "debian-cloud/debian-12")
+    network         = optional(string, "default")
+    subnetwork      = optional(string)
+    bridge_package  = optional(string, "maintenance-bridge")
+    boot_disk_kms   = optional(string)
+    bridge_settings = optional(map(string), {})
+  })
+  default = {}
+
+  validation {
+    condition     = can(regex("^[a-z0-9-]+$", var.example_instance_template.machine_type))
+    error_message = "example_instance_template.machine_type must be a machine type name such as e2-small."
+  }
+  validation {
+    condition     = alltrue([for k, v in var.example_instance_template.bridge_settings : can(regex("^BRIDGE_[A-Z0-9_]+$", k)) && !can(regex("['\n]", v))])
+    error_message = "example_instance_template.bridge_settings keys must be BRIDGE_* names; values may not contain quotes or newlines."
+  }
+  validation {
+    condition     = !can(regex("['\n]", var.example_instance_template.bridge_package))
+    error_message = "example_instance_template.bridge_package may not contain quotes or newlines."
+  }
+}

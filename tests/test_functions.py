@@ -1,0 +1,989 @@
+"""The example Cloud Functions, each run under functions-framework, fed Eventarc-shaped CloudEvents.
+
+Every delivery is what Eventarc sends a gen2 function with a Pub/Sub trigger: a binary-mode
+CloudEvents HTTP request (ce-* headers) of type messagePublished whose data is
+MessagePublishedData wrapping the bridge's own binary-mode Pub/Sub message. The effects are
+asserted on local stand-ins: a webhook catcher, the Firestore emulator, a fake Compute REST API.
+The servers are shared per module to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from bridge.events import DEFAULT_TYPE_PREFIX, Instance, Scheduling, Transition, build_event
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = sorted((REPO / "schemas" / "examples").glob("*.pubsub.json"))
+FUNCTIONS = REPO / "terraform" / "functions"
+SHARED = FUNCTIONS / "_shared"
+FF = Path(sys.executable).with_name("functions-framework")
+PROJECT = "test-project"
+TOPIC = f"projects/{PROJECT}/topics/maintenance-bridge-events"
+SUBSCRIPTION = f"projects/{PROJECT}/subscriptions/eventarc-us-central1-notify-481828-sub-000"
+ZONE = "us-central1-a"
+MIGRATE = "MIGRATE_ON_HOST_MAINTENANCE"
+MAINTENANCE = "instance/maintenance-event"
+
+if not FF.exists():
+    pytest.skip(
+        f"functions-framework is not installed next to {sys.executable}", allow_module_level=True
+    )
+
+
+# --- building deliveries ----------------------------------------------------------------------
+
+
+def vm(name: str = "demo-vm", number: int = 1) -> Instance:
+    return Instance(
+        id=str(4_000_000_000_000_000_000 + number),
+        name=name,
+        zone=ZONE,
+        project_id=PROJECT,
+        project_number="123456789012",
+        hostname=f"{name}.{ZONE}.c.{PROJECT}.internal",
+    )
+
+
+def maintenance(
+    kind: str,
+    *,
+    instance: Instance | None = None,
+    sequence: int = 1,
+    previous: str = "NONE",
+    current: str = MIGRATE,
+    observed: datetime | None = None,
+    event_id: str | None = None,
+) -> Any:
+    """A bridge event built with the project's own builder (the contract, not a copy of it)."""
+    notice = 60 if kind == "maintenance.started" and current == MIGRATE else None
+    return build_event(
+        Transition(key=MAINTENANCE, previous=previous, current=current, kind=kind),
+        event_id=event_id or str(uuid.uuid4()),
+        sequence=sequence,
+        observed_at=observed or datetime(2026, 1, 1, 12, 0, sequence, tzinfo=timezone.utc),
+        instance=instance or vm(),
+        scheduling=Scheduling(on_host_maintenance="MIGRATE", automatic_restart="TRUE"),
+        happened_while_down=False,
+        notice_seconds=notice,
+    )
+
+
+def message_published(attributes: dict[str, str], payload: bytes, message_id: str) -> dict:
+    """MessagePublishedData as Eventarc delivers it (camelCase plus the snake_case repeats)."""
+    return {
+        "subscription": SUBSCRIPTION,
+        "message": {
+            "attributes": attributes,
+            "data": base64.b64encode(payload).decode(),
+            "messageId": message_id,
+            "message_id": message_id,
+            "publishTime": "2026-01-01T12:00:00.123Z",
+            "publish_time": "2026-01-01T12:00:00.123Z",
+        },
+    }
+
+
+def deliver(port: int, data: dict, message_id: str | None = None) -> requests.Response:
+    """POST one binary-mode CloudEvents HTTP request, as Eventarc's push does."""
+    message_id = message_id or data.get("message", {}).get("messageId") or "1"
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": "google.cloud.pubsub.topic.v1.messagePublished",
+        "ce-source": f"//pubsub.googleapis.com/{TOPIC}",
+        "ce-id": str(message_id),
+        "ce-time": "2026-01-01T12:00:00.123Z",
+        "content-type": "application/json",
+    }
+    return requests.post(f"http://127.0.0.1:{port}/", json=data, headers=headers, timeout=30)
+
+
+def send(port: int, event: Any, message_id: str | None = None) -> requests.Response:
+    """Publish `event` in binary content mode, delivered under a fresh Pub/Sub message id."""
+    attributes, payload = event.to_pubsub()
+    return deliver(port, message_published(attributes, payload, message_id or uuid.uuid4().hex))
+
+
+def hand_crafted(kind: str = "maintenance.started") -> tuple[dict[str, str], bytes]:
+    """The same kind of message written by hand: guards the builder against drifting alone."""
+    inst = vm("hand-vm", 99)
+    attributes = {
+        "ce-specversion": "1.0",
+        "ce-id": "hand-1",
+        "ce-source": f"//compute.googleapis.com/projects/{PROJECT}/zones/{ZONE}/instances/hand-vm",
+        "ce-type": f"{DEFAULT_TYPE_PREFIX}.{kind}",
+        "ce-time": "2026-01-01T12:00:00.000Z",
+        "ce-subject": MAINTENANCE,
+        "ce-dataschema": "https://maintenance-bridge.github.io/schemas/v1/event-data.json",
+        "ce-instanceid": inst.id,
+        "ce-zone": ZONE,
+        "ce-project": PROJECT,
+        "content-type": "application/json",
+    }
+    data = {
+        "key": MAINTENANCE,
+        "previous": "NONE",
+        "current": MIGRATE,
+        "observed_at": "2026-01-01T12:00:00.000Z",
+        "happened_while_down": False,
+        "sequence": 7,
+        "notice_seconds": 60,
+        "instance": {
+            "id": inst.id,
+            "name": inst.name,
+            "zone": ZONE,
+            "project_id": PROJECT,
+            "project_number": "123456789012",
+            "hostname": inst.hostname,
+        },
+        "scheduling": {"on_host_maintenance": "MIGRATE"},
+    }
+    return attributes, json.dumps(data).encode()
+
+
+def malformed() -> list[tuple[str, dict]]:
+    """Deliveries no retry can fix: each must be logged and acknowledged (HTTP 200)."""
+    good_attrs, good_payload = maintenance("maintenance.started").to_pubsub()
+    no_type = {k: v for k, v in good_attrs.items() if k != "ce-type"}
+    foreign = {**good_attrs, "ce-type": "com.example.something.else"}
+    return [
+        ("not-json", message_published(good_attrs, b"{not json", "m1")),
+        ("no-ce-type", message_published(no_type, good_payload, "m2")),
+        ("foreign-type", message_published(foreign, good_payload, "m3")),
+        ("bad-data", message_published(good_attrs, b'{"key": 1}', "m4")),
+        (
+            "bad-base64",
+            {"subscription": SUBSCRIPTION, "message": {"data": "!!", "messageId": "m5"}},
+        ),
+        ("no-message", {"subscription": SUBSCRIPTION}),
+    ]
+
+
+# --- local stand-ins --------------------------------------------------------------------------
+
+
+class Recorder(ThreadingHTTPServer):
+    """A tiny HTTP server that records requests and answers from a script of statuses."""
+
+    daemon_threads = True
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.requests: list[dict[str, Any]] = []
+        self.fail_next: list[int] = []  # statuses to answer before behaving normally
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def take(self, predicate: Any = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r for r in self.requests if predicate is None or predicate(r)]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Recorder
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _body(self) -> Any:
+        raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+        return json.loads(raw) if raw else None
+
+    def _reply(self, status: int, body: Any) -> None:
+        out = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+
+class WebhookHandler(_Handler):
+    def do_POST(self) -> None:
+        body = self._body()
+        with self.server.lock:
+            status = self.server.fail_next.pop(0) if self.server.fail_next else 200
+            if status == 200:
+                self.server.requests.append({"path": self.path, "body": body})
+        self._reply(status, {"ok": status == 200})
+
+
+class ComputeHandler(_Handler):
+    """Just enough of compute/v1: instance group / NEG membership and instances.get."""
+
+    def do_GET(self) -> None:
+        parts = self.path.strip("/").split("/")
+        if len(parts) >= 7 and parts[-2] == "instances":
+            meta = self.server.metadata.get(parts[-1])  # type: ignore[attr-defined]
+            items = [{"key": "drain-backends", "value": meta}] if meta else []
+            self._reply(200, {"name": parts[-1], "metadata": {"items": items}})
+        else:
+            self._reply(404, {"error": {"code": 404, "message": "not found"}})
+
+    def do_POST(self) -> None:
+        body = self._body()
+        srv = self.server
+        with srv.lock:
+            srv.requests.append({"path": self.path, "body": body})
+            if srv.fail_next:
+                self._reply(srv.fail_next.pop(0), {"error": {"code": 503, "message": "busy"}})
+                return
+            group, verb = self.path.split("/")[-2:]
+            members: set[str] = srv.members.setdefault(group, set())  # type: ignore[attr-defined]
+            if verb in ("removeInstances", "addInstances"):
+                who = {i["instance"].rsplit("/", 1)[-1] for i in body["instances"]}
+            else:
+                who = {e["instance"] for e in body["networkEndpoints"]}
+            adding = verb in ("addInstances", "attachNetworkEndpoints")
+            if adding and who <= members:
+                error = {
+                    "code": 400,
+                    "message": "already a member",
+                    "errors": [{"reason": "memberAlreadyExists"}],
+                }
+                self._reply(400, {"error": error})
+                return
+            if not adding and not who & members:
+                error = {
+                    "code": 400,
+                    "message": "The instance is not a member of the group",
+                    "errors": [{"reason": "resourceNotFound"}],
+                }
+                self._reply(400, {"error": error})
+                return
+            members.update(who) if adding else members.difference_update(who)
+        self._reply(200, {"kind": "compute#operation", "name": f"operation-{uuid.uuid4().hex}"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"port {port} not ready in time:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process we started, and its children (gunicorn workers, the emulator's Java)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # its own group: start_new_session=True
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def package(name: str, dest: Path) -> Path:
+    """Lay out the function's source exactly as Terraform's archive_file zips it.
+
+    The file list is read from terraform/main.tf, so a file missing from the zip (the vendored
+    decoder, the shared plumbing) fails here rather than at deploy time.
+    """
+    import hcl2
+    from hcl2.utils import SerializationOptions
+
+    options = SerializationOptions(strip_string_quotes=True, explicit_blocks=False)
+    with (REPO / "terraform" / "main.tf").open() as f:
+        doc = hcl2.load(f, serialization_options=options)
+    archive = next(d["archive_file"]["function"] for d in doc["data"] if "archive_file" in d)
+    dest.mkdir(parents=True)
+    for source in archive["source"]:
+        relative = source["content"].split("${path.module}/", 1)[1].split('")', 1)[0]
+        origin = REPO / "terraform" / relative.replace("${each.key}", name)
+        target = dest / source["filename"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(origin, target)
+    return dest
+
+
+class Function:
+    """One functions-framework process serving one example function from its packaged source."""
+
+    def __init__(self, name: str, env: dict[str, str], tmp: Path) -> None:
+        self.name = name
+        self.env = env
+        self.port = free_port()
+        self.log = tmp / f"{name}.log"
+        self.source = package(name, tmp / name)
+        full_env = {
+            **os.environ,
+            # `bridge` resolves to the repository (also installed in the venv); the packaged copy
+            # next to main.py is the same file.
+            "PYTHONPATH": str(REPO),
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [
+                    str(FF),
+                    "--target=handle",
+                    "--signature-type=cloudevent",
+                    f"--source={self.source / 'main.py'}",
+                    "--host=127.0.0.1",
+                    f"--port={self.port}",
+                ],
+                cwd=self.source,
+                env=full_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def logs(self) -> list[dict[str, Any]]:
+        """The structured lines the function printed (what Cloud Logging would ingest)."""
+        out = []
+        for line in self.log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and "severity" in entry:
+                    out.append(entry)
+        return out
+
+    def send(self, event: Any, message_id: str | None = None) -> requests.Response:
+        return send(self.port, event, message_id)
+
+
+@pytest.fixture(scope="module")
+def webhook() -> Iterator[Recorder]:
+    server = Recorder(WebhookHandler)
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def compute() -> Iterator[Recorder]:
+    server = Recorder(ComputeHandler)
+    server.members = {"web": {"demo-vm", "other-vm"}, "web-neg": {"demo-vm"}}  # type: ignore[attr-defined]
+    server.metadata = {"meta-vm": "instanceGroups/special"}  # type: ignore[attr-defined]
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def firestore_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
+    """The Firestore emulator from the Google Cloud CLI, or None where gcloud is absent."""
+    gcloud = shutil.which("gcloud")
+    if not gcloud:
+        yield None
+        return
+    port = free_port()
+    log = tmp_path_factory.mktemp("firestore") / "emulator.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [gcloud, "emulators", "firestore", "start", f"--host-port=127.0.0.1:{port}", "--quiet"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def functions(
+    webhook: Recorder, compute: Recorder, firestore_host: str | None, tmp_path_factory
+) -> Iterator[dict[str, Function]]:
+    """All three functions, started together (start-up is the slow part) and stopped together."""
+    tmp = tmp_path_factory.mktemp("functions")
+    accepted = [f"{DEFAULT_TYPE_PREFIX}.{k}" for k in ("maintenance.started", "maintenance.ended")]
+    targets = [
+        {"type": "instance_group", "zone": ZONE, "name": "web"},
+        {"type": "network_endpoint_group", "zone": ZONE, "name": "web-neg", "port": 8080},
+        {"type": "instance_group", "zone": "europe-west1-b", "name": "elsewhere"},
+    ]
+    envs = {
+        "notify": {
+            "WEBHOOK_URL": f"http://127.0.0.1:{webhook.port}/v1/spaces/AAA/messages?key=k",
+            "CHAT_FORMAT": "google_chat",
+            "EVENT_FILTER": json.dumps({"ce-type": accepted}),
+        },
+        "drain": {
+            "COMPUTE_API_BASE": f"http://127.0.0.1:{compute.port}/compute/v1",
+            "COMPUTE_ANONYMOUS": "1",
+            "DRAIN_TARGETS": json.dumps(targets),
+            "DRAIN_METADATA_KEY": "drain-backends",
+        },
+    }
+    if firestore_host:
+        envs["ledger"] = {
+            "FIRESTORE_EMULATOR_HOST": firestore_host,
+            "GOOGLE_CLOUD_PROJECT": PROJECT,
+            "LEDGER_COLLECTION": f"ledger-{uuid.uuid4().hex[:8]}",
+        }
+    running = {name: Function(name, env, tmp) for name, env in envs.items()}
+    try:
+        deadline = time.monotonic() + 60
+        for fn in running.values():
+            wait_for_port(fn.port, fn.proc, fn.log, deadline)
+        if firestore_host:
+            _wait_http(f"http://{firestore_host}/", deadline)
+        yield running
+    finally:
+        for fn in running.values():
+            stop(fn.proc)
+
+
+def _wait_http(url: str, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(url, timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer in time")
+
+
+def until(predicate: Any, timeout: float = 5.0) -> Any:
+    """Poll for an effect that the function produces after answering (logs are flushed async)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+# --- notify -----------------------------------------------------------------------------------
+
+
+def test_notify_posts_readable_google_chat_message(functions, webhook: Recorder) -> None:
+    fn = functions["notify"]
+    event = maintenance("maintenance.started", instance=vm("demo-vm", 1))
+    assert fn.send(event).status_code == 200
+    posted = webhook.take(lambda r: event.id in json.dumps(r["body"]))
+    assert len(posted) == 1
+    body, path = posted[0]["body"], posted[0]["path"]
+    assert "demo-vm (us-central1-a): live migration starts in 60 s" in body["text"]
+    assert body["thread"]["threadKey"].endswith(vm("demo-vm", 1).id)
+    assert "messageReplyOption=REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD" in path
+    received = [
+        e for e in fn.logs() if e.get("event_id") == event.id and "received" in e["message"]
+    ]
+    # Eventarc mode, not the framework's silent plain-push fallback: source and subscription seen.
+    assert received[0]["subscription"] == SUBSCRIPTION
+    assert received[0]["ce_source"] == f"//pubsub.googleapis.com/{TOPIC}"
+
+
+def test_notify_hand_crafted_message(functions, webhook: Recorder) -> None:
+    attributes, payload = hand_crafted()
+    resp = deliver(functions["notify"].port, message_published(attributes, payload, "hand-msg"))
+    assert resp.status_code == 200
+    posted = webhook.take(lambda r: "hand-1" in json.dumps(r["body"]))
+    assert len(posted) == 1
+    assert "hand-vm (us-central1-a): live migration starts in 60 s" in posted[0]["body"]["text"]
+
+
+def test_notify_duplicate_posts_once(functions, webhook: Recorder) -> None:
+    event = maintenance("maintenance.ended", previous=MIGRATE, current="NONE", sequence=2)
+    # The same inner event delivered twice (a Pub/Sub redelivery and a bridge re-publish).
+    for message_id in ("dup-1", "dup-1", "dup-2"):
+        assert functions["notify"].send(event, message_id).status_code == 200
+    posted = webhook.take(lambda r: event.id in json.dumps(r["body"]))
+    assert len(posted) == 1
+    assert "demo-vm (us-central1-a): live migration ended" in posted[0]["body"]["text"]
+
+
+def test_notify_filter_drops_unwanted_kinds(functions, webhook: Recorder) -> None:
+    event = maintenance("maintenance.changed", previous=MIGRATE, current="SOMETHING_NEW")
+    assert functions["notify"].send(event).status_code == 200
+    assert not webhook.take(lambda r: event.id in json.dumps(r["body"]))
+    assert until(lambda: [e for e in functions["notify"].logs() if "filtered" in e["message"]])
+
+
+def test_notify_retries_transient_webhook_failure(functions, webhook: Recorder) -> None:
+    fn = functions["notify"]
+    event = maintenance("maintenance.started", instance=vm("retry-vm", 2))
+    webhook.fail_next.append(503)
+    assert fn.send(event, "retry-1").status_code == 500  # raised: Eventarc retries it
+    assert fn.send(event, "retry-1").status_code == 200  # the retry
+    assert len(webhook.take(lambda r: event.id in json.dumps(r["body"]))) == 1
+
+
+def test_notify_slack_format() -> None:
+    """The Slack body, checked in-process (the server above runs the Google Chat format)."""
+    module = _load_module("notify")
+    event = maintenance("maintenance.started")
+    body = module.payload(event, "slack")
+    assert body["text"] == "demo-vm (us-central1-a): live migration starts in 60 s"
+    assert body["blocks"][0]["text"]["type"] == "mrkdwn"
+    stop_event = build_event(
+        Transition(MAINTENANCE, "NONE", "TERMINATE_ON_HOST_MAINTENANCE", "maintenance.started"),
+        event_id="x",
+        sequence=3,
+        observed_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        instance=vm("gpu-vm", 3),
+        scheduling=Scheduling(),
+        happened_while_down=True,
+        notice_seconds=3600,
+    )
+    assert module.describe(stop_event) == (
+        "gpu-vm (us-central1-a): host maintenance (the VM will be stopped) starts in 60 min"
+        " (noticed when the bridge restarted)"
+    )
+
+
+def _load_module(name: str) -> Any:
+    """A function's main.py imported in-process (for its pure helpers)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_main", FUNCTIONS / name / "main.py")
+    assert spec and spec.loader
+    sys.path.insert(0, str(SHARED))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SHARED))
+    return module
+
+
+def golden(path: Path) -> tuple[dict[str, str], bytes]:
+    """A golden binary-mode message from schemas/examples: attributes and the wire payload."""
+    from bridge.events import dumps
+
+    message = json.loads(path.read_text())
+    return message["attributes"], dumps(message["data"])
+
+
+@pytest.mark.skipif(not GOLDEN, reason="schemas/examples has no golden messages")
+def test_notify_describes_every_golden_example() -> None:
+    from bridge.events import decode_pubsub
+
+    notify = _load_module("notify")
+    texts = {}
+    for path in GOLDEN:
+        event = decode_pubsub(*golden(path))
+        texts[event.kind] = notify.describe(event)
+        who = f"{event.data.instance.name} ({event.data.instance.zone}): "
+        assert texts[event.kind].startswith(who), path.name
+        if event.kind != "bridge.heartbeat":
+            assert " -> " not in texts[event.kind], f"{path.name}: generic fallback text"
+    assert texts["maintenance.started"] == "demo-vm (us-central1-a): live migration starts in 60 s"
+    assert "2030-01-15T02:00:00Z - 2030-01-15T06:00:00Z" in texts["upcoming.scheduled"]
+
+
+def test_notify_never_posts_heartbeats(functions, webhook: Recorder) -> None:
+    path = REPO / "schemas" / "examples" / "bridge.heartbeat.pubsub.json"
+    if not path.is_file():
+        pytest.skip("no golden heartbeat message")
+    attributes, payload = golden(path)
+    notify = functions["notify"]
+    data = message_published(attributes, payload, "heartbeat-1")
+    assert deliver(notify.port, data).status_code == 200
+    assert not webhook.take(lambda r: attributes["ce-id"] in json.dumps(r["body"]))
+
+
+class SecretHandler(_Handler):
+    """Secret Manager's `versions/latest:access`, for one secret."""
+
+    def do_GET(self) -> None:
+        with self.server.lock:
+            self.server.requests.append({"path": self.path, "body": None})
+        if self.path == "/v1/projects/p/secrets/chat-webhook/versions/latest:access":
+            data = base64.b64encode(b"https://chat.example/hook?key=k\n").decode()
+            self._reply(
+                200,
+                {"name": "projects/p/secrets/chat-webhook/versions/3", "payload": {"data": data}},
+            )
+        else:
+            self._reply(404, {"error": {"code": 404, "status": "NOT_FOUND"}})
+
+
+def test_notify_reads_the_webhook_url_from_secret_manager(monkeypatch) -> None:
+    from google.auth.credentials import AnonymousCredentials
+
+    server = Recorder(SecretHandler)
+    try:
+        monkeypatch.delenv("WEBHOOK_URL", raising=False)
+        notify = _load_module("notify")
+        monkeypatch.setattr(notify, "SECRET_API", f"http://127.0.0.1:{server.port}/v1")
+        monkeypatch.setattr(
+            notify.google.auth, "default", lambda scopes: (AnonymousCredentials(), "p")
+        )
+        monkeypatch.setenv("WEBHOOK_SECRET", "projects/p/secrets/chat-webhook")
+        assert notify.webhook_url() == "https://chat.example/hook?key=k"
+        assert notify.webhook_url() == "https://chat.example/hook?key=k"
+        assert len(server.take()) == 1  # cached
+        notify._cached = None
+        monkeypatch.setenv("WEBHOOK_SECRET", "projects/p/secrets/missing")
+        with pytest.raises(notify.TransientError, match="404"):
+            notify.webhook_url()  # raised: the delivery is retried until a version exists
+    finally:
+        server.shutdown()
+
+
+# --- malformed input, every function ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["notify", "ledger", "drain"])
+def test_malformed_messages_are_logged_and_acked(functions, name: str) -> None:
+    if name not in functions:
+        pytest.skip("gcloud (Firestore emulator) is not installed")
+    fn = functions[name]
+    for label, data in malformed():
+        resp = deliver(fn.port, data, message_id=f"bad-{label}")
+        assert resp.status_code == 200, (label, resp.text)
+    errors = until(lambda: [e for e in fn.logs() if "malformed" in e["message"]])
+    assert len(errors) >= len(malformed()), fn.log.read_text()[-2000:]
+    assert all(e["severity"] == "ERROR" for e in errors)
+
+
+# --- ledger -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ledger(functions) -> Iterator[tuple[Function, Any]]:
+    """The ledger function and a Firestore client on the same emulator and collection."""
+    if "ledger" not in functions:
+        pytest.skip("gcloud is not installed here, so the Firestore emulator is not available")
+    from google.cloud import firestore
+
+    fn = functions["ledger"]
+    saved = os.environ.get("FIRESTORE_EMULATOR_HOST")
+    os.environ["FIRESTORE_EMULATOR_HOST"] = fn.env["FIRESTORE_EMULATOR_HOST"]
+    try:
+        db = firestore.Client(project=PROJECT)
+        yield fn, db.collection(fn.env["LEDGER_COLLECTION"])
+    finally:
+        if saved is None:
+            os.environ.pop("FIRESTORE_EMULATOR_HOST", None)
+        else:
+            os.environ["FIRESTORE_EMULATOR_HOST"] = saved
+
+
+def _doc(collection: Any, instance: Instance) -> dict[str, Any]:
+    snap = collection.document(f"{PROJECT}_{instance.id}").get()
+    return snap.to_dict() if snap.exists else {}
+
+
+def test_ledger_keeps_state_and_history(ledger) -> None:
+    fn, collection = ledger
+    inst = vm("ledger-vm", 10)
+    started = maintenance("maintenance.started", instance=inst, sequence=1)
+    ended = maintenance(
+        "maintenance.ended", instance=inst, sequence=2, previous=MIGRATE, current="NONE"
+    )
+    assert fn.send(started).status_code == 200
+    doc = _doc(collection, inst)
+    assert doc["disrupting"] is True
+    assert doc["state"]["maintenance"]["current"] == MIGRATE
+    assert doc["state"]["maintenance"]["subscription"] == SUBSCRIPTION  # Eventarc envelope seen
+    assert fn.send(ended).status_code == 200
+    doc = _doc(collection, inst)
+    assert doc["disrupting"] is False
+    assert doc["instance"]["name"] == "ledger-vm"
+    assert [h["kind"] for h in doc["history"]] == ["maintenance.started", "maintenance.ended"]
+    markers = list(collection.document(f"{PROJECT}_{inst.id}").collection("events").stream())
+    assert len(markers) == 2
+
+
+def test_ledger_duplicates_recorded_once(ledger) -> None:
+    fn, collection = ledger
+    inst = vm("dup-vm", 11)
+    event = maintenance("maintenance.started", instance=inst)
+    for message_id in ("a", "a", "b"):
+        assert fn.send(event, message_id).status_code == 200
+    doc = _doc(collection, inst)
+    assert len(doc["history"]) == 1
+    assert until(lambda: [e for e in fn.logs() if e["message"] == "ledger duplicate"])
+
+
+def test_ledger_ignores_out_of_order_state(ledger) -> None:
+    fn, collection = ledger
+    inst = vm("late-vm", 12)
+    ended = maintenance(
+        "maintenance.ended", instance=inst, sequence=5, previous=MIGRATE, current="NONE"
+    )
+    late_start = maintenance("maintenance.started", instance=inst, sequence=4)
+    assert fn.send(ended).status_code == 200
+    assert fn.send(late_start).status_code == 200
+    doc = _doc(collection, inst)
+    assert doc["state"]["maintenance"]["sequence"] == 5
+    assert doc["disrupting"] is False
+    assert [h["sequence"] for h in doc["history"]] == [4, 5]
+
+
+def test_ledger_answers_which_vms_are_about_to_be_disrupted(ledger) -> None:
+    fn, collection = ledger
+    busy = vm("busy-vm", 13)
+    assert fn.send(maintenance("maintenance.started", instance=busy, sequence=1)).status_code == 200
+    soon = vm("soon-vm", 14)
+    window = {
+        "type": "SCHEDULED",
+        "can_reschedule": "true",
+        "window_start_time": (datetime.now(timezone.utc) + timedelta(hours=2)).isoformat(),
+        "window_end_time": (datetime.now(timezone.utc) + timedelta(hours=3)).isoformat(),
+        "maintenance_status": "PENDING",
+    }
+    scheduled = build_event(
+        Transition(
+            "instance/upcoming-maintenance",
+            "",
+            json.dumps(window, sort_keys=True),
+            "upcoming.scheduled",
+        ),
+        event_id=str(uuid.uuid4()),
+        sequence=1,
+        observed_at=datetime.now(timezone.utc),
+        instance=soon,
+        scheduling=Scheduling(),
+        happened_while_down=False,
+        notice_seconds=None,
+    )
+    assert fn.send(scheduled).status_code == 200
+    module = _load_module("ledger")
+    names = {
+        vm_doc["instance"]["name"]
+        for vm_doc in module.about_to_be_disrupted(
+            collection._client, timedelta(hours=24), collection=collection.id
+        )
+    }
+    assert {"busy-vm", "soon-vm"} <= names
+    assert "ledger-vm" not in names  # its maintenance ended
+
+
+def test_ledger_order_rules() -> None:
+    """Sequence decides; a backwards sequence wins only when it is clearly later (bridge reset)."""
+    ledger_main = _load_module("ledger")
+    stored = {"sequence": 9, "observed_at": "2030-01-01T00:00:00.000Z"}
+    assert ledger_main._advances(10, "2030-01-01T00:00:01.000Z", stored)
+    assert not ledger_main._advances(9, "2030-01-01T00:00:01.000Z", stored)  # same event
+    assert not ledger_main._advances(8, "2029-12-31T23:59:59.000Z", stored)  # late delivery
+    assert ledger_main._advances(1, "2030-01-02T00:00:00.000Z", stored)  # state lost, restarted
+    assert ledger_main._advances(0, "", None)
+
+
+def test_ledger_golden_sequence_and_heartbeat(ledger) -> None:
+    """Every golden message, in order: each VM's document ends in the state the last ones say."""
+    fn, collection = ledger
+    messages = [golden(p) for p in GOLDEN]
+    if not messages:
+        pytest.skip("schemas/examples has no golden messages")
+    messages.sort(key=lambda m: json.loads(m[1])["sequence"])
+    for i, (attributes, payload) in enumerate(messages):
+        data = message_published(attributes, payload, f"golden-{i}")
+        assert deliver(fn.port, data).status_code == 200
+    by_vm: dict[str, list[dict[str, Any]]] = {}
+    for _, payload in messages:
+        event = json.loads(payload)
+        by_vm.setdefault(f"{event['instance']['project_id']}_{event['instance']['id']}", []).append(
+            event
+        )
+    for doc_id, events in by_vm.items():
+        doc = collection.document(doc_id).get().to_dict()
+        changes = [e for e in events if e["key"] != "bridge/heartbeat"]
+        assert len(doc["history"]) == len(changes), doc_id  # heartbeats are not history
+        beats = [e for e in events if e["key"] == "bridge/heartbeat"]
+        if beats:
+            assert doc["heartbeat"]["sequence"] == beats[-1]["sequence"]
+        for family, key in FAMILY_KEYS.items():
+            last = [e for e in changes if e["key"] == key]
+            if last:
+                assert doc["state"][family]["current"] == last[-1]["current"], (doc_id, family)
+
+
+FAMILY_KEYS = {
+    "maintenance": "instance/maintenance-event",
+    "preemption": "instance/preempted",
+    "upcoming": "instance/upcoming-maintenance",
+}
+
+
+# --- drain ------------------------------------------------------------------------------------
+
+
+def _calls(compute: Recorder, needle: str) -> list[str]:
+    return [
+        r["path"].split("/compute/v1/", 1)[1]
+        for r in compute.take(
+            lambda r: (
+                needle in json.dumps(r["body"])
+                and r["path"].endswith(("Instances", "NetworkEndpoints"))
+            )
+        )
+    ]
+
+
+def test_drain_removes_then_restores(functions, compute: Recorder) -> None:
+    fn = functions["drain"]
+    inst = vm("demo-vm", 1)
+    started = maintenance("maintenance.started", instance=inst, sequence=1)
+    assert fn.send(started).status_code == 200
+    assert "demo-vm" not in compute.members["web"]  # type: ignore[attr-defined]
+    assert "demo-vm" not in compute.members["web-neg"]  # type: ignore[attr-defined]
+    assert "other-vm" in compute.members["web"]  # type: ignore[attr-defined]
+    ended = maintenance(
+        "maintenance.ended", instance=inst, sequence=2, previous=MIGRATE, current="NONE"
+    )
+    assert fn.send(ended).status_code == 200
+    assert "demo-vm" in compute.members["web"]  # type: ignore[attr-defined]
+    assert "demo-vm" in compute.members["web-neg"]  # type: ignore[attr-defined]
+    calls = _calls(compute, "demo-vm")
+    assert calls == [
+        f"projects/{PROJECT}/zones/{ZONE}/instanceGroups/web/removeInstances",
+        f"projects/{PROJECT}/zones/{ZONE}/networkEndpointGroups/web-neg/detachNetworkEndpoints",
+        f"projects/{PROJECT}/zones/{ZONE}/instanceGroups/web/addInstances",
+        f"projects/{PROJECT}/zones/{ZONE}/networkEndpointGroups/web-neg/attachNetworkEndpoints",
+    ]  # never the group in another zone
+    # A duplicate of `started` and a late, older one change nothing.
+    assert fn.send(started, "again").status_code == 200
+    late = maintenance("maintenance.started", instance=inst, sequence=1, event_id="late")
+    assert fn.send(late).status_code == 200
+    assert len(_calls(compute, "demo-vm")) == 4
+    assert "demo-vm" in compute.members["web"]  # type: ignore[attr-defined]
+
+
+def test_drain_retries_transient_compute_failure(functions, compute: Recorder) -> None:
+    fn = functions["drain"]
+    inst = vm("other-vm", 5)
+    started = maintenance("maintenance.started", instance=inst, sequence=1)
+    compute.fail_next.append(503)
+    assert fn.send(started, "flaky").status_code == 500  # raised, so the trigger retries
+    assert fn.send(started, "flaky").status_code == 200
+    assert "other-vm" not in compute.members["web"]  # type: ignore[attr-defined]
+
+
+def test_drain_uses_backends_named_in_instance_metadata(functions, compute: Recorder) -> None:
+    fn = functions["drain"]
+    compute.members["special"] = {"meta-vm"}  # type: ignore[attr-defined]
+    event = maintenance("maintenance.started", instance=vm("meta-vm", 6), sequence=1)
+    assert fn.send(event).status_code == 200
+    assert _calls(compute, "meta-vm") == [
+        f"projects/{PROJECT}/zones/{ZONE}/instanceGroups/special/removeInstances"
+    ]
+    assert compute.members["special"] == set()  # type: ignore[attr-defined]
+
+
+def test_drain_ignores_other_kinds(functions, compute: Recorder) -> None:
+    event = maintenance(
+        "maintenance.changed",
+        instance=vm("demo-vm", 1),
+        sequence=9,
+        previous=MIGRATE,
+        current="TERMINATE_ON_HOST_MAINTENANCE",
+    )
+    before = len(compute.take())
+    assert functions["drain"].send(event).status_code == 200
+    assert len(compute.take()) == before
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+def test_plain_pubsub_push_is_handled_too(functions, webhook: Recorder) -> None:
+    """function_delivery = "push": Pub/Sub's own push body, which the framework converts."""
+    event = maintenance("maintenance.started", instance=vm("push-vm", 20))
+    attributes, payload = event.to_pubsub()
+    body = message_published(attributes, payload, "push-1")
+    resp = requests.post(f"http://127.0.0.1:{functions['notify'].port}/", json=body, timeout=30)
+    assert resp.status_code == 200
+    posted = webhook.take(lambda r: event.id in json.dumps(r["body"]))
+    assert len(posted) == 1
+    assert "push-vm (us-central1-a): live migration starts in 60 s" in posted[0]["body"]["text"]
+
+
+def test_end_to_end_migration_reaches_each_function_once(
+    functions, ledger, webhook: Recorder, compute: Recorder, pubsub, tmp_path: Path
+) -> None:
+    """bridge -> official Pub/Sub emulator -> push subscriptions -> functions -> effects."""
+    if pubsub.kind != "emulator":
+        pytest.skip("push subscriptions need the official Pub/Sub emulator (gcloud)")
+    _, collection = ledger
+    from support.bridge import BridgeProcess
+    from support.pubsub import admin
+
+    from bridge.simulator import Simulator
+
+    name, instance_id = "e2e-vm", "5550001112223334445"
+    compute.members["web"].add(name)  # type: ignore[attr-defined]
+    sim = Simulator(
+        identity={
+            "instance/id": instance_id,
+            "instance/name": name,
+            "instance/hostname": f"{name}.{ZONE}.c.demo-project.internal",
+        }
+    ).start()
+    topic_name = f"e2e-{uuid.uuid4().hex[:8]}"
+    with admin(pubsub) as ps:
+        topic = ps.create_topic(topic_name)
+        for fn in ("notify", "ledger", "drain"):
+            endpoint = f"http://127.0.0.1:{functions[fn].port}/{topic}"
+            ps.create_subscription(topic, f"{topic_name}-{fn}", push_endpoint=endpoint)
+        bridge = BridgeProcess(sim.url, tmp_path / "state", "--topic", topic, env=pubsub.env())
+        try:
+            deadline = time.monotonic() + 10
+            while sim.stats().get(MAINTENANCE, 0) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            sim.set_value(MAINTENANCE, MIGRATE)
+            assert until(lambda: _posts_for(webhook, name), timeout=15), bridge.logs()[-5:]
+            sim.set_value(MAINTENANCE, "NONE")
+            assert until(lambda: len(_posts_for(webhook, name)) >= 2, timeout=15)
+            assert until(lambda: len(_drain_calls(compute, name)) >= 2, timeout=15)
+            assert until(lambda: len(_history(collection, instance_id)) >= 2, timeout=15)
+            time.sleep(1.0)  # room for a duplicate delivery to show up
+        finally:
+            assert bridge.terminate() == 0
+            sim.stop()
+    texts = [p["body"]["text"] for p in _posts_for(webhook, name)]
+    assert len(texts) == 2, texts
+    assert "e2e-vm (us-central1-a): live migration starts in 60 s" in texts[0]
+    assert "e2e-vm (us-central1-a): live migration ended" in texts[1]
+    assert [c.rsplit("/", 1)[1] for c in _drain_calls(compute, name)] == [
+        "removeInstances",
+        "addInstances",
+    ]
+    assert name in compute.members["web"]  # type: ignore[attr-defined]
+    kinds = [h["kind"] for h in _history(collection, instance_id)]
+    assert kinds == ["maintenance.started", "maintenance.ended"]
+
+
+def _posts_for(webhook: Recorder, name: str) -> list[dict[str, Any]]:
+    return webhook.take(lambda r: f"{name} (" in r["body"].get("text", ""))
+
+
+def _drain_calls(compute: Recorder, name: str) -> list[str]:
+    return [
+        r["path"]
+        for r in compute.take(lambda r: name in json.dumps(r["body"]))
+        if r["path"].endswith("Instances")
+    ]
+
+
+def _history(collection: Any, instance_id: str) -> list[dict[str, Any]]:
+    snap = collection.document(f"demo-project_{instance_id}").get()
+    return (snap.to_dict() or {}).get("history", []) if snap.exists else []

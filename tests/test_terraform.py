@@ -1,0 +1,558 @@
+"""Static checks of the Terraform module: formatting, wiring, least privilege, checkov.
+
+`terraform init`/`validate` need the google provider from the registry, which this machine cannot
+reach, so the module is checked by `terraform fmt`, by reading every .tf with python-hcl2 and
+asserting how the resources are wired, and by checkov's policies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+from hcl2.utils import SerializationOptions
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE = REPO / "terraform"
+TF_FILES = sorted(p for p in MODULE.rglob("*.tf") if ".terraform" not in p.parts)
+CHECKOV = REPO / ".venv-tools" / "bin" / "checkov"
+
+
+def load(path: Path) -> dict[str, Any]:
+    options = SerializationOptions(strip_string_quotes=True, explicit_blocks=False)
+    with path.open() as f:
+        return hcl2.load(f, serialization_options=options)
+
+
+@pytest.fixture(scope="module")
+def module() -> dict[str, Any]:
+    """The root module's blocks, merged: resources as {type: {name: body}}."""
+    merged: dict[str, Any] = {
+        "resource": {},
+        "data": {},
+        "variable": {},
+        "output": {},
+        "locals": {},
+    }
+    for path in MODULE.glob("*.tf"):
+        doc = load(path)
+        for kind in ("resource", "data"):
+            for block in doc.get(kind, []):
+                for rtype, named in block.items():
+                    merged[kind].setdefault(rtype, {}).update(named)
+        for kind in ("variable", "output"):
+            for block in doc.get(kind, []):
+                merged[kind].update(block)
+        for block in doc.get("locals", []):
+            merged["locals"].update(block)
+        if "terraform" in doc:
+            merged["terraform"] = doc["terraform"]
+    return merged
+
+
+def resources(module: dict[str, Any], rtype: str) -> dict[str, Any]:
+    return module["resource"].get(rtype, {})
+
+
+def block(body: dict[str, Any], name: str) -> dict[str, Any]:
+    """A nested block, static or `dynamic` (its content)."""
+    if name in body:
+        value = body[name]
+        return value[0] if isinstance(value, list) else value
+    for dyn in body.get("dynamic", []):
+        if name in dyn:
+            return dyn[name]["content"][0]
+    raise KeyError(name)
+
+
+def walk(node: Any) -> Iterator[str]:
+    """Every string in a parsed document."""
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v)
+    elif isinstance(node, str):
+        yield node
+
+
+# --- formatting and parsing -------------------------------------------------------------------
+
+
+def test_terraform_fmt(tmp_path: Path) -> None:
+    terraform = shutil.which("terraform")
+    if not terraform:
+        pytest.skip("no terraform binary on PATH; formatting is not checked")
+    config = tmp_path / "terraformrc"
+    config.write_text("")  # silences the warning about a missing CLI config
+    env = {**os.environ, "TF_CLI_CONFIG_FILE": str(config), "CHECKPOINT_DISABLE": "1"}
+    result = subprocess.run(
+        [terraform, "fmt", "-check", "-recursive", "-diff", str(MODULE)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", TF_FILES, ids=lambda p: str(p.relative_to(MODULE)))
+def test_every_tf_file_parses(path: Path) -> None:
+    assert load(path), f"{path} is empty"
+
+
+def test_google_provider_is_pinned(module) -> None:
+    providers = module["terraform"][0]["required_providers"][0]
+    assert providers["google"] == {"source": "hashicorp/google", "version": "~> 6.0"}
+    assert "google-beta" not in providers
+
+
+# --- wiring -----------------------------------------------------------------------------------
+
+
+def test_function_triggers_point_at_the_module_topic(module) -> None:
+    functions = resources(module, "google_cloudfunctions2_function")
+    assert functions, "no Cloud Functions (gen2) in the module"
+    for name, fn in functions.items():
+        trigger = block(fn, "event_trigger")
+        assert trigger["pubsub_topic"] == "${google_pubsub_topic.events.id}", name
+        assert trigger["event_type"] == "google.cloud.pubsub.topic.v1.messagePublished"
+        assert trigger["retry_policy"] == "RETRY_POLICY_RETRY"
+        assert trigger["service_account_email"] == "${google_service_account.invoker[0].email}"
+        build = block(fn, "build_config")
+        assert build["runtime"] == "python312"
+        service = block(fn, "service_config")
+        assert service["service_account_email"] == (
+            "${google_service_account.function[each.key].email}"
+        ), "each function runs as its own service account"
+        assert service["ingress_settings"] == "ALLOW_INTERNAL_ONLY"
+    for name, sub in resources(module, "google_pubsub_subscription").items():
+        if name != "dead_letter":
+            assert sub["topic"] == "${google_pubsub_topic.events.id}", name
+    push = resources(module, "google_pubsub_subscription")["push"]
+    assert (
+        "google_cloudfunctions2_function.function[each.key]"
+        in block(push, "push_config")["push_endpoint"]
+    )
+
+
+def test_one_function_per_example_directory(module) -> None:
+    settings = module["locals"]["function_settings"]
+    on_disk = {p.name for p in (MODULE / "functions").iterdir() if not p.name.startswith("_")}
+    assert set(settings) == on_disk == {"notify", "ledger", "drain"}
+    for name in on_disk:
+        assert (MODULE / "functions" / name / "main.py").is_file()
+        assert (MODULE / "functions" / name / "requirements.txt").is_file()
+
+
+def test_publisher_iam_is_topic_scoped_never_project_wide(module) -> None:
+    grant = resources(module, "google_pubsub_topic_iam_member")["publisher"]
+    assert grant["topic"] == "${google_pubsub_topic.events.name}"
+    assert grant["role"] == "roles/pubsub.publisher"
+    assert grant["for_each"] == "${local.publishers}"
+    for rtype in (
+        "google_project_iam_member",
+        "google_project_iam_binding",
+        "google_project_iam_policy",
+    ):
+        for name, body in resources(module, rtype).items():
+            text = json.dumps(body)
+            assert "pubsub" not in body.get("role", ""), (
+                f"{rtype}.{name} grants Pub/Sub project-wide"
+            )
+            assert "publisher" not in text, f"{rtype}.{name} involves the publisher identity"
+            assert "condition" in body, f"{rtype}.{name} is project-wide without a condition"
+    for rtype in ("google_project_iam_binding", "google_project_iam_policy"):
+        assert not resources(module, rtype), f"authoritative {rtype} would clobber others' grants"
+
+
+def test_every_subscription_has_a_dead_letter_policy(module) -> None:
+    subs = resources(module, "google_pubsub_subscription")
+    delivering = module["locals"]["delivering_subscriptions"]
+    for name, sub in subs.items():
+        if sub["topic"] == "${google_pubsub_topic.dead_letter.id}":
+            continue  # the dead-letter sink itself: the end of the line
+        policy = block(sub, "dead_letter_policy")
+        assert policy["dead_letter_topic"] == "${google_pubsub_topic.dead_letter.id}", name
+        assert policy["max_delivery_attempts"] == "${var.max_delivery_attempts}", name
+        # ... and the Pub/Sub service agent may take messages off it to dead-letter them.
+        assert f"google_pubsub_subscription.{name}" in delivering, name
+    agent = "${local.pubsub_agent}"
+    sub_grant = resources(module, "google_pubsub_subscription_iam_member")["dead_letter_subscriber"]
+    assert sub_grant == {
+        "for_each": "${local.delivering_subscriptions}",
+        "project": "${var.project_id}",
+        "subscription": "${each.value}",
+        "role": "roles/pubsub.subscriber",
+        "member": agent,
+    }
+    topic_grant = resources(module, "google_pubsub_topic_iam_member")["dead_letter_publisher"]
+    assert topic_grant["topic"] == "${google_pubsub_topic.dead_letter.name}"
+    assert topic_grant["role"] == "roles/pubsub.publisher"
+    assert topic_grant["member"] == agent
+    assert "gcp-sa-pubsub.iam.gserviceaccount.com" in module["locals"]["pubsub_agent"]
+
+
+def test_topic_schema_retention_and_key(module) -> None:
+    topic = resources(module, "google_pubsub_topic")["events"]
+    assert topic["message_retention_duration"] == "${var.message_retention_duration}"
+    assert topic["kms_key_name"] == "${var.kms_key_name}"
+    settings = block(topic, "schema_settings")
+    assert settings == {"schema": "${google_pubsub_schema.event_data[0].id}", "encoding": "JSON"}
+    schema = resources(module, "google_pubsub_schema")["event_data"]
+    assert schema["type"] == "PROTOCOL_BUFFER"
+    assert schema["count"] == "${var.attach_schema ? 1 : 0}"
+    assert "/../schemas/v1/event-data.proto" in schema["definition"]
+    assert module["variable"]["attach_schema"]["default"] is True
+
+
+def test_source_bucket_is_locked_down(module) -> None:
+    bucket = resources(module, "google_storage_bucket")["functions_source"]
+    assert bucket["uniform_bucket_level_access"] is True
+    assert bucket["public_access_prevention"] == "enforced"
+    assert block(bucket, "versioning")["enabled"] is True
+    assert bucket["force_destroy"] is False
+    everything = json.dumps(module)
+    assert "allUsers" not in everything and "allAuthenticatedUsers" not in everything
+
+
+def test_function_zips_vendor_the_decoder(module) -> None:
+    archive = module["data"]["archive_file"]["function"]
+    sources = {s["filename"]: s["content"] for s in archive["source"]}
+    assert set(sources) == {
+        "main.py",
+        "requirements.txt",
+        "subscriber.py",
+        "bridge/__init__.py",
+        "bridge/events.py",
+    }
+    for filename, content in sources.items():
+        match = re.search(r'file\("\$\{path\.module\}/([^"]+)"\)', content)
+        assert match, content
+        relative = match.group(1).replace("${each.key}", "notify")
+        assert (MODULE / relative).resolve().is_file(), f"{filename}: {relative} does not exist"
+    for fn in ("notify", "ledger", "drain"):
+        requirements = (MODULE / "functions" / fn / "requirements.txt").read_text()
+        assert "functions-framework" in requirements
+
+
+def test_functions_have_least_privilege(module) -> None:
+    everything = "\n".join(walk(module))
+    for broad in (
+        "roles/owner",
+        "roles/editor",
+        "roles/compute.admin",
+        "roles/compute.instanceAdmin",
+    ):
+        assert broad not in everything
+    secret = resources(module, "google_secret_manager_secret_iam_member")["notify"]
+    assert secret["role"] == "roles/secretmanager.secretAccessor"
+    assert secret["secret_id"] == "${local.notify_secret}"
+    assert 'function["notify"]' in secret["member"]
+    ledger = resources(module, "google_project_iam_member")["ledger"]
+    assert ledger["role"] == "roles/datastore.user"
+    assert "/databases/${var.ledger.database}" in block(ledger, "condition")["expression"]
+    role = resources(module, "google_project_iam_custom_role")["drain"]
+    permissions = "".join(walk(role["permissions"]))
+    assert "*" not in permissions and "delete" not in permissions
+    assert "compute.instanceGroups.update" in permissions
+    drain = resources(module, "google_project_iam_member")["drain"]
+    assert drain["role"] == "${google_project_iam_custom_role.drain[0].id}"
+    assert "instanceGroups" in block(drain, "condition")["expression"]
+    invoker = resources(module, "google_cloud_run_v2_service_iam_member")["invoker"]
+    assert invoker["role"] == "roles/run.invoker"
+    assert invoker["name"] == "${google_cloudfunctions2_function.function[each.key].name}"
+
+
+def test_bigquery_history_subscription(module) -> None:
+    sub = resources(module, "google_pubsub_subscription")["bigquery"]
+    config = block(sub, "bigquery_config")
+    assert config["write_metadata"] is True
+    table = resources(module, "google_bigquery_table")["history"]
+    columns = {c["name"] for c in json.loads(_jsonencode_literal(table["schema"]))}
+    assert {"subscription_name", "message_id", "publish_time", "attributes", "data"} <= columns
+
+
+def _jsonencode_literal(expr: str) -> str:
+    """Turn `${jsonencode([{name = "x", ...}])}` into JSON (only plain literals are used)."""
+    inner = expr.removeprefix("${jsonencode(").removesuffix(")}")
+    return re.sub(r"(\w+) = ", r'"\1": ', inner)
+
+
+def test_example_vm_runs_the_bridge_as_publisher(module) -> None:
+    template = resources(module, "google_compute_instance_template")["bridge"]
+    assert block(template, "service_account")["email"] == "${local.vm_service_account}"
+    assert "access_config" not in block(template, "network_interface")
+    assert block(template, "shielded_instance_config")["enable_secure_boot"] is True
+    assert template["metadata"]["startup-script"] == "${local.startup_script}"
+    inline = module["locals"]["startup_inline"]
+    assert "maintenance-bridge run --topic ${local.bridge_topic}" in inline
+    assert "--state-dir /var/lib/maintenance-bridge" in inline
+
+
+def test_variables_are_typed_described_and_validated(module) -> None:
+    for name, var in module["variable"].items():
+        assert var.get("type"), f"variable {name} has no type"
+        assert var.get("description"), f"variable {name} has no description"
+        if var["type"] != "bool":
+            assert var.get("validation"), f"variable {name} has no validation block"
+
+
+def test_outputs_cover_topic_subscriptions_functions_and_accounts(module) -> None:
+    outputs = module["output"]
+    for name in (
+        "topic_id",
+        "subscriptions",
+        "functions",
+        "service_accounts",
+        "dead_letter_topic_id",
+        "publisher_service_accounts",
+    ):
+        assert name in outputs, name
+    for name, out in outputs.items():
+        assert out.get("description"), f"output {name} has no description"
+
+
+def test_readme_documents_every_input_and_output(module) -> None:
+    readme = (MODULE / "README.md").read_text()
+    inputs = readme.split("## Inputs", 1)[1].split("## Outputs", 1)[0]
+    outputs = readme.split("## Outputs", 1)[1].split("\n## ", 1)[0]
+    for name in module["variable"]:
+        assert f"| `{name}` |" in inputs, f"README: input {name} missing"
+    for name in module["output"]:
+        assert f"| `{name}` |" in outputs, f"README: output {name} missing"
+    assert "terraform init" in readme and "validate" in readme  # says why they are not run
+
+
+def test_example_calls_the_module() -> None:
+    doc = load(MODULE / "examples" / "basic" / "main.tf")
+    call = doc["module"][0]["maintenance_bridge"]
+    assert call["source"] == "../.."
+    assert call["project_id"] == "${var.project_id}"
+
+
+# --- locals evaluated by terraform console -----------------------------------------------------
+#
+# locals.tf only depends on variables and files, so `terraform console` evaluates it without a
+# provider: the templates, filters and variable validations run for real.
+
+
+class Console:
+    """`terraform console` on a copy of variables.tf + locals.tf, laid out like the repository."""
+
+    def __init__(self, root: Path, terraform: str) -> None:
+        self.dir = root / "terraform"
+        self.terraform = terraform
+        config = root / "terraformrc"
+        config.write_text("")
+        self.env = {**os.environ, "TF_CLI_CONFIG_FILE": str(config), "CHECKPOINT_DISABLE": "1"}
+
+    def run(self, expression: str, **variables: Any) -> subprocess.CompletedProcess[str]:
+        args = [self.terraform, "console", "-no-color", "-var", "project_id=my-project"]
+        for name, value in variables.items():
+            rendered = value if isinstance(value, str) else json.dumps(value)
+            args += ["-var", f"{name}={rendered}"]
+        return subprocess.run(
+            args,
+            input=expression + "\n",
+            capture_output=True,
+            text=True,
+            cwd=self.dir,
+            env=self.env,
+            timeout=60,
+        )
+
+    def eval(self, expression: str, **variables: Any) -> Any:
+        result = self.run(f"jsonencode({expression})", **variables)
+        assert "Error" not in result.stderr, result.stderr
+        return json.loads(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def _console(tmp_path: Path, with_repo_files: bool) -> Console:
+    terraform = shutil.which("terraform")
+    if not terraform:
+        pytest.skip("no terraform binary on PATH; locals are not evaluated")
+    (tmp_path / "terraform").mkdir()
+    for name in ("variables.tf", "locals.tf"):
+        shutil.copy(MODULE / name, tmp_path / "terraform" / name)
+    if with_repo_files:
+        (tmp_path / "deploy").symlink_to(REPO / "deploy")
+    return Console(tmp_path, terraform)
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Console:
+    return _console(tmp_path_factory.mktemp("console"), with_repo_files=True)
+
+
+def _bash_n(script: str, tmp_path: Path) -> None:
+    path = tmp_path / "startup.sh"
+    path.write_text(script)
+    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_startup_script_runs_the_install_script(console: Console, tmp_path: Path) -> None:
+    if not (REPO / "deploy" / "install.sh").is_file():
+        pytest.skip("deploy/install.sh is not in this checkout")
+    script = console.eval(
+        "local.startup_script",
+        example_instance_template={"bridge_settings": {"BRIDGE_HEARTBEAT_INTERVAL": "300"}},
+    )
+    assert (REPO / "deploy" / "install.sh").read_text().strip() in script
+    assert "export BRIDGE_TOPIC='projects/my-project/topics/maintenance-bridge-events'" in script
+    assert "export BRIDGE_STATE_DIR='/var/lib/maintenance-bridge'" in script
+    assert "export BRIDGE_HEARTBEAT_INTERVAL='300'" in script
+    assert script.rstrip().endswith("bash /run/maintenance-bridge-install.sh 'maintenance-bridge'")
+    _bash_n(script, tmp_path)
+
+
+def test_startup_script_without_the_repository(tmp_path: Path) -> None:
+    console = _console(tmp_path, with_repo_files=False)
+    script = console.eval("local.startup_script", topic_name="fleet-events")
+    assert (
+        "maintenance-bridge run --topic projects/my-project/topics/fleet-events"
+        " --state-dir /var/lib/maintenance-bridge"
+    ) in script
+    assert "BRIDGE_TOPIC=projects/my-project/topics/fleet-events\n" in script
+    _bash_n(script, tmp_path)
+
+
+def test_function_settings_match_what_the_functions_parse(console: Console) -> None:
+    """The EVENT_FILTER / DRAIN_TARGETS Terraform writes are what the Python code reads."""
+    import importlib.util
+    import sys
+
+    backends = [
+        {"zone": "us-central1-a", "name": "web"},
+        {"type": "network_endpoint_group", "zone": "us-central1-b", "name": "neg", "port": 8080},
+    ]
+    settings = console.eval(
+        "local.functions",
+        notify={"kinds": ["maintenance.started"], "attributes": {"ce-zone": ["us-central1-a"]}},
+        drain={"backends": backends, "metadata_key": "drain-backends"},
+        ledger={"enabled": False},
+    )
+    assert set(settings) == {"notify", "drain"}
+    sys.path.insert(0, str(MODULE / "functions" / "_shared"))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "tf_subscriber", MODULE / "functions" / "_shared" / "subscriber.py"
+        )
+        assert spec and spec.loader
+        subscriber = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(subscriber)
+    finally:
+        sys.path.remove(str(MODULE / "functions" / "_shared"))
+    wanted = subscriber.load_filter(settings["notify"]["env"]["EVENT_FILTER"])
+    assert wanted == {
+        "ce-type": frozenset({"io.github.maintenancebridge.gce.v1.maintenance.started"}),
+        "ce-zone": frozenset({"us-central1-a"}),
+    }
+    targets = json.loads(settings["drain"]["env"]["DRAIN_TARGETS"])
+    assert [t["type"] for t in targets] == ["instance_group", "network_endpoint_group"]
+    assert all(set(t) == {"type", "zone", "name", "port"} for t in targets)
+    assert settings["drain"]["max_instances"] == 1
+    assert settings["notify"]["env"]["WEBHOOK_SECRET"] == (
+        "projects/my-project/secrets/maintenance-bridge-chat-webhook"
+    )
+    expression = console.eval(
+        "local.filter_expressions.notify",
+        notify={"kinds": ["maintenance.started", "maintenance.ended"]},
+    )
+    assert expression == (
+        '(attributes.ce-type = "io.github.maintenancebridge.gce.v1.maintenance.started"'
+        ' OR attributes.ce-type = "io.github.maintenancebridge.gce.v1.maintenance.ended")'
+    )
+
+
+def test_kind_validation_lists_every_kind_the_bridge_emits() -> None:
+    from bridge.events import KINDS
+
+    text = (MODULE / "variables.tf").read_text()
+    for fn in ("notify", "ledger", "drain"):
+        match = re.search(rf"for k in var\.{fn}\.kinds : contains\((\[[^\]]*\]), k\)", text)
+        assert match, fn
+        assert set(json.loads(match.group(1))) == set(KINDS), fn
+
+
+def test_defaults_pass_validation(console: Console) -> None:
+    result = console.run("local.topic_name")
+    assert "Error" not in result.stderr, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == '"maintenance-bridge-events"'
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("name", "x"),
+        ("name", "a-name-that-is-far-too-long"),
+        ("project_id", "Not_A_Project"),
+        ("region", "moon"),
+        ("message_retention_duration", "5s"),
+        ("max_delivery_attempts", 3),
+        ("kms_key_name", "my-key"),
+        ("function_delivery", "carrier-pigeon"),
+        ("publisher_service_account_emails", ["someone@example.com"]),
+        ("notify", {"chat_format": "teams"}),
+        ("notify", {"kinds": ["maintenance.begun"]}),
+        ("notify", {"attributes": {"zone": ["us-central1-a"]}}),
+        ("ledger", {"history_limit": 0}),
+        ("drain", {"backends": [{"type": "lb", "zone": "us-central1-a", "name": "x"}]}),
+        ("bigquery_history", {"dataset_id": "has-dashes"}),
+        ("example_instance_template", {"bridge_settings": {"TOPIC": "x"}}),
+    ],
+)
+def test_validation_rejects(console: Console, variable: str, value: Any) -> None:
+    result = console.run("1", **{variable: value})
+    assert "Invalid value for variable" in result.stderr, (variable, value, result.stderr)
+
+
+# --- checkov ----------------------------------------------------------------------------------
+
+
+def test_checkov_skips_are_inline_with_reasons() -> None:
+    for path in TF_FILES:
+        for line in path.read_text().splitlines():
+            if "checkov:skip" in line:
+                match = re.search(r"checkov:skip=(CKV2?_[A-Z]+_\d+):(.{10,})", line)
+                assert match, f"{path.name}: a skip without an id and a reason: {line.strip()}"
+
+
+def test_checkov_reports_no_failed_checks() -> None:
+    if not CHECKOV.exists():
+        pytest.skip("checkov is not installed: run `scripts/bootstrap --tools` (.venv-tools)")
+    result = subprocess.run(
+        [
+            str(CHECKOV),
+            "-d",
+            str(MODULE),
+            "--framework",
+            "terraform",
+            "--compact",
+            "--quiet",
+            "--skip-download",
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},
+        timeout=300,
+    )
+    report = json.loads(result.stdout)
+    reports = report if isinstance(report, list) else [report]
+    failed = [c for r in reports for c in r["results"]["failed_checks"]]
+    summary = [f"{c['check_id']} {c['resource']} ({c['file_path']})" for c in failed]
+    assert not failed, "\n".join(summary)
+    passed = sum(r["summary"]["passed"] for r in reports)
+    assert passed > 0, "checkov evaluated nothing"
