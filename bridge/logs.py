@@ -19,7 +19,8 @@ _SEVERITY = {
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line; the Ops Agent maps `severity` and `message` natively."""
+    """One JSON object per line: Cloud Logging takes `severity` and `message` from it (the Ops
+    Agent once its journald receiver parses JSON, see docs/operations.md)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {

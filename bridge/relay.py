@@ -42,7 +42,7 @@ class Relay:
         self._cond = threading.Condition()
         self._stopping = False
         self._failures = 0
-        self._failure_class = ""
+        self._told: set[str] = set()  # failure classes logged during the current outage
         self._told_full = False  # "outbox full" said once per outage, then counted
         self._told_ack_error = False  # likewise a store that cannot retire events
         self._busy = False  # the relay thread is sending a batch
@@ -173,7 +173,7 @@ class Relay:
                 "sink %s accepting again after %d failed attempts", self.sink.name, self._failures
             )
             self._failures = 0
-            self._failure_class = ""
+            self._told = set()
             self._told_full = False
         if self.store is not None:
             try:
@@ -189,7 +189,9 @@ class Relay:
         cls = failure_class(exc)
         self.metrics.publish_failures.labels(cls).inc()
         self._failures += 1
-        if cls != self._failure_class:
+        # One line per cause and outage: a paused key (or a sequencer stopped by the error) is
+        # the consequence of a failure already logged, not news.
+        if cls not in self._told and not (cls == "paused" and self._told):
             topic = getattr(self.sink, "topic", "")  # name it: the line must say what to fix
             where = f" {topic}" if topic else ""
             hint = {
@@ -198,7 +200,7 @@ class Relay:
                 "paused": " (ordering key paused by an earlier failure; resumed, events wait)",
             }.get(cls, "")
             log.error("publish of %s failed: %s: %s%s", event.id, cls, exc, hint)
-            self._failure_class = cls
+            self._told.add(cls)
             if self.store is not None:
                 try:
                     self.store.note_error(

@@ -109,6 +109,8 @@ def failure_class(exc: BaseException) -> str:
         return "permission"
     if name == "PublishToPausedOrderingKeyException":
         return "paused"
+    if name == "RuntimeError" and "publish error" in str(exc):  # ordered sequencer after an error
+        return "paused"
     if name in (
         "ServiceUnavailable",
         "DeadlineExceeded",
