@@ -23,13 +23,13 @@ from bridge.endpoints import serve
 from bridge.events import Instance, Scheduling
 from bridge.health import Health
 from bridge.hooks import Hooks
-from bridge.metadata import MetadataClient, MetadataError
+from bridge.metadata import MetadataClient
 from bridge.metrics import Metrics
 from bridge.recorder import Recorder
 from bridge.relay import Relay
 from bridge.sinks import Sink, make_sink
 from bridge.store import Store
-from bridge.watcher import Watcher
+from bridge.watcher import Watcher, metadata_retrying
 
 log = logging.getLogger("bridge")
 
@@ -137,15 +137,7 @@ def _identity(
 
     health.expect("identity", 30.0)
     try:
-        return tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(MetadataError),
-            wait=tenacity.wait_exponential_jitter(
-                multiplier=0.05, max=config.retry_cap, jitter=0.05
-            ),
-            sleep=sleep,
-            before_sleep=warn,
-            reraise=True,
-        )(client.identity)
+        return metadata_retrying(config.retry_cap, sleep, warn)(client.identity)
     except InterruptedError:
         return None
     finally:

@@ -31,6 +31,22 @@ Observer = Callable[[str, str, datetime, float, bool], None]
 NO_ETAG_PAUSE = 1.0
 
 
+def metadata_retrying(
+    cap: float,
+    sleep: Callable[[float], None],
+    before_sleep: Callable[[tenacity.RetryCallState], None],
+) -> tenacity.Retrying:
+    """The one retry policy for metadata requests: at once (50 ms, jittered), doubling, capped at
+    `cap`, forever; `sleep` raises to stop it."""
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(MetadataError),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=cap, jitter=0.05),
+        sleep=sleep,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
 class _Stopped(Exception):
     """Raised from the back-off sleep when the bridge is shutting down."""
 
@@ -58,15 +74,7 @@ class Watcher:
         self._classes_told: set[str] = set()  # failure classes logged during this outage
         self._told_absent = False
         self._told_no_etag = False
-        self._retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(MetadataError),
-            wait=tenacity.wait_exponential_jitter(
-                multiplier=0.05, max=config.retry_cap, jitter=0.05
-            ),
-            sleep=self._sleep,
-            before_sleep=self._on_failure,
-            reraise=True,
-        )
+        self._retrying = metadata_retrying(config.retry_cap, self._sleep, self._on_failure)
 
     def start(self) -> None:
         self.thread.start()
