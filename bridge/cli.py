@@ -6,10 +6,11 @@ Bad configuration is one line on stderr and exit code 2, before anything starts.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -24,6 +25,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"maintenance-bridge: error: {message}\n")
 
 
+def _number(
+    parse: type[int] | type[float], low: float, above: bool = False
+) -> Callable[[str], int | float]:
+    """An argparse type: a finite number >= low (> low with `above`), one-line error otherwise."""
+
+    def check(text: str) -> int | float:
+        value = parse(text)  # a ValueError becomes argparse's one-line "invalid value"
+        if not math.isfinite(value) or value < low or (above and value == low):
+            sign = ">" if above else ">="
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number {sign} {low:g}")
+        return value
+
+    return check
+
+
 def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="maintenance-bridge", description=__doc__.splitlines()[0])
     top.add_argument("--version", action="version", version=f"maintenance-bridge {__version__}")
@@ -34,23 +50,52 @@ def parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="a local metadata server with a control API")
     sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8089)
+    sim.add_argument("--port", type=_number(int, 0), default=8089)
     sim.add_argument("--scenario", help="migrate|terminate|preempt|upcoming or a JSON file")
-    sim.add_argument("--speed", type=float, default=1.0, help="divide the scenario's times")
+    sim.add_argument(
+        "--speed", type=_number(float, 0, above=True), default=1.0, help="divide the times"
+    )
     sim.add_argument("--loop", action="store_true", help="replay the scenario forever")
+    sim.add_argument(
+        "--plain-alt-json",
+        choices=("string", "raw"),
+        default="string",
+        help='a plain value under alt=json: a JSON string ("NONE") or raw text (NONE)',
+    )
+    sim.add_argument(
+        "--scheduling",
+        choices=("json", "text", "404", "broken"),
+        default="json",
+        help="what instance/scheduling/?recursive=true answers",
+    )
 
     demo = sub.add_parser("demo", help="simulator + bridge + scenario, events printed")
     demo.add_argument("--json", action="store_true", help="print the CloudEvents as JSON lines")
-    demo.add_argument("--speed", type=float, default=1.0, help="scenario speed-up")
+    demo.add_argument(
+        "--speed", type=_number(float, 0, above=True), default=1.0, help="scenario speed-up"
+    )
 
     status = sub.add_parser("status", help="what the state dir says about a bridge")
     status.add_argument("--state-dir", default=None, help="[BRIDGE_STATE_DIR]")
     status.add_argument("--json", action="store_true")
 
-    listen = sub.add_parser("listen", help="pull and pretty-print events from a subscription")
-    listen.add_argument("--subscription", required=True, help="projects/P/subscriptions/S")
-    listen.add_argument("--count", type=int, default=0, help="exit after N messages (0: never)")
-    listen.add_argument("--timeout", type=float, default=0.0, help="exit after N s (0: never)")
+    listen = sub.add_parser("listen", help="print the events on a topic or a subscription")
+    source = listen.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--topic", help="projects/P/topics/T: read through a temporary subscription of its own"
+    )
+    source.add_argument(
+        "--subscription", help="projects/P/subscriptions/S: read, and give back unless --ack"
+    )
+    listen.add_argument(
+        "--ack", action="store_true", help="acknowledge what --subscription delivers (takes it)"
+    )
+    listen.add_argument(
+        "--count", type=_number(int, 0), default=0, help="exit after N messages (0: never)"
+    )
+    listen.add_argument(
+        "--timeout", type=_number(float, 0), default=0.0, help="exit after N s (0: never)"
+    )
     listen.add_argument("--json", action="store_true")
     return top
 
@@ -62,23 +107,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(args, environ)
         if args.command == "simulate":
-            from bridge.simulator import serve
+            from bridge.simulator import open_simulator, serve
 
-            return serve(args.host, args.port, args.scenario, args.speed, args.loop)
+            try:
+                sim, steps = open_simulator(
+                    args.host,
+                    args.port,
+                    args.scenario,
+                    args.loop,
+                    plain_alt_json=args.plain_alt_json,
+                    scheduling=args.scheduling,
+                )
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            return serve(sim, steps, args.speed, args.loop)
         if args.command == "demo":
             from bridge.demo import demo
 
             return demo(speed=args.speed, as_json=args.json, environ=environ)
         if args.command == "status":
-            from bridge.operator import status
+            from bridge.status import status
 
             state_dir = (
                 args.state_dir or environ.get("BRIDGE_STATE_DIR") or default_state_dir(environ)
             )
             return status(Path(state_dir), as_json=args.json)
-        from bridge.operator import listen
+        from bridge.listen import listen
 
-        return listen(args.subscription, count=args.count, timeout=args.timeout, as_json=args.json)
+        if args.ack and not args.subscription:
+            raise ConfigError("--ack: only with --subscription (a --topic read takes nothing)")
+        return listen(
+            topic=args.topic,
+            subscription=args.subscription,
+            ack=args.ack,
+            count=args.count,
+            timeout=args.timeout,
+            as_json=args.json,
+        )
     except ConfigError as exc:
         print(f"maintenance-bridge: error: {exc}", file=sys.stderr)
         return 2

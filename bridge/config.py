@@ -128,12 +128,18 @@ RUN_OPTIONS: tuple[Option, ...] = (
         "exec",
         (),
         "command run for each event (CloudEvent JSON on stdin); "
-        "TYPE=CMD limits it to events whose kind starts with TYPE; repeatable",
+        "KIND_PREFIX=CMD limits it to events whose kind starts with KIND_PREFIX; repeatable",
         repeat=True,
     ),
     Option("exec_timeout", 30.0, "seconds before a hook is killed", parse=_positive(float)),
     Option("http_port", 0, "port of /healthz, /readyz and /metrics (0: off)", parse=int),
     Option("http_host", "127.0.0.1", "address the HTTP endpoint binds"),
+    Option(
+        "ready_max_outbox_age",
+        30.0,
+        "/readyz answers 503 while an event waits longer than this for the sink, seconds",
+        parse=_positive(float),
+    ),
     Option("heartbeat_interval", 0.0, "seconds between heartbeat events (0: off)", parse=float),
     Option("log_format", "json", "log format on stderr", choices=("json", "text")),
     Option("log_level", "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -163,6 +169,7 @@ class Config:
     exec_timeout: float = 30.0
     http_port: int = 0
     http_host: str = "127.0.0.1"
+    ready_max_outbox_age: float = 30.0
     heartbeat_interval: float = 0.0
     log_format: str = "json"
     log_level: str = "INFO"
@@ -268,7 +275,8 @@ def _validate(config: Config) -> None:
     if not config.allow_metadata_host and not metadata_host_allowed(config.metadata_url):
         raise ConfigError(
             f"--metadata-url: {parts.hostname!r} is not link-local, loopback or "
-            f"{DEFAULT_METADATA_HOST}; pass --allow-metadata-host to use it anyway"
+            f"{DEFAULT_METADATA_HOST}; pass --allow-metadata-host true "
+            "(BRIDGE_ALLOW_METADATA_HOST=true) to use it anyway"
         )
     unknown = [k for k in config.keys if k not in WATCHED_KEYS]
     if unknown or not config.keys:

@@ -14,13 +14,16 @@ import sqlite3
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
+from typing import Any
 
 import tenacity
 
+from bridge import __version__
 from bridge.config import Config, ConfigError
 from bridge.endpoints import serve
-from bridge.events import Instance, Scheduling
+from bridge.events import Instance, Scheduling, rfc3339
 from bridge.health import Health
 from bridge.hooks import Hooks
 from bridge.metadata import MetadataClient
@@ -28,6 +31,7 @@ from bridge.metrics import Metrics
 from bridge.recorder import Recorder
 from bridge.relay import Relay
 from bridge.sinks import Sink, make_sink
+from bridge.status import daemon_record
 from bridge.store import Store
 from bridge.watcher import Watcher, metadata_retrying
 
@@ -51,8 +55,9 @@ def run(
         raise ConfigError(f"--state-dir: cannot open {config.db_path}: {exc}") from None
     if sink is None:
         sink = _make_sink(config)
-    metrics, health = Metrics(), Health()
+    metrics, health = Metrics(), Health(max_outbox_age=config.ready_max_outbox_age)
     relay = Relay(sink, store, metrics, retry_cap=config.retry_cap)
+    health.outbox = relay
     for seq, event, recorded_at in snapshot.pending:
         # No change time to measure latency from, but the outbox age counts from the recording.
         since = time.monotonic() - max(0.0, time.time() - recorded_at)
@@ -61,8 +66,18 @@ def run(
         log.info("resuming: %d events from the outbox go out first", len(snapshot.pending))
     metrics.track_outbox(relay.depth, relay.oldest_seen)
     server = (
-        serve(config.http_host, config.http_port, health, metrics) if config.http_port else None
+        serve(config.http_host, config.http_port, health, metrics, store.report)
+        if config.http_port
+        else None
     )
+    record = daemon_record(
+        version=__version__,
+        sink=sink.name,
+        topic=config.topic if sink.name == "pubsub" else "",
+        started_at=rfc3339(datetime.now(timezone.utc)),
+        endpoint=(config.http_host, server.server_address[1]) if server else None,
+    )
+    _note_daemon(store, record)
     relay.start()
     hooks = Hooks(config.exec, config.exec_timeout, metrics, environ or os.environ)
     try:
@@ -104,10 +119,19 @@ def run(
             )
         hooks.close()
         sink.close()
+        _note_daemon(store, {**record, "stopped_at": rfc3339(datetime.now(timezone.utc))})
         store.close()
         if server is not None:
             server.shutdown()
         log.info("stopped")
+
+
+def _note_daemon(store: Store, record: dict[str, Any]) -> None:
+    """Tell `status` who runs here; a store that refuses it is reported by the recorder."""
+    try:
+        store.note_daemon(record)
+    except sqlite3.Error as exc:
+        log.warning("could not record the daemon in the state store: %s", exc)
 
 
 def _make_sink(config: Config) -> Sink:
@@ -120,7 +144,8 @@ def _make_sink(config: Config) -> Sink:
 def _identity(
     config: Config, stop: threading.Event, health: Health
 ) -> tuple[Instance, Scheduling] | None:
-    """Read who we are, retrying as the watchers do; None if stopped first."""
+    """Read who we are: what names the event source is retried as the watchers retry (nothing
+    can be published without it); the rest is read once, best effort. None if stopped first."""
     client = MetadataClient(config.metadata_url)
 
     def sleep(seconds: float) -> None:
@@ -128,21 +153,34 @@ def _identity(
             raise InterruptedError
 
     def warn(state: tenacity.RetryCallState) -> None:
-        if state.attempt_number == 1 and state.outcome is not None:
+        if state.attempt_number != 1 or state.outcome is None:
+            return
+        exc = state.outcome.exception()
+        if getattr(exc, "failure_class", "") == "connection":  # off GCE, most likely
             log.warning(
-                "reading identity from %s failed: %s (retrying)",
+                "the metadata server %s cannot be reached (%s): not on Compute Engine? To try "
+                "the bridge elsewhere run `maintenance-bridge simulate` and set "
+                "GCE_METADATA_HOST=127.0.0.1:8089 (retrying)",
                 config.metadata_url,
-                state.outcome.exception(),
+                exc,
             )
+        else:
+            log.warning("reading identity from %s failed: %s (retrying)", config.metadata_url, exc)
 
     health.expect("identity", 30.0)
     try:
-        return metadata_retrying(config.retry_cap, sleep, warn)(client.identity)
+        instance = metadata_retrying(config.retry_cap, sleep, warn)(client.identity)
+        hostname, scheduling, problems = client.enrichment()
     except InterruptedError:
         return None
     finally:
         client.close()
         health.done("identity")
+    if problems:
+        log.warning(
+            "events will carry these fields empty, watching regardless: %s", "; ".join(problems)
+        )
+    return replace(instance, hostname=hostname), scheduling
 
 
 def _heartbeats(recorder: Recorder, interval: float, stop: threading.Event) -> None:

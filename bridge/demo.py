@@ -19,8 +19,8 @@ from typing import Any
 
 from bridge.config import Config
 from bridge.events import MAINTENANCE, PREEMPTED, UPCOMING, Event
+from bridge.listen import describe
 from bridge.logs import configure
-from bridge.operator import describe
 from bridge.simulator import Simulator, Step
 from bridge.sinks import PubSubSink, Sink, StdoutSink
 
@@ -136,7 +136,7 @@ def _prepare_emulator() -> str:
 
 
 def _read_back(subscription: str, expected: int) -> bool:
-    from bridge.operator import pull
+    from bridge.listen import pull
 
     print(f"demo: reading {subscription} back:", flush=True)
-    return pull(subscription, count=expected, timeout=10, as_json=False) == expected
+    return pull(subscription, count=expected, timeout=10, as_json=False, ack=True) == expected

@@ -1,11 +1,13 @@
-"""The optional HTTP endpoint: /healthz, /readyz and /metrics (Prometheus text format)."""
+"""The optional HTTP endpoint: /healthz, /readyz, /metrics (Prometheus text format) and
+/status (what `maintenance-bridge status` asks a running daemon, so it never opens the store)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -13,15 +15,27 @@ from bridge.health import Health
 from bridge.metrics import Metrics
 
 
-def serve(host: str, port: int, health: Health, metrics: Metrics) -> ThreadingHTTPServer:
+def serve(
+    host: str,
+    port: int,
+    health: Health,
+    metrics: Metrics,
+    status: Callable[[], dict[str, Any]] | None = None,
+) -> ThreadingHTTPServer:
     """Start serving in a daemon thread; the caller shuts the server down."""
 
     class Handler(BaseHTTPRequestHandler):
         routes: ClassVar[dict[str, Callable[[], tuple[int, str, bytes]]]] = {
             "/healthz": lambda: _verdict(health.problems()),
-            "/readyz": lambda: _verdict(health.problems() if health.ready else ["not ready"]),
+            "/readyz": lambda: _verdict(health.not_ready()),
             "/metrics": lambda: (200, CONTENT_TYPE_LATEST, metrics.render()),
         }
+        if status is not None:
+            routes["/status"] = lambda: (
+                200,
+                "application/json",
+                json.dumps(status()).encode(),
+            )
 
         def do_GET(self) -> None:
             route = self.routes.get(self.path.split("?", 1)[0])

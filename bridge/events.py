@@ -148,6 +148,9 @@ class EventData:
     scheduling: Scheduling
     notice_seconds: int | None = None
     upcoming: Upcoming | None = None
+    # Seen on the first reading after a start: the change may be older than observed_at.
+    # Last, as an addition within v1: events recorded by an older bridge lack it (False).
+    at_startup: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -156,6 +159,7 @@ class EventData:
             "current": self.current,
             "observed_at": self.observed_at,
             "happened_while_down": self.happened_while_down,
+            "at_startup": self.at_startup,
             "sequence": self.sequence,
             "instance": _fields(self.instance),
             "scheduling": _fields(self.scheduling),
@@ -249,6 +253,7 @@ def build_event(
     happened_while_down: bool,
     notice_seconds: int | None,
     type_prefix: str = DEFAULT_TYPE_PREFIX,
+    at_startup: bool = False,
 ) -> Event:
     """The CloudEvent for one recorded transition; everything it depends on is an argument."""
     if transition.kind.startswith("upcoming."):
@@ -270,6 +275,7 @@ def build_event(
         scheduling=scheduling,
         notice_seconds=notice_seconds,
         upcoming=upcoming,
+        at_startup=at_startup,
     )
     return Event(
         id=event_id,
@@ -393,6 +399,9 @@ def _event_data(raw: Any) -> EventData:
     down = obj.get("happened_while_down")
     if not isinstance(down, bool):
         raise DecodeError("data.happened_while_down must be a boolean")
+    at_startup = obj.get("at_startup", False)
+    if not isinstance(at_startup, bool):
+        raise DecodeError("data.at_startup must be a boolean")
     upcoming = obj.get("upcoming")
     return EventData(
         key=_str(obj, "key", "data"),
@@ -405,6 +414,7 @@ def _event_data(raw: Any) -> EventData:
         scheduling=_record(Scheduling, obj.get("scheduling", {}), "data.scheduling"),
         notice_seconds=notice,
         upcoming=None if upcoming is None else _upcoming(upcoming),
+        at_startup=at_startup,
     )
 
 

@@ -36,6 +36,7 @@ class Hook:
 
     @classmethod
     def parse(cls, spec: str) -> Hook:
+        """`KIND_PREFIX=CMD` or `CMD`; a head with a space or a path start is part of `CMD`."""
         head, sep, rest = spec.partition("=")
         if sep and head and " " not in head and not head.startswith(("/", ".")):
             return cls(command=rest.strip(), kinds=head.strip())

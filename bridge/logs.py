@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from datetime import datetime, timezone
+from typing import Any
 
 from bridge.events import rfc3339
 
@@ -18,20 +19,28 @@ _SEVERITY = {
 }
 
 
+# What every LogRecord carries; anything else on a record came from `extra=`.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: Cloud Logging takes `severity` and `message` from it (the Ops
-    Agent once its journald receiver parses JSON, see docs/operations.md)."""
+    Agent once its journald receiver parses JSON, see docs/operations.md), and every `extra=`
+    field becomes a top-level key (`jsonPayload.event_id`), filterable without parsing text."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "severity": _SEVERITY.get(record.levelname, "DEFAULT"),
             "message": record.getMessage(),
             "time": rfc3339(datetime.fromtimestamp(record.created, timezone.utc)),
             "logger": record.name,
         }
+        for name, value in vars(record).items():
+            if name not in _STANDARD:
+                entry.setdefault(name, value)  # never over the four above
         if record.exc_info:
             entry["stack_trace"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def configure(fmt: str, level: str) -> None:

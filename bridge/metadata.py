@@ -3,6 +3,12 @@
 It always sends `Metadata-Flavor: Google`, follows no redirect, refuses a response without the
 header, caps what it reads and sorts every failure into a small fixed set of classes (used for
 logs and metric labels) so that callers retry what is transient and never crash on it.
+
+Plain values (`maintenance-event`, `preempted`, the identity) are asked as Google's own sample
+asks them, with no `alt`, and read as text: how the real server renders a plain value under
+`alt=json` is not documented. A plain answer that comes as a JSON string (`"NONE"`) is
+unwrapped, so both renderings read the same. Only JSON values (`upcoming-maintenance`, the
+`scheduling/` directory) are asked with `alt=json`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from bridge.events import Instance, Scheduling
 FLAVOR = {"Metadata-Flavor": "Google"}
 MAX_BODY = 64 * 1024
 NO_NOTIFICATIONS = "no notifications have been received yet"
+_JSON_OPENERS = ('"', "{", "[")
 # Failure classes: the only label values metrics and logs ever use.
 FAILURE_CLASSES = ("http_5xx", "http_429", "http_4xx", "timeout", "connection", "protocol")
 
@@ -61,10 +68,12 @@ class MetadataClient:
         *,
         params: dict[str, str] | None = None,
         timeout: float = 5.0,
-        alt: str = "json",
+        alt: str | None = None,
     ) -> Reading:
-        """One GET of `path` (relative to the base URL); raises MetadataError."""
-        query = {"alt": alt, **(params or {})}
+        """One GET of `path` (relative to the base URL); raises MetadataError.
+
+        `alt=None` asks for the plain value as the sample does; "json" or "text" force one."""
+        query = {"alt": alt, **(params or {})} if alt else params
         try:
             response = self.session.get(
                 self.base_url + path,
@@ -72,6 +81,8 @@ class MetadataClient:
                 timeout=(self.connect_timeout, timeout),
                 allow_redirects=False,
             )
+        except requests.ConnectTimeout as exc:  # nothing answered: as unreachable as a refusal
+            raise MetadataError("connection", f"{path}: {_reason(exc)}") from exc
         except requests.Timeout as exc:
             raise MetadataError("timeout", f"{path}: no answer within {timeout:.0f} s") from exc
         except requests.RequestException as exc:
@@ -79,7 +90,7 @@ class MetadataClient:
         received = time.monotonic()
         return _reading(path, response, received, alt)
 
-    def watch(self, path: str, last_etag: str, timeout_sec: int) -> Reading:
+    def watch(self, path: str, last_etag: str, timeout_sec: int, alt: str | None = None) -> Reading:
         """A hanging GET that returns when the value's ETag differs from `last_etag`."""
         params = {
             "wait_for_change": "true",
@@ -87,40 +98,65 @@ class MetadataClient:
             "timeout_sec": str(timeout_sec),
         }
         # The client deadline outlives the server's: the server may not honour timeout_sec.
-        return self.get(path, params=params, timeout=timeout_sec + 10)
+        return self.get(path, params=params, timeout=timeout_sec + 10, alt=alt)
 
-    def identity(self) -> tuple[Instance, Scheduling]:
-        """Who this VM is, read once at start."""
+    def identity(self) -> Instance:
+        """What names the event source (its `source`, ordering key and filter attributes).
 
-        def text(path: str, required: bool = True) -> str:
-            reading = self.get(path, alt="text")
+        Raises MetadataError: without these nothing can be published, so the caller retries."""
+
+        def text(path: str) -> str:
+            reading = self.get(path)
             if reading.absent:
-                if required:
-                    raise MetadataError("http_4xx", f"{path}: not found on this metadata server")
-                return ""
+                raise MetadataError("http_4xx", f"{path}: not found on this metadata server")
             return str(reading.value).strip()
 
-        zone = text("instance/zone").rsplit("/", 1)[-1]
-        instance = Instance(
+        return Instance(
             id=text("instance/id"),
             name=text("instance/name"),
-            zone=zone,
+            zone=text("instance/zone").rsplit("/", 1)[-1],
             project_id=text("project/project-id"),
             project_number=text("project/numeric-project-id"),
-            hostname=text("instance/hostname", required=False),
         )
-        sched = self.get("instance/scheduling/", params={"recursive": "true"})
-        raw = sched.value if isinstance(sched.value, dict) and not sched.absent else {}
+
+    def enrichment(self) -> tuple[str, Scheduling, list[str]]:
+        """The hostname and `instance/scheduling/`: one attempt each, never raises.
+
+        They only enrich events, so a server that answers them oddly (a text listing, a 404,
+        broken JSON) must not hold up watching: what cannot be read is left empty and named in
+        the returned problems."""
+        problems: list[str] = []
+        hostname = ""
+        try:
+            reading = self.get("instance/hostname")
+            if reading.absent:
+                problems.append("instance/hostname: not found")
+            else:
+                hostname = str(reading.value).strip()
+        except MetadataError as exc:
+            problems.append(str(exc))
+        raw: dict[str, Any] = {}
+        path = "instance/scheduling/"
+        try:
+            reading = self.get(path, params={"recursive": "true"}, alt="json")
+            if reading.absent:
+                problems.append(f"{path}: not found")
+            elif isinstance(reading.value, dict):
+                raw = {_squash(k): v for k, v in reading.value.items()}
+            else:
+                problems.append(f"{path}: not a JSON object: {str(reading.value)[:80]!r}")
+        except MetadataError as exc:
+            problems.append(str(exc))
         scheduling = Scheduling(
-            on_host_maintenance=str(raw.get("onHostMaintenance", "")),
-            automatic_restart=str(raw.get("automaticRestart", "")),
-            preemptible=str(raw.get("preemptible", "")),
-            provisioning_model=str(raw.get("provisioningModel", "")),
+            on_host_maintenance=_flag(raw.get("onhostmaintenance")),
+            automatic_restart=_flag(raw.get("automaticrestart")),
+            preemptible=_flag(raw.get("preemptible")),
+            provisioning_model=_flag(raw.get("provisioningmodel")),
         )
-        return instance, scheduling
+        return hostname, scheduling, problems
 
 
-def _reading(path: str, response: requests.Response, received: float, alt: str) -> Reading:
+def _reading(path: str, response: requests.Response, received: float, alt: str | None) -> Reading:
     status = response.status_code
     if response.headers.get("Metadata-Flavor") != "Google":
         raise MetadataError(
@@ -144,12 +180,41 @@ def _reading(path: str, response: requests.Response, received: float, alt: str) 
         raise MetadataError("protocol", f"{path}: {len(body)} bytes is over the {MAX_BODY} cap")
     try:
         text = body.decode("utf-8")
-        value = json.loads(text) if alt == "json" else text
+        if alt == "json":
+            value = json.loads(text)
+        elif alt is None and text[:1] in _JSON_OPENERS:
+            value = _plain(text, response.headers.get("Content-Type", ""))
+        else:
+            value = text
     except UnicodeDecodeError:
         raise MetadataError("protocol", f"{path}: body is not valid UTF-8") from None
     except ValueError:
         raise MetadataError("protocol", f"{path}: body is not valid JSON: {body[:80]!r}") from None
     return Reading(value, response.headers.get("ETag"), received)
+
+
+def _plain(text: str, content_type: str) -> Any:
+    """A plain value that looks like JSON: `"NONE"` reads as NONE. Text that is not JSON stays
+    text, unless the server said it was JSON: then it is a broken body (ValueError)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        if content_type.startswith("application/json"):
+            raise
+        return text
+
+
+def _squash(name: str) -> str:
+    """`onHostMaintenance`, `on-host-maintenance` and `on_host_maintenance` alike."""
+    return name.replace("-", "").replace("_", "").lower()
+
+
+def _flag(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    return str(value)
 
 
 def _reason(exc: requests.RequestException) -> str:

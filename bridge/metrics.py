@@ -1,7 +1,9 @@
 """Prometheus metrics on a private registry, every label from a small fixed set.
 
-Label values are event kinds, failure classes and hook results only: never an instance name
-or a raw metadata value, so a fleet of any size cannot blow up a scraper's memory.
+Label values are event kinds, failure classes, hook results, watched keys and the bridge's
+version only: never an instance name or a raw metadata value, so a fleet of any size cannot
+blow up a scraper's memory. No `_created` series: they double every counter for a start time
+that `process_start_time_seconds` already gives once.
 """
 
 from __future__ import annotations
@@ -9,8 +11,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
+from bridge import __version__
 from bridge.events import KINDS
 from bridge.metadata import FAILURE_CLASSES
 
@@ -23,8 +34,22 @@ class Metrics:
     """The bridge's series; `render()` is what /metrics serves."""
 
     def __init__(self) -> None:
+        prometheus_client.disable_created_metrics()  # process-wide, and the bridge wants it so
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # CPU, memory, open fds, start time (a crash loop shows)
+        Gauge(
+            "maintenance_bridge_build_info",
+            "Always 1; the running version is in the label",
+            ["version"],
+            registry=r,
+        ).labels(__version__).set(1)
+        self.last_poll = Gauge(
+            "maintenance_bridge_last_poll_timestamp_seconds",
+            "Unix time of the last answer from the metadata server, by watched key",
+            ["key"],
+            registry=r,
+        )
         self.events = Counter(
             "maintenance_bridge_events", "Events recorded, by kind", ["kind"], registry=r
         )

@@ -65,8 +65,12 @@ class Recorder:
                     self._persist(None, (key, value, rfc3339(observed_at)))
                     self.values[key] = value
                 return None
-            # Seen on the first answer after a start: it happened while the bridge was not running.
-            event = self._build(transition, observed_at, happened_while_down=first)
+            # The first answer after a start: the value may have changed long before. Only a key
+            # with a stored value can prove it changed while the bridge was not running; on a
+            # first-ever start the baseline is the documented default, not something we saw.
+            event = self._build(
+                transition, observed_at, at_startup=first, happened_while_down=first and stored
+            )
             self._commit(event, seen, (key, value, rfc3339(observed_at)))
             self.values[key] = value
         self._after(event, transition)
@@ -74,13 +78,18 @@ class Recorder:
 
     def heartbeat(self, now: datetime, seen: float) -> Event:
         with self._lock:
-            event = self._build(HEARTBEAT, now, happened_while_down=False)
+            event = self._build(HEARTBEAT, now, at_startup=False, happened_while_down=False)
             self._commit(event, seen, None)
         self.metrics.events.labels(event.kind).inc()
         return event
 
     def _build(
-        self, transition: Transition, observed_at: datetime, *, happened_while_down: bool
+        self,
+        transition: Transition,
+        observed_at: datetime,
+        *,
+        at_startup: bool,
+        happened_while_down: bool,
     ) -> Event:
         return build_event(
             transition,
@@ -92,6 +101,7 @@ class Recorder:
             happened_while_down=happened_while_down,
             notice_seconds=notice_seconds(transition),
             type_prefix=self.config.type_prefix,
+            at_startup=at_startup,
         )
 
     def _commit(self, event: Event, seen: float, state: tuple[str, str, str] | None) -> None:
@@ -128,6 +138,11 @@ class Recorder:
             transition.current or "(nothing)",
             event.id,
             event.data.sequence,
-            ", happened while the bridge was down" if event.data.happened_while_down else "",
+            ", happened while the bridge was down"
+            if event.data.happened_while_down
+            else ", already on at start"
+            if event.data.at_startup
+            else "",
+            extra={"event_id": event.id, "kind": event.kind},
         )
         self.hooks.dispatch(event)

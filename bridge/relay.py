@@ -49,6 +49,8 @@ class Relay:
         self._early: tuple[int, Any] | None = None  # (seq, future) sent by enqueue itself
         self._since: dict[int, float] = {}  # seq -> monotonic time it entered the outbox
         self.last_publish = 0.0
+        self.last_failure = ""  # why the sink refused, for /readyz; "" while it accepts
+        self._clear_error = True  # the store may hold an error from an earlier run or outage
         self.thread = threading.Thread(target=self._run, name="relay", daemon=True)
 
     # -- producer side -------------------------------------------------------------------------
@@ -161,13 +163,26 @@ class Relay:
             self.metrics.latency.observe(now - seen)
         self.metrics.published.inc()
         self.last_publish = now
-        if event.kind == "bridge.heartbeat":  # the heartbeat-alert example counts this line
-            log.info("heartbeat published (event %s, sequence %d)", event.id, event.data.sequence)
         with self._cond:
             if self._queue and self._queue[0][0] == seq:
                 self._queue.popleft()
-            self._since.pop(seq, None)
+            since = self._since.pop(seq, None)
             self._cond.notify_all()
+        # One line per event with its id and kind as fields, so logs can be joined with what
+        # subscribers saw; latency from the change (or, restored from disk, from recording).
+        start = seen if seen is not None else since
+        log.log(
+            logging.DEBUG if event.kind == "bridge.heartbeat" else logging.INFO,
+            "published %s event %s (sequence %d)",
+            event.kind,
+            event.id,
+            event.data.sequence,
+            extra={
+                "event_id": event.id,
+                "kind": event.kind,
+                "latency_ms": None if start is None else round((now - start) * 1000, 1),
+            },
+        )
         if self._failures:
             log.info(
                 "sink %s accepting again after %d failed attempts", self.sink.name, self._failures
@@ -175,20 +190,29 @@ class Relay:
             self._failures = 0
             self._told = set()
             self._told_full = False
+            self.last_failure = ""
+            self._clear_error = True
         if self.store is not None:
             try:
-                self.store.ack(seq, event.id, rfc3339(datetime.now(timezone.utc)))
+                self.store.ack(
+                    seq,
+                    event.id,
+                    rfc3339(datetime.now(timezone.utc)),
+                    clear_error=self._clear_error,
+                )
             except Exception as exc:  # already published: a later restart may send it again
                 if not self._told_ack_error:  # once until it works again, not once per event
                     log.error("could not retire event %s from the outbox: %s", event.id, exc)
                     self._told_ack_error = True
             else:
                 self._told_ack_error = False
+                self._clear_error = False
 
     def _failed(self, event: Event, exc: BaseException) -> None:
         cls = failure_class(exc)
         self.metrics.publish_failures.labels(cls).inc()
         self._failures += 1
+        self.last_failure = f"publish {cls}: {exc}"[:500]
         # One line per cause and outage: a paused key (or a sequencer stopped by the error) is
         # the consequence of a failure already logged, not news.
         if cls not in self._told and not (cls == "paused" and self._told):
@@ -203,9 +227,7 @@ class Relay:
             self._told.add(cls)
             if self.store is not None:
                 try:
-                    self.store.note_error(
-                        f"publish {cls}: {exc}"[:500], rfc3339(datetime.now(timezone.utc))
-                    )
+                    self.store.note_error(self.last_failure, rfc3339(datetime.now(timezone.utc)))
                 except Exception:
                     log.debug("could not note the error in the store", exc_info=True)
         try:

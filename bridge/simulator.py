@@ -6,6 +6,12 @@ ETags, ``wait_for_change`` long polls, ``recursive``/``alt`` rendering, the 503 
 empty ``upcoming-maintenance``) and adds what the real one cannot: a control API to
 change values, inject faults and play scenarios. Stdlib only, so it runs anywhere.
 
+Where the real server's behaviour is undocumented, a switch picks the variant so that a client
+can be tested against each: ``plain_alt_json`` renders a plain value under ``alt=json`` as a
+JSON string (``"NONE"``) or as raw text (``NONE``); ``scheduling`` makes
+``instance/scheduling/?recursive=true`` answer its JSON object, a text listing, a 404 or a
+truncated JSON body.
+
 Point a client at it with ``GCE_METADATA_HOST=<Simulator.host_port>``. The control API
 lives on the same port under ``/simulator/v1/`` (no ``Metadata-Flavor`` needed):
 ``PUT|GET|DELETE values/<path>``, ``POST|DELETE faults``, ``GET stats``,
@@ -57,6 +63,9 @@ NO_NOTIFICATION = b'{"error":"no notifications have been received yet, try again
 MISSING_FLAVOR = b"Missing Metadata-Flavor:Google header."
 TEXT = "application/text"
 JSON = "application/json"
+SCHEDULING = "instance/scheduling/"
+PLAIN_ALT_JSON = ("string", "raw")  # how a plain value reads under alt=json: "NONE" or NONE
+SCHEDULING_MODES = ("json", "text", "404", "broken")  # what scheduling/?recursive=true answers
 HUGE_SIZE = 1 << 20
 # Windows declares struct linger with two u_shorts, POSIX with two ints.
 _LINGER_RST = struct.pack("HH" if sys.platform == "win32" else "ii", 1, 0)
@@ -257,12 +266,21 @@ class Simulator:
         *,
         max_wait: float = 300.0,
         quiet: bool = True,
+        plain_alt_json: str = "string",
+        scheduling: str = "json",
     ) -> None:
         """Bind at once so that ``port`` is known before ``start``.
 
         ``max_wait`` caps a hanging GET (the real cap is undocumented); ``quiet=False``
-        logs every request to stderr.
+        logs every request to stderr; ``plain_alt_json`` and ``scheduling`` pick among the
+        undocumented or broken renderings (see the module docstring).
         """
+        if plain_alt_json not in PLAIN_ALT_JSON:
+            raise ValueError(f"plain_alt_json must be one of {PLAIN_ALT_JSON}")
+        if scheduling not in SCHEDULING_MODES:
+            raise ValueError(f"scheduling must be one of {SCHEDULING_MODES}")
+        self.plain_alt_json = plain_alt_json
+        self.scheduling = scheduling
         self._values = dict(DEFAULT_IDENTITY)
         self._cond = threading.Condition()
         for key, value in (identity or {}).items():
@@ -459,14 +477,16 @@ class Simulator:
         etag = _etag(value.encode())
         is_json = _container(value) is not None
         if q.alt == "json":
-            return _Reply(200, (value if is_json else json.dumps(value)).encode(), JSON, etag)
+            raw = is_json or self.plain_alt_json == "raw"
+            return _Reply(200, (value if raw else json.dumps(value)).encode(), JSON, etag)
         return _Reply(200, value.encode(), JSON if is_json and q.alt != "text" else TEXT, etag)
 
     def _render_dir(self, rel: str, q: _Query) -> _Reply:
         keys = sorted(k for k in self._values if k.startswith(rel))
-        if not keys:
+        odd = self.scheduling if rel == SCHEDULING and q.recursive else "json"
+        if not keys or odd == "404":
             return _Reply(404, b"Not Found")
-        if q.recursive:
+        if q.recursive and odd != "text":
             tree: dict[str, Any] = {}
             for key in keys:
                 *dirs, leaf = key[len(rel) :].split("/")
@@ -478,13 +498,15 @@ class Simulator:
                 value = self._values[key]
                 node[name] = value if (parsed := _container(value)) is None else parsed
             body, ctype = json.dumps(tree, separators=(",", ":")).encode(), JSON
+            if odd == "broken":
+                body = body[: len(body) // 2]
         else:
             depth = rel.count("/")
             children = sorted(
                 k[len(rel) :].split("/")[0] + ("/" if k.count("/") > depth else "") for k in keys
             )
             children = list(dict.fromkeys(children))
-            if q.alt == "json":
+            if q.alt == "json" and odd != "text":
                 body, ctype = json.dumps(children).encode(), JSON
             else:
                 body, ctype = "".join(c + "\n" for c in children).encode(), TEXT
@@ -694,12 +716,35 @@ def _on_signals(done: threading.Event) -> Callable[[], None]:
     return restore
 
 
-def serve(host: str, port: int, scenario: str | None, speed: float, loop: bool) -> int:
-    """Run the simulator in the foreground (``maintenance-bridge simulate``) until a signal."""
-    steps = load_scenario(scenario) if scenario else []
+def open_simulator(
+    host: str,
+    port: int,
+    scenario: str | None,
+    loop: bool,
+    *,
+    plain_alt_json: str = "string",
+    scheduling: str = "json",
+) -> tuple[Simulator, list[Step]]:
+    """The bound simulator and its scenario, for ``serve``; ValueError names what is wrong."""
+    try:
+        steps = load_scenario(scenario) if scenario else []
+    except OSError as exc:
+        raise ValueError(f"--scenario {scenario}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError as exc:  # invalid JSON (JSONDecodeError, UnicodeDecodeError) or steps
+        raise ValueError(f"--scenario {scenario}: {exc}") from None
     if loop and steps and not any(step.at > 0 for step in steps):
         raise ValueError("--loop needs a scenario that lasts longer than 0 s")
-    sim = Simulator(host, port).start()
+    try:
+        sim = Simulator(host, port, plain_alt_json=plain_alt_json, scheduling=scheduling)
+    except (OSError, OverflowError) as exc:  # port in use or out of range, unknown host
+        reason = getattr(exc, "strerror", None) or exc
+        raise ValueError(f"cannot listen on {host}:{port}: {reason}") from None
+    return sim, steps
+
+
+def serve(sim: Simulator, steps: Sequence[Step], speed: float, loop: bool) -> int:
+    """Run ``sim`` in the foreground (``maintenance-bridge simulate``) until a signal."""
+    sim.start()
     done = threading.Event()
     restore = _on_signals(done)
     print(f"simulator: listening on {sim.url}", file=sys.stderr, flush=True)

@@ -4,20 +4,30 @@ The last seen value of each key and the event it produced are written together b
 anything is published, so a crash at any point either loses nothing (the event is in the
 outbox, and goes out under its first id after a restart) or never saw the change (the restart
 compares the live value with the stored one and records it then).
+
+The layout carries a version (`PRAGMA user_version`): a store from an older bridge is migrated
+when opened, and a bridge refuses, with one line, a store written by a newer one rather than
+guess at a layout it does not know.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bridge import __version__
+from bridge.config import ConfigError
 from bridge.events import Event, decode_structured, dumps
 
+DB_NAME = "bridge.sqlite3"
+SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (
     key TEXT PRIMARY KEY, value TEXT NOT NULL, observed_at TEXT NOT NULL);
@@ -26,10 +36,51 @@ CREATE TABLE IF NOT EXISTS outbox (
     body BLOB NOT NULL, recorded_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Version 0 (before versioning) kept "TIME ID" and "TIME TEXT" in one meta row each.
+_SPLIT_V0 = (
+    ("last_publish", "last_publish_at", "last_publish_id"),
+    ("last_error", "last_error_at", "last_error"),
+)
 
 # When the outbox is over its bound, these kinds go first, oldest first; a maintenance or
 # preemption notice is never dropped (the bound is then exceeded rather than lose one).
 DROPPABLE_PREFIXES = ("bridge.", "upcoming.")
+
+
+def open_db(path: Path, **connect: Any) -> sqlite3.Connection:
+    """Connect, refuse a newer layout, create or migrate an older one; one transaction."""
+    db = sqlite3.connect(str(path), isolation_level=None, **connect)
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"--state-dir: {path} has state-store schema {version}, written by a newer "
+                f"maintenance-bridge; this one ({__version__}) reads up to {SCHEMA_VERSION}: "
+                "run the newer bridge, or move the state dir away to start afresh"
+            )
+        if version < SCHEMA_VERSION:
+            with _Transaction(db):
+                for statement in filter(str.strip, _SCHEMA.split(";")):  # executescript commits
+                    db.execute(statement)
+                if version == 0:
+                    _migrate_v0(db)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _migrate_v0(db: sqlite3.Connection) -> None:
+    for old, at_name, value_name in _SPLIT_V0:
+        row = db.execute("SELECT value FROM meta WHERE name=?", (old,)).fetchone()
+        if row is None:
+            continue
+        at, _, value = row[0].partition(" ")
+        db.execute("DELETE FROM meta WHERE name=?", (old,))
+        db.executemany(
+            "INSERT INTO meta(name, value) VALUES (?, ?)", ((at_name, at), (value_name, value))
+        )
 
 
 @dataclass(frozen=True)
@@ -49,12 +100,9 @@ class Store:
         self.max_events = max_events
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            str(path), isolation_level=None, check_same_thread=False, timeout=5.0
-        )
+        self._db = open_db(path, check_same_thread=False, timeout=5.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a committed notice survives power loss
-        self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -90,15 +138,30 @@ class Store:
             self._set("next_sequence", str(seq + 1))
             return self._enforce_bound()
 
-    def ack(self, seq: int, event_id: str, published_at: str) -> None:
-        """The sink has the event: it leaves the outbox."""
+    def ack(self, seq: int, event_id: str, published_at: str, *, clear_error: bool = False) -> None:
+        """The sink has the event: it leaves the outbox (and, after a failure, the last error
+        is history, not a current problem: cleared in the same transaction)."""
         with self._lock, self._transaction():
             self._db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
-            self._set("last_publish", f"{published_at} {event_id}")
+            self._set("last_publish_at", published_at)
+            self._set("last_publish_id", event_id)
+            if clear_error:
+                self._db.execute("DELETE FROM meta WHERE name IN ('last_error', 'last_error_at')")
 
     def note_error(self, text: str, at: str) -> None:
         with self._lock, self._transaction():
-            self._set("last_error", f"{at} {text}")
+            self._set("last_error_at", at)
+            self._set("last_error", text)
+
+    def note_daemon(self, daemon: dict[str, Any]) -> None:
+        """Who runs on this state dir (pid, version, sink, endpoint), for `status`."""
+        with self._lock, self._transaction():
+            self._set("daemon", json.dumps(daemon))
+
+    def report(self) -> dict[str, Any]:
+        """What `status` shows, from the daemon's own connection."""
+        with self._lock:
+            return _report(self._db)
 
     def _enforce_bound(self) -> list[int]:
         count, size = self._db.execute(
@@ -146,22 +209,67 @@ class _Transaction:
 
 
 def read_status(path: Path) -> dict[str, Any]:
-    """What `maintenance-bridge status` shows, read-only (safe while the daemon runs)."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    try:
-        keys = {
-            key: {"value": value, "observed_at": at}
-            for key, value, at in db.execute("SELECT key, value, observed_at FROM state")
-        }
-        depth, oldest = db.execute("SELECT COUNT(*), MIN(recorded_at) FROM outbox").fetchone()
-        meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
-    finally:
-        db.close()
+    """What `status` shows, read from a private copy: never a byte written to the state dir.
+
+    Opening the store itself, even read-only, can create `-wal`/`-shm` files owned by whoever
+    runs `status` (root, typically), which the daemon's user then cannot write. The copy takes
+    the database and its write-ahead log, so committed transactions not yet checkpointed are
+    seen too; a copy torn by a daemon writing at that moment fails to open and is taken again.
+    """
+    if not path.exists():
+        raise ConfigError(f"--state-dir: no bridge state in {path.parent} (has the bridge run?)")
+    attempt = 1
+    while True:
+        try:
+            return _read_copy(path)
+        except OSError as exc:
+            raise ConfigError(
+                f"--state-dir: cannot read {path} ({exc.strerror or exc}): run as the bridge's "
+                "user or root"
+            ) from None
+        except sqlite3.DatabaseError:
+            if attempt == 3:
+                raise
+            attempt += 1
+            time.sleep(0.05)
+
+
+def _read_copy(path: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bridge-status-") as scratch:
+        copy = Path(scratch) / DB_NAME
+        shutil.copyfile(path, copy)
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists():
+            shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+        db = open_db(copy)
+        try:
+            return _report(db)
+        finally:
+            db.close()
+
+
+def _report(db: sqlite3.Connection) -> dict[str, Any]:
+    keys = {
+        key: {"value": value, "observed_at": at}
+        for key, value, at in db.execute("SELECT key, value, observed_at FROM state ORDER BY key")
+    }
+    depth, oldest = db.execute("SELECT COUNT(*), MIN(recorded_at) FROM outbox").fetchone()
+    meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
     return {
+        "schema_version": db.execute("PRAGMA user_version").fetchone()[0],
+        "daemon": json.loads(meta["daemon"]) if "daemon" in meta else None,
         "keys": keys,
         "outbox_depth": depth,
         "outbox_oldest_age_seconds": round(time.time() - oldest, 3) if oldest else None,
-        "last_publish": meta.get("last_publish"),
-        "last_error": meta.get("last_error"),
+        "last_publish": (
+            {"at": meta["last_publish_at"], "event_id": meta["last_publish_id"]}
+            if "last_publish_id" in meta
+            else None
+        ),
+        "last_error": (
+            {"at": meta["last_error_at"], "message": meta["last_error"]}
+            if "last_error" in meta
+            else None
+        ),
         "next_sequence": int(meta.get("next_sequence", "1")),
     }

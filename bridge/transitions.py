@@ -24,7 +24,7 @@ _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
 
 def canonical(key: str, value: Any) -> str:
-    """The comparable form of a decoded metadata value (alt=json).
+    """The comparable form of a decoded metadata value (text for plain keys, JSON for the window).
 
     Unknown shapes are kept, serialised, rather than dropped: a value Google adds tomorrow must
     still reach subscribers.

@@ -64,6 +64,8 @@ class Watcher:
         metrics: Metrics,
     ) -> None:
         self.key = key
+        # Plain values are asked as Google's sample asks them (no alt); only the window is JSON.
+        self.alt = "json" if key == UPCOMING else None
         self.config = config
         self.observe = observe
         self.stop = stop
@@ -87,7 +89,8 @@ class Watcher:
             while not self.stop.is_set():
                 timeout = self.config.poll_timeout
                 self.health.expect(self.key, timeout + 10 + self.config.retry_cap)
-                reading = self._retrying(client.watch, self.key, etag, timeout)
+                reading = self._retrying(client.watch, self.key, etag, timeout, self.alt)
+                self.metrics.last_poll.labels(self.key).set_to_current_time()
                 self._recovered()
                 pause = self._handle(reading, first)
                 first = False

@@ -5,9 +5,10 @@
 #
 #   TOPIC=projects/P/topics/T bash install.sh [PACKAGE]
 #
-# PACKAGE is anything pip installs: a source tree, a wheel or sdist (path or URL), or a pinned
-# name such as maintenance-bridge==0.1.0. Default: $PACKAGE, else the source tree this script sits
-# in, else `maintenance-bridge` from the configured index.
+# PACKAGE is a source tree, a wheel or sdist (path or URL), or a pinned name such as
+# maintenance-bridge==0.1.0; a bare or range-pinned name is refused (whoever registers it would run
+# as root here). Default: $PACKAGE, else the source tree this script sits in. A VM start-up script
+# uses deploy/vm-install.sh, which checks the wheel's sha256 before handing it to this script.
 #
 # Environment:
 #   TOPIC, BRIDGE_*   settings for the service. If any is given, $ETC_DIR/maintenance-bridge is
@@ -15,11 +16,15 @@
 #   PREFIX            install root, venv in $PREFIX/venv        (/opt/maintenance-bridge)
 #   SYSTEMD_DIR       where the unit goes                       (/etc/systemd/system)
 #   ETC_DIR           where the environment file goes          (/etc/default)
+#   BIN_DIR           where `maintenance-bridge` is linked, so that `status` and `listen` are on
+#                     PATH ("" for no link)                     (/usr/local/bin)
 #   PYTHON            interpreter for the venv (default: python3 if >= 3.10, else python3.1x)
+#   PACKAGE_HASHES    sha256 hashes (hex, space-separated) that PACKAGE, a pinned name, must match:
+#                     it is downloaded with --require-hashes first, and refused on a mismatch
 #   PIP_ARGS          extra `pip install` arguments, split on spaces
 #                     (e.g. "--constraint /path/constraints.txt" or "--index-url URL")
 #   VENV_ARGS         extra `python -m venv` arguments
-#   UPGRADE=1         pip install --upgrade (moves an unpinned name to the newest release)
+#   UPGRADE=1         pip install --upgrade
 #   NO_SYSTEMCTL=1    never call systemctl (tests, image builds, chroots)
 #   NO_PACKAGES=1     never call apt-get/dnf; fail if Python's venv support is missing
 #
@@ -32,6 +37,7 @@ DEFAULT_PREFIX=/opt/maintenance-bridge
 PREFIX=${PREFIX:-$DEFAULT_PREFIX}
 SYSTEMD_DIR=${SYSTEMD_DIR:-/etc/systemd/system}
 ETC_DIR=${ETC_DIR:-/etc/default}
+BIN_DIR=${BIN_DIR-/usr/local/bin}
 VENV="$PREFIX/venv"
 ENV_FILE="$ETC_DIR/maintenance-bridge"
 UNIT_FILE="$SYSTEMD_DIR/$UNIT_NAME"
@@ -46,12 +52,14 @@ fi
 
 package=${1:-${PACKAGE:-}}
 if [ -z "$package" ]; then
-  if [ -n "$script_dir" ] && [ -f "$script_dir/../pyproject.toml" ]; then
-    package=$(cd "$script_dir/.." && pwd)
-  else
-    package=maintenance-bridge
-  fi
+  [ -n "$script_dir" ] && [ -f "$script_dir/../pyproject.toml" ] ||
+    die "no PACKAGE: give a wheel (scripts/build-release), a source tree or maintenance-bridge==VERSION"
+  package=$(cd "$script_dir/.." && pwd)
 fi
+case "$package" in
+  . | */* | *.whl | *.tar.gz | *==*) ;;
+  *) die "PACKAGE=$package is not pinned: use maintenance-bridge==VERSION, a wheel or a path" ;;
+esac
 
 if [ -z "${NO_SYSTEMCTL:-}" ] && [ "$(id -u)" != 0 ]; then
   die "run as root (or set NO_SYSTEMCTL=1 and PREFIX, SYSTEMD_DIR, ETC_DIR to writable paths)"
@@ -141,12 +149,34 @@ fingerprint() {
 }
 before=$(fingerprint)
 read -r -a pip_args <<<"${PIP_ARGS:-}"
+if [ -n "${PACKAGE_HASHES:-}" ]; then
+  # The package alone is hash-checked (--no-deps); its dependencies follow PIP_ARGS' constraints.
+  case "$package" in *==*) ;; *) die "PACKAGE_HASHES needs a pinned name (maintenance-bridge==VERSION)" ;; esac
+  requirement=$package
+  for h in $PACKAGE_HASHES; do
+    [[ "$h" =~ ^[0-9a-f]{64}$ ]] || die "PACKAGE_HASHES: not a sha256: $h"
+    requirement+=" --hash=sha256:$h"
+  done
+  download=$(mktemp -d)
+  trap 'rm -rf "$download"' EXIT
+  printf '%s\n' "$requirement" >"$download/requirement.txt"
+  "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-input --no-deps \
+    --require-hashes "${pip_args[@]}" --requirement "$download/requirement.txt" --dest "$download" ||
+    die "pip refused $package: not found, or no file matches PACKAGE_HASHES; nothing installed"
+  package=$(find "$download" -name 'maintenance_bridge-*' -print -quit)
+fi
 [ -z "${UPGRADE:-}" ] || pip_args+=(--upgrade)
 log "pip install $package"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
   "${pip_args[@]}" "$package"
 [ -x "$VENV/bin/maintenance-bridge" ] || die "$VENV/bin/maintenance-bridge missing after pip install"
 [ "$(fingerprint)" = "$before" ] || changed+=(package)
+# Operators run `maintenance-bridge status` and `listen` by name. Not a change: the service
+# does not need a restart for it.
+if [ -n "$BIN_DIR" ] && [ "$(readlink "$BIN_DIR/maintenance-bridge" 2>/dev/null)" != "$VENV/bin/maintenance-bridge" ]; then
+  install -d -m 0755 "$BIN_DIR"
+  ln -sfn "$VENV/bin/maintenance-bridge" "$BIN_DIR/maintenance-bridge"
+fi
 
 # --- Files: written only when their content differs, atomically -------------------------
 # put MODE DEST < content; returns 0 when DEST changed.

@@ -74,66 +74,80 @@ locals {
     var.ledger.enabled ? ["firestore.googleapis.com"] : [],
     var.drain.enabled || var.example_instance_template.enabled ? ["compute.googleapis.com"] : [],
     var.bigquery_history.enabled ? ["bigquery.googleapis.com"] : [],
+    var.monitoring.enabled ? ["monitoring.googleapis.com"] : [],
+    var.example_instance_template.enabled ? ["storage.googleapis.com"] : [],
+    var.example_instance_template.enabled && var.example_instance_template.ops_agent ? ["logging.googleapis.com", "monitoring.googleapis.com"] : [],
   ))
 
   bridge_topic = "projects/${var.project_id}/topics/${local.topic_name}"
+
+  # --- the example VM: what it installs, how it is watched (vm.tf) ---------------------------
+  vm = var.example_instance_template
+
+  # The VM serves /metrics on loopback for the Ops Agent (deploy/ops-agent/config.yaml scrapes
+  # this port) and sends heartbeats, which the "bridge silent" alert needs (monitoring.tf).
+  metrics_port = 8799
   bridge_env = merge(
-    { BRIDGE_TOPIC = local.bridge_topic, BRIDGE_STATE_DIR = "/var/lib/maintenance-bridge" },
-    var.example_instance_template.bridge_settings,
+    {
+      BRIDGE_TOPIC              = local.bridge_topic
+      BRIDGE_STATE_DIR          = "/var/lib/maintenance-bridge"
+      BRIDGE_HTTP_HOST          = "127.0.0.1"
+      BRIDGE_HTTP_PORT          = tostring(local.metrics_port)
+      BRIDGE_HEARTBEAT_INTERVAL = "60"
+    },
+    local.vm.bridge_settings,
   )
 
-  # The project's installer (deploy/install.sh: venv, /etc/default/maintenance-bridge, hardened
-  # systemd unit; idempotent, so it runs on every boot) when the module sits in its repository.
-  install_sh = fileexists("${path.module}/../deploy/install.sh") ? file("${path.module}/../deploy/install.sh") : ""
+  # What the VM installs, only ever something whose sha256 Terraform knows: by default the one
+  # wheel scripts/build-release left in dist/, uploaded to the module's bucket under its hash.
+  dist_wheels = fileset("${path.module}/../dist", "maintenance_bridge-*.whl")
+  wheel_path = local.vm.bridge_package != null ? null : coalesce(
+    local.vm.bridge_wheel,
+    length(local.dist_wheels) == 1 ? "${path.module}/../dist/${one(local.dist_wheels)}" : "-",
+  )
+  vm_artifacts = {
+    for kind, path in { wheel = local.wheel_path, wheelhouse = local.vm.wheelhouse } :
+    kind => {
+      path   = path
+      sha256 = filesha256(path)
+      object = "maintenance-bridge/${filesha256(path)}/${basename(path)}"
+    } if local.vm.enabled && path != null && path != "-"
+  }
+  artifact_bucket = "${var.project_id}-${var.name}-src"
+  vm_install_env = merge(
+    contains(keys(local.vm_artifacts), "wheel") ? {
+      MB_WHEEL_URL    = "gs://${local.artifact_bucket}/${local.vm_artifacts.wheel.object}"
+      MB_WHEEL_SHA256 = local.vm_artifacts.wheel.sha256
+    } : {},
+    contains(keys(local.vm_artifacts), "wheelhouse") ? {
+      MB_WHEELHOUSE_URL    = "gs://${local.artifact_bucket}/${local.vm_artifacts.wheelhouse.object}"
+      MB_WHEELHOUSE_SHA256 = local.vm_artifacts.wheelhouse.sha256
+    } : {},
+    local.vm.bridge_package != null ? {
+      MB_PACKAGE        = local.vm.bridge_package
+      MB_PACKAGE_HASHES = join(" ", local.vm.bridge_package_hashes)
+    } : {},
+    local.vm.ops_agent ? { MB_OPS_AGENT = "install" } : {},
+  )
 
-  startup_via_install = join("\n", concat(
-    ["#!/bin/bash", "set -euo pipefail", "cat > /run/maintenance-bridge-install.sh <<'INSTALL_SH'"],
-    [trimsuffix(local.install_sh, "\n"), "INSTALL_SH"],
-    [for k, v in local.bridge_env : "export ${k}='${v}'"],
-    ["bash /run/maintenance-bridge-install.sh '${var.example_instance_template.bridge_package}'", ""],
-  ))
-
-  # Fallback when the module is used without the rest of the repository: the same service, minimal.
-  startup_inline = <<-EOT
-    #!/bin/bash
-    set -euo pipefail
-    venv=/opt/maintenance-bridge/venv
-    if [ ! -x "$venv/bin/maintenance-bridge" ]; then
-      apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
-      python3 -m venv "$venv"
-      "$venv/bin/pip" install --quiet --disable-pip-version-check '${var.example_instance_template.bridge_package}'
-    fi
-    cat > /etc/systemd/system/maintenance-bridge.service <<'UNIT'
-    [Unit]
-    Description=Compute Engine maintenance notices to Pub/Sub (maintenance-bridge)
-    Wants=network-online.target
-    After=network-online.target
-    StartLimitIntervalSec=0
-
-    [Service]
-    ExecStart=/opt/maintenance-bridge/venv/bin/maintenance-bridge run --topic ${local.bridge_topic} --state-dir /var/lib/maintenance-bridge
-    EnvironmentFile=-/etc/default/maintenance-bridge
-    Restart=always
-    RestartSec=1
-    DynamicUser=yes
-    StateDirectory=maintenance-bridge
-    StateDirectoryMode=0700
-    NoNewPrivileges=yes
-    ProtectSystem=strict
-    ProtectHome=yes
-    PrivateTmp=yes
-
-    [Install]
-    WantedBy=multi-user.target
-    UNIT
-    cat > /etc/default/maintenance-bridge <<'ENV'
-    ${join("\n", [for k, v in local.bridge_env : "${k}=${v}"])}
-    ENV
-    systemctl daemon-reload
-    systemctl enable maintenance-bridge.service
-    systemctl restart maintenance-bridge.service
-  EOT
-
-  startup_script = local.install_sh != "" ? local.startup_via_install : local.startup_inline
+  # The start-up script: the repository's deploy/ files written out as they are (laid out as in
+  # deploy/, where vm-install.sh finds them), the settings as exports, then vm-install.sh.
+  # tests/test_release.py runs this very text; MB_ROOT lets it use another directory than /run.
+  vm_files = ["install.sh", "constraints.txt", "ops-agent/config.yaml", "vm-install.sh"]
+  startup_script = join("\n", flatten([
+    "#!/bin/bash",
+    "set -euo pipefail",
+    "root=$${MB_ROOT:-/run/maintenance-bridge}",
+    "install -d -m 0700 \"$root\" \"$root/ops-agent\"",
+    [
+      for name in local.vm_files : [
+        "cat > \"$root/${name}\" <<'MAINTENANCE_BRIDGE_EOF'",
+        trimsuffix(file("${path.module}/../deploy/${name}"), "\n"),
+        "MAINTENANCE_BRIDGE_EOF",
+      ]
+    ],
+    [for k, v in merge(local.vm_install_env, local.bridge_env) : "export ${k}='${v}'"],
+    "exec bash \"$root/vm-install.sh\"",
+    "",
+  ]))
 }

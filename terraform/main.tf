@@ -37,6 +37,18 @@ resource "google_project_service" "apis" {
 
 # --- topic, schema, dead letters --------------------------------------------------------------
 
+# With a customer-managed key, Pub/Sub's service agent encrypts and decrypts the topics' messages;
+# a topic created before this grant exists fails to create.
+resource "google_kms_crypto_key_iam_member" "pubsub_agent" {
+  count = var.kms_key_name == null ? 0 : 1
+
+  crypto_key_id = var.kms_key_name
+  role          = "roles/cloudkms.cryptoKeyEncrypterDecrypter"
+  member        = local.pubsub_agent
+
+  depends_on = [google_project_service.apis]
+}
+
 resource "google_pubsub_schema" "event_data" {
   count = var.attach_schema ? 1 : 0
 
@@ -71,7 +83,7 @@ resource "google_pubsub_topic" "events" {
     }
   }
 
-  depends_on = [google_project_service.apis]
+  depends_on = [google_project_service.apis, google_kms_crypto_key_iam_member.pubsub_agent]
 }
 
 resource "google_pubsub_topic" "dead_letter" {
@@ -82,7 +94,7 @@ resource "google_pubsub_topic" "dead_letter" {
   message_retention_duration = var.dead_letter_retention_duration
   kms_key_name               = var.kms_key_name
 
-  depends_on = [google_project_service.apis]
+  depends_on = [google_project_service.apis, google_kms_crypto_key_iam_member.pubsub_agent]
 }
 
 # Where dead letters wait to be inspected (`gcloud pubsub subscriptions pull`). It is the end of
@@ -105,6 +117,8 @@ resource "google_pubsub_topic_iam_member" "dead_letter_publisher" {
   topic   = google_pubsub_topic.dead_letter.name
   role    = "roles/pubsub.publisher"
   member  = local.pubsub_agent
+
+  depends_on = [google_project_service.apis]
 }
 
 resource "google_pubsub_subscription_iam_member" "dead_letter_subscriber" {
@@ -114,6 +128,8 @@ resource "google_pubsub_subscription_iam_member" "dead_letter_subscriber" {
   subscription = each.value
   role         = "roles/pubsub.subscriber"
   member       = local.pubsub_agent
+
+  depends_on = [google_project_service.apis]
 }
 
 # --- publishers (the VMs) ---------------------------------------------------------------------
@@ -125,6 +141,8 @@ resource "google_service_account" "publisher" {
   account_id   = "${var.name}-pub"
   display_name = "maintenance-bridge publisher"
   description  = "Runs the bridge on VMs; may publish to ${local.topic_name} and nothing else."
+
+  depends_on = [google_project_service.apis]
 }
 
 # Topic-scoped on purpose: roles/pubsub.publisher on the project would let a VM publish to every
@@ -141,11 +159,12 @@ resource "google_pubsub_topic_iam_member" "publisher" {
 # --- example subscribers: source ---------------------------------------------------------------
 
 resource "google_storage_bucket" "functions_source" {
-  # checkov:skip=CKV_GCP_62:Access logs of a bucket that only Cloud Build reads add a second bucket to secure and no signal.
-  count = local.any_function ? 1 : 0
+  # checkov:skip=CKV_GCP_62:Access logs of a bucket that only Cloud Build and the example VMs read add a second bucket to secure and no signal.
+  # Also holds the bridge's wheel for the example VMs (vm.tf).
+  count = local.any_function || length(local.vm_artifacts) > 0 ? 1 : 0
 
   project                     = var.project_id
-  name                        = "${var.project_id}-${var.name}-src"
+  name                        = local.artifact_bucket
   location                    = coalesce(var.functions_source_location, var.region)
   labels                      = local.labels
   uniform_bucket_level_access = true
@@ -180,7 +199,8 @@ resource "google_storage_bucket" "functions_source" {
 }
 
 # Each zip vendors the project's one decoder (bridge/events.py) next to the function, so every
-# subscriber decodes exactly what the bridge encodes.
+# subscriber decodes exactly what the bridge encodes. The file list is functions/archive.json,
+# which tests/test_functions.py builds its zips from too: what is tested is what is deployed.
 data "archive_file" "function" {
   for_each = local.functions
 
@@ -188,25 +208,12 @@ data "archive_file" "function" {
   output_path      = "${path.module}/.build/${each.key}.zip"
   output_file_mode = "0644"
 
-  source {
-    content  = file("${path.module}/functions/${each.key}/main.py")
-    filename = "main.py"
-  }
-  source {
-    content  = file("${path.module}/functions/${each.key}/requirements.txt")
-    filename = "requirements.txt"
-  }
-  source {
-    content  = file("${path.module}/functions/_shared/subscriber.py")
-    filename = "subscriber.py"
-  }
-  source {
-    content  = file("${path.module}/../bridge/__init__.py")
-    filename = "bridge/__init__.py"
-  }
-  source {
-    content  = file("${path.module}/../bridge/events.py")
-    filename = "bridge/events.py"
+  dynamic "source" {
+    for_each = jsondecode(file("${path.module}/functions/archive.json")).files
+    content {
+      content  = file("${path.module}/${replace(source.value, "{function}", each.key)}")
+      filename = source.key
+    }
   }
 }
 
@@ -227,6 +234,8 @@ resource "google_service_account" "function" {
   account_id   = "${var.name}-${each.key}"
   display_name = "maintenance-bridge ${each.key} function"
   description  = "Runtime identity of the ${each.key} example subscriber."
+
+  depends_on = [google_project_service.apis]
 }
 
 # The identity Eventarc / the push subscriptions use to invoke the functions: run.invoker on
@@ -238,6 +247,8 @@ resource "google_service_account" "invoker" {
   account_id   = "${var.name}-invoker"
   display_name = "maintenance-bridge trigger"
   description  = "Invokes the maintenance-bridge example functions on behalf of Eventarc / Pub/Sub push."
+
+  depends_on = [google_project_service.apis]
 }
 
 resource "google_cloud_run_v2_service_iam_member" "invoker" {
@@ -257,6 +268,93 @@ resource "google_service_account_iam_member" "invoker_token_creator" {
   service_account_id = google_service_account.invoker[0].name
   role               = "roles/iam.serviceAccountTokenCreator"
   member             = local.pubsub_agent
+
+  depends_on = [google_project_service.apis]
+}
+
+# Cloud Build builds the functions as this account, with only what a build needs (Google's list
+# for a custom build service account): write build logs, push the image to the module's own
+# repository, read the source bucket. Many organisations strip the default build account.
+resource "google_service_account" "build" {
+  count = local.any_function ? 1 : 0
+
+  project      = var.project_id
+  account_id   = "${var.name}-build"
+  display_name = "maintenance-bridge function builds"
+  description  = "Cloud Build identity of the maintenance-bridge example functions."
+
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_artifact_registry_repository" "functions" {
+  # checkov:skip=CKV_GCP_84:The repository holds build images of the public example functions; a key would protect nothing secret.
+  count = local.any_function ? 1 : 0
+
+  project       = var.project_id
+  location      = var.region
+  repository_id = "${var.name}-functions"
+  format        = "DOCKER"
+  description   = "Images Cloud Build makes of the maintenance-bridge example functions."
+  labels        = local.labels
+
+  # Every deploy adds an image; the newest few cover the live revisions and a rollback.
+  cleanup_policies {
+    id     = "keep-newest"
+    action = "KEEP"
+    most_recent_versions {
+      keep_count = 5
+    }
+  }
+  cleanup_policies {
+    id     = "delete-older"
+    action = "DELETE"
+    condition {
+      older_than = "2592000s"
+    }
+  }
+
+  depends_on = [google_project_service.apis]
+}
+
+# Logs can only be written project-wide; logWriter grants nothing else.
+resource "google_project_iam_member" "build_logs" {
+  count = local.any_function ? 1 : 0
+
+  project = var.project_id
+  role    = "roles/logging.logWriter"
+  member  = "serviceAccount:${google_service_account.build[0].email}"
+}
+
+resource "google_artifact_registry_repository_iam_member" "build" {
+  count = local.any_function ? 1 : 0
+
+  project    = var.project_id
+  location   = var.region
+  repository = google_artifact_registry_repository.functions[0].name
+  role       = "roles/artifactregistry.writer"
+  member     = "serviceAccount:${google_service_account.build[0].email}"
+}
+
+resource "google_storage_bucket_iam_member" "build_source" {
+  count = local.any_function ? 1 : 0
+
+  bucket = google_storage_bucket.functions_source[0].name
+  role   = "roles/storage.objectViewer"
+  member = "serviceAccount:${google_service_account.build[0].email}"
+}
+
+# New IAM grants take a while to reach every Google service; a build started at once can be
+# refused. Google's own example for a custom build account waits 60 s the same way.
+resource "time_sleep" "build_grants" {
+  count = local.any_function ? 1 : 0
+
+  create_duration = "60s"
+
+  depends_on = [
+    google_project_iam_member.build_logs,
+    google_artifact_registry_repository_iam_member.build,
+    google_storage_bucket_iam_member.build_source,
+  ]
 }
 
 # notify: read one secret.
@@ -317,6 +415,8 @@ resource "google_project_iam_custom_role" "drain" {
     ] : [],
     var.drain.metadata_key != "" ? ["compute.instances.get"] : [],
   )
+
+  depends_on = [google_project_service.apis]
 }
 
 resource "google_project_iam_member" "drain" {
@@ -351,8 +451,10 @@ resource "google_cloudfunctions2_function" "function" {
   labels      = local.labels
 
   build_config {
-    runtime     = "python312"
-    entry_point = "handle"
+    runtime           = "python312"
+    entry_point       = "handle"
+    service_account   = google_service_account.build[0].id
+    docker_repository = google_artifact_registry_repository.functions[0].id
     source {
       storage_source {
         bucket = google_storage_bucket.functions_source[0].name
@@ -391,7 +493,8 @@ resource "google_cloudfunctions2_function" "function" {
     }
   }
 
-  depends_on = [google_project_service.apis]
+  # The first build runs as soon as the function is created: its grants must be in effect.
+  depends_on = [google_project_service.apis, time_sleep.build_grants]
 }
 
 # function_delivery = "push": our own subscription per function, so that Pub/Sub filters on
@@ -488,6 +591,8 @@ resource "google_bigquery_table_iam_member" "history_writer" {
   table_id   = google_bigquery_table.history[0].table_id
   role       = "roles/bigquery.dataEditor"
   member     = local.pubsub_agent
+
+  depends_on = [google_project_service.apis]
 }
 
 resource "google_pubsub_subscription" "bigquery" {
@@ -516,68 +621,4 @@ resource "google_pubsub_subscription" "bigquery" {
     google_bigquery_table_iam_member.history_writer,
     google_pubsub_topic_iam_member.dead_letter_publisher,
   ]
-}
-
-# --- example VM ---------------------------------------------------------------------------------
-
-resource "google_compute_instance_template" "bridge" {
-  count = var.example_instance_template.enabled ? 1 : 0
-
-  project        = var.project_id
-  region         = var.region
-  name_prefix    = "${var.name}-"
-  description    = "A VM that runs maintenance-bridge as the publisher service account."
-  machine_type   = var.example_instance_template.machine_type
-  labels         = local.labels
-  tags           = ["maintenance-bridge"]
-  can_ip_forward = false
-
-  disk {
-    source_image = var.example_instance_template.source_image
-    boot         = true
-    auto_delete  = true
-    disk_size_gb = 10
-
-    dynamic "disk_encryption_key" {
-      for_each = var.example_instance_template.boot_disk_kms != null ? [var.example_instance_template.boot_disk_kms] : []
-      content {
-        kms_key_self_link = disk_encryption_key.value
-      }
-    }
-  }
-
-  # No external IP: pip needs Cloud NAT (or a mirror) on the subnetwork. See README.
-  network_interface {
-    network    = var.example_instance_template.subnetwork == null ? var.example_instance_template.network : null
-    subnetwork = var.example_instance_template.subnetwork
-  }
-
-  service_account {
-    email  = local.vm_service_account
-    scopes = ["https://www.googleapis.com/auth/cloud-platform"]
-  }
-
-  scheduling {
-    on_host_maintenance = "MIGRATE"
-    automatic_restart   = true
-  }
-
-  shielded_instance_config {
-    enable_secure_boot          = true
-    enable_vtpm                 = true
-    enable_integrity_monitoring = true
-  }
-
-  metadata = {
-    block-project-ssh-keys = "true"
-    enable-oslogin         = "TRUE"
-    serial-port-enable     = "false"
-    startup-script         = local.startup_script
-  }
-
-  lifecycle {
-    create_before_destroy = true
-  }
-
-  depends_on = [google_project_service.apis]
 }

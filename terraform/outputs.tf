@@ -76,3 +76,21 @@ output "instance_template" {
   description = "Self link of the example instance template running the bridge, or null."
   value       = try(google_compute_instance_template.bridge[0].self_link, null)
 }
+
+output "bridge_artifacts" {
+  description = "What the example VMs install, uploaded to the module's bucket: per artifact (wheel, wheelhouse) its gs:// URL and sha256, which the start-up script checks."
+  value = {
+    for kind, a in local.vm_artifacts : kind => {
+      url    = "gs://${google_storage_bucket_object.vm_artifact[kind].bucket}/${google_storage_bucket_object.vm_artifact[kind].name}"
+      sha256 = a.sha256
+    }
+  }
+}
+
+output "monitoring" {
+  description = "The alert policies (key -> resource name) and the dashboard id; empty with monitoring.enabled = false."
+  value = {
+    alert_policies = { for k, p in google_monitoring_alert_policy.bridge : k => p.name }
+    dashboard      = try(google_monitoring_dashboard.bridge[0].id, null)
+  }
+}

@@ -78,7 +78,7 @@ variable "message_retention_duration" {
 }
 
 variable "kms_key_name" {
-  description = "Optional Cloud KMS key (projects/P/locations/L/keyRings/R/cryptoKeys/K) for the events and dead-letter topics. The Pub/Sub service agent needs roles/cloudkms.cryptoKeyEncrypterDecrypter on it. Null = Google-managed encryption."
+  description = "Optional Cloud KMS key (projects/P/locations/L/keyRings/R/cryptoKeys/K) for the events and dead-letter topics. The module grants the Pub/Sub service agent roles/cloudkms.cryptoKeyEncrypterDecrypter on it. Null = Google-managed encryption."
   type        = string
   default     = null
 
@@ -326,16 +326,20 @@ variable "bigquery_history" {
 # --- example VM -------------------------------------------------------------------------------
 
 variable "example_instance_template" {
-  description = "An instance template for a VM that runs the bridge as the publisher service account (no VM is created). bridge_package: what pip installs (name, pinned name, wheel URL). bridge_settings: extra BRIDGE_* environment settings of the service, e.g. { BRIDGE_HEARTBEAT_INTERVAL = \"300\" }."
+  description = "An instance template for a VM that runs the bridge as the publisher service account (no VM is created). What it installs is always verified by sha256: bridge_wheel (local path; default: the one wheel scripts/build-release left in dist/), uploaded to the module's bucket, or bridge_package (maintenance-bridge==VERSION from the package index) with bridge_package_hashes. wheelhouse: local path of scripts/build-release's wheelhouse.tar.gz, for VMs that reach no package index. ops_agent: install the Ops Agent and deploy/ops-agent/config.yaml. bridge_settings: extra BRIDGE_* settings of the service (the template already sets the topic, metrics on 127.0.0.1:8799 and BRIDGE_HEARTBEAT_INTERVAL=60)."
   type = object({
-    enabled         = optional(bool, true)
-    machine_type    = optional(string, "e2-small")
-    source_image    = optional(string, "debian-cloud/debian-12")
-    network         = optional(string, "default")
-    subnetwork      = optional(string)
-    bridge_package  = optional(string, "maintenance-bridge")
-    boot_disk_kms   = optional(string)
-    bridge_settings = optional(map(string), {})
+    enabled               = optional(bool, true)
+    machine_type          = optional(string, "e2-small")
+    source_image          = optional(string, "debian-cloud/debian-12")
+    network               = optional(string, "default")
+    subnetwork            = optional(string)
+    bridge_wheel          = optional(string)
+    bridge_package        = optional(string)
+    bridge_package_hashes = optional(list(string), [])
+    wheelhouse            = optional(string)
+    ops_agent             = optional(bool, true)
+    boot_disk_kms         = optional(string)
+    bridge_settings       = optional(map(string), {})
   })
   default = {}
 
@@ -348,7 +352,46 @@ variable "example_instance_template" {
     error_message = "example_instance_template.bridge_settings keys must be BRIDGE_* names; values may not contain quotes or newlines."
   }
   validation {
-    condition     = !can(regex("['\n]", var.example_instance_template.bridge_package))
-    error_message = "example_instance_template.bridge_package may not contain quotes or newlines."
+    condition     = var.example_instance_template.bridge_package == null || can(regex("^maintenance-bridge==[0-9][A-Za-z0-9.+!-]*$", coalesce(var.example_instance_template.bridge_package, "-")))
+    error_message = "example_instance_template.bridge_package must be pinned: maintenance-bridge==VERSION."
+  }
+  validation {
+    condition     = (var.example_instance_template.bridge_package == null) == (length(var.example_instance_template.bridge_package_hashes) == 0) && alltrue([for h in var.example_instance_template.bridge_package_hashes : can(regex("^[0-9a-f]{64}$", h))])
+    error_message = "example_instance_template.bridge_package_hashes: the sha256 (64 hex digits) of each file of bridge_package pip may pick, given exactly when bridge_package is."
+  }
+  validation {
+    condition     = var.example_instance_template.bridge_package == null || var.example_instance_template.bridge_wheel == null
+    error_message = "example_instance_template: set bridge_wheel or bridge_package, not both."
+  }
+  validation {
+    condition     = var.example_instance_template.bridge_wheel == null || can(regex("^[^'\n]*maintenance_bridge-[^/'\n]+\\.whl$", coalesce(var.example_instance_template.bridge_wheel, "-")))
+    error_message = "example_instance_template.bridge_wheel must be the local path of a maintenance_bridge-*.whl (scripts/build-release)."
+  }
+  validation {
+    condition     = var.example_instance_template.wheelhouse == null || can(regex("^[^'\n]+\\.tar\\.gz$", coalesce(var.example_instance_template.wheelhouse, "-")))
+    error_message = "example_instance_template.wheelhouse must be the local path of a .tar.gz (scripts/build-release --wheelhouse)."
+  }
+}
+
+# --- monitoring -------------------------------------------------------------------------------
+
+variable "monitoring" {
+  description = "Alert policies and a dashboard on the bridges' metrics (scraped by the Ops Agent, see deploy/ops-agent/config.yaml) and the dead-letter subscription: bridge silent (no heartbeat for silence_minutes on a VM that sent one in the last 24 h), outbox oldest event older than outbox_max_age_seconds, publish failures, dead letters waiting. notification_channels: ids (projects/P/notificationChannels/N) alerts go to."
+  type = object({
+    enabled                = optional(bool, true)
+    notification_channels  = optional(list(string), [])
+    silence_minutes        = optional(number, 10)
+    outbox_max_age_seconds = optional(number, 120)
+    dead_letter_threshold  = optional(number, 0)
+  })
+  default = {}
+
+  validation {
+    condition     = var.monitoring.silence_minutes >= 3 && var.monitoring.outbox_max_age_seconds >= 30 && var.monitoring.dead_letter_threshold >= 0
+    error_message = "monitoring: silence_minutes >= 3 (heartbeats every 60 s, scrapes every 30 s), outbox_max_age_seconds >= 30, dead_letter_threshold >= 0."
+  }
+  validation {
+    condition     = alltrue([for c in var.monitoring.notification_channels : can(regex("^projects/[^/]+/notificationChannels/[0-9]+$", c))])
+    error_message = "monitoring.notification_channels must be notification channel ids: projects/P/notificationChannels/N."
   }
 }

@@ -1,4 +1,8 @@
-"""Shared fixtures: a simulator per test, one Pub/Sub (emulator or fake) per session."""
+"""Shared fixtures: a simulator per test, the official Pub/Sub emulator per session.
+
+The run's header names the emulators found (path and version) and its summary the servers the
+tests actually ran against, so a green run says what it was green against.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,28 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support.pubsub import PubSubServer, start_pubsub
+from support.gcloud import USED, emulators_required, firestore_emulator, pubsub_emulator
+from support.pubsub import PubSubServer, emulator_or_skip
 
 from bridge.simulator import Simulator
 
-_PUBSUB_KINDS: list[str] = []
+
+def pytest_configure(config: pytest.Config) -> None:
+    if emulators_required():
+        missing = [e.describe() for e in (pubsub_emulator(), firestore_emulator()) if e.missing]
+        if missing:
+            raise pytest.UsageError("BRIDGE_TEST_EMULATORS=required: " + "; ".join(missing))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    emulators = (pubsub_emulator(), firestore_emulator())
+    return [e.describe() + ("; tests that need it skip" if e.missing else "") for e in emulators]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say which servers the integration tests ran against."""
+    for line in USED:
+        terminalreporter.write_line(f"tests ran against the {line}")
 
 
 @pytest.fixture
@@ -28,16 +49,9 @@ def sim() -> Iterator[Simulator]:
 
 @pytest.fixture(scope="session")
 def pubsub() -> Iterator[PubSubServer]:
-    server = start_pubsub()
-    name = "official Pub/Sub emulator" if server.kind == "emulator" else "in-repo fake Pub/Sub"
-    _PUBSUB_KINDS.append(f"{name} on {server.host_port}")
+    """The official Pub/Sub emulator (skipped, with the reason, where it is not installed)."""
+    server = emulator_or_skip()
     try:
         yield server
     finally:
         server.stop()
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Say which Pub/Sub the integration tests ran against: the official emulator or the fake."""
-    if _PUBSUB_KINDS:
-        terminalreporter.write_line(f"pubsub: tests ran against the {', '.join(_PUBSUB_KINDS)}")

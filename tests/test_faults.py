@@ -6,7 +6,7 @@ Run alone with `pytest -m faults`. Four sides, each against the real pieces wher
   connections, answers slower than the client timeout, malformed, huge and non-UTF-8 bodies,
   no `Metadata-Flavor`, a redirect, no ETag) against an in-process bridge: it keeps running,
   logs one line per failure class, never follows the redirect and misses no transition;
-- Pub/Sub side, against the official emulator (the in-repo fake where it is absent): the
+- Pub/Sub side, against the official emulator (skipped, saying why, where it is absent): the
   emulator SIGKILLed and restarted, a topic that does not exist, a permission error (a sink
   wrapper raising google.api_core's PermissionDenied: neither the emulator nor the fake checks
   IAM) and a paused ordering key (a real one: an invalid publish on the bridge's own client);
@@ -526,9 +526,9 @@ class TcpGate:
 @pytest.fixture(scope="module")
 def pubsub() -> Iterator[Any]:
     """This module's own Pub/Sub, shadowing the session one of conftest.py: these tests kill it."""
-    from support.pubsub import start_pubsub
+    from support.pubsub import emulator_or_skip
 
-    server = start_pubsub()
+    server = emulator_or_skip()
     try:
         yield server
     finally:
@@ -607,8 +607,7 @@ def test_pubsub_killed_and_restarted(pubsub, gate, names, sim, bridge_logs, tmp_
     try:
         _killed_and_restarted(pubsub, gate, names, sim, bridge_logs, config, sink, topic, sub)
     finally:  # the emulator is shared by the module: never leave it dead
-        dead = pubsub.pid is None if pubsub.kind == "emulator" else pubsub._fake is None
-        if dead:
+        if pubsub.pid is None:
             pubsub.restart()
 
 

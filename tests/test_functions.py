@@ -1,16 +1,25 @@
-"""The example Cloud Functions, each run under functions-framework, fed Eventarc-shaped CloudEvents.
+"""The example Cloud Functions as deployed, fed Eventarc-shaped CloudEvents.
+
+Each function runs from its source zip, built from terraform/functions/archive.json (the list
+Terraform zips) and unpacked into a temporary directory, under functions-framework in a fresh
+virtual environment holding only that function's requirements.txt (cached per requirements
+hash in .cache/function-venvs), with no PYTHONPATH: nothing of the repository is importable, so
+a vendored module that needs more than the archive and its requirements fails here.
 
 Every delivery is what Eventarc sends a gen2 function with a Pub/Sub trigger: a binary-mode
 CloudEvents HTTP request (ce-* headers) of type messagePublished whose data is
 MessagePublishedData wrapping the bridge's own binary-mode Pub/Sub message. The effects are
-asserted on local stand-ins: a webhook catcher, the Firestore emulator, a fake Compute REST API.
-The servers are shared per module to keep the suite fast.
+asserted on local stand-ins: a webhook catcher, the official Firestore emulator, a fake Compute
+REST API. The servers are shared per module to keep the suite fast.
 """
 
 from __future__ import annotations
 
+import ast
 import base64
 import contextlib
+import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -22,6 +31,7 @@ import sys
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +40,7 @@ from typing import Any
 
 import pytest
 import requests
+from support.gcloud import firestore_emulator
 
 from bridge.events import DEFAULT_TYPE_PREFIX, Instance, Scheduling, Transition, build_event
 
@@ -37,19 +48,15 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = sorted((REPO / "schemas" / "examples").glob("*.pubsub.json"))
 FUNCTIONS = REPO / "terraform" / "functions"
 SHARED = FUNCTIONS / "_shared"
-FF = Path(sys.executable).with_name("functions-framework")
+ARCHIVE = FUNCTIONS / "archive.json"
+VENVS = REPO / ".cache" / "function-venvs"
+EVENTARC = REPO / "tests" / "data" / "eventarc-pubsub"  # Google's schema and examples
 PROJECT = "test-project"
 TOPIC = f"projects/{PROJECT}/topics/maintenance-bridge-events"
 SUBSCRIPTION = f"projects/{PROJECT}/subscriptions/eventarc-us-central1-notify-481828-sub-000"
 ZONE = "us-central1-a"
 MIGRATE = "MIGRATE_ON_HOST_MAINTENANCE"
 MAINTENANCE = "instance/maintenance-event"
-
-if not FF.exists():
-    pytest.skip(
-        f"functions-framework is not installed next to {sys.executable}", allow_module_level=True
-    )
-
 
 # --- building deliveries ----------------------------------------------------------------------
 
@@ -308,62 +315,92 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
-def package(name: str, dest: Path) -> Path:
-    """Lay out the function's source exactly as Terraform's archive_file zips it.
+def archive_files(name: str) -> dict[str, Path]:
+    """Zip member -> repository file for one function, from the list Terraform zips."""
+    files = json.loads(ARCHIVE.read_text(encoding="utf-8"))["files"]
+    root = REPO / "terraform"
+    return {m: (root / src.replace("{function}", name)).resolve() for m, src in files.items()}
 
-    The file list is read from terraform/main.tf, so a file missing from the zip (the vendored
-    decoder, the shared plumbing) fails here rather than at deploy time.
-    """
-    import hcl2
-    from hcl2.utils import SerializationOptions
 
-    options = SerializationOptions(strip_string_quotes=True, explicit_blocks=False)
-    with (REPO / "terraform" / "main.tf").open() as f:
-        doc = hcl2.load(f, serialization_options=options)
-    archive = next(d["archive_file"]["function"] for d in doc["data"] if "archive_file" in d)
-    dest.mkdir(parents=True)
-    for source in archive["source"]:
-        relative = source["content"].split("${path.module}/", 1)[1].split('")', 1)[0]
-        origin = REPO / "terraform" / relative.replace("${each.key}", name)
-        target = dest / source["filename"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(origin, target)
-    return dest
+def build_archive(name: str, tmp: Path) -> Path:
+    """The function's zip, as data.archive_file.function builds it, unpacked into tmp/name."""
+    zip_path = tmp / f"{name}.zip"
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for member, origin in archive_files(name).items():
+            zf.write(origin, member)
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(tmp / name)
+    return tmp / name
+
+
+def function_venv(requirements: Path) -> Path:
+    """A virtual environment with only these requirements, built once per requirements hash."""
+    digest = hashlib.sha256(requirements.read_bytes() + sys.version.encode()).hexdigest()[:16]
+    venv = VENVS / digest
+    VENVS.mkdir(parents=True, exist_ok=True)
+    with (VENVS / f"{digest}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two pytest runs must not build the same venv at once
+        if not (venv / ".complete").is_file():
+            shutil.rmtree(venv, ignore_errors=True)
+            base = getattr(sys, "_base_executable", sys.executable)
+            subprocess.run([base, "-m", "venv", str(venv)], check=True, capture_output=True)
+            pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+            result = subprocess.run(
+                [*pip, "-r", str(requirements)], capture_output=True, text=True, timeout=900
+            )
+            assert result.returncode == 0, f"pip install -r {requirements}:\n{result.stderr}"
+            (venv / ".complete").write_text(requirements.read_text())
+    return venv
+
+
+def deployed_env(env: dict[str, str]) -> dict[str, str]:
+    """The test's environment minus everything that would make the repository importable."""
+    hidden = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "VIRTUAL_ENV")
+    return {
+        **{k: v for k, v in os.environ.items() if k not in hidden},
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONUNBUFFERED": "1",
+        **env,
+    }
 
 
 class Function:
-    """One functions-framework process serving one example function from its packaged source."""
+    """One functions-framework process serving one example function from its unpacked zip."""
 
     def __init__(self, name: str, env: dict[str, str], tmp: Path) -> None:
         self.name = name
         self.env = env
         self.port = free_port()
         self.log = tmp / f"{name}.log"
-        self.source = package(name, tmp / name)
-        full_env = {
-            **os.environ,
-            # `bridge` resolves to the repository (also installed in the venv); the packaged copy
-            # next to main.py is the same file.
-            "PYTHONPATH": str(REPO),
-            "PYTHONUNBUFFERED": "1",
-            **env,
-        }
+        self.source = build_archive(name, tmp)
+        self.venv = function_venv(self.source / "requirements.txt")
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(
                 [
-                    str(FF),
+                    str(self.venv / "bin" / "functions-framework"),
                     "--target=handle",
                     "--signature-type=cloudevent",
-                    f"--source={self.source / 'main.py'}",
+                    "--source=main.py",
                     "--host=127.0.0.1",
                     f"--port={self.port}",
                 ],
                 cwd=self.source,
-                env=full_env,
+                env=deployed_env(env),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def python(self, code: str) -> subprocess.CompletedProcess[str]:
+        """Run code the way the function runs: its venv, its directory, its environment."""
+        return subprocess.run(
+            [str(self.venv / "bin" / "python"), "-c", code],
+            cwd=self.source,
+            env=deployed_env(self.env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def logs(self) -> list[dict[str, Any]]:
         """The structured lines the function printed (what Cloud Logging would ingest)."""
@@ -397,24 +434,36 @@ def compute() -> Iterator[Recorder]:
 
 @pytest.fixture(scope="module")
 def firestore_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
-    """The Firestore emulator from the Google Cloud CLI, or None where gcloud is absent."""
-    gcloud = shutil.which("gcloud")
-    if not gcloud:
+    """The official Firestore emulator (through gcloud), or None where it is not installed."""
+    emulator = firestore_emulator()
+    if emulator.missing:
         yield None
         return
     port = free_port()
     log = tmp_path_factory.mktemp("firestore") / "emulator.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [gcloud, "emulators", "firestore", "start", f"--host-port=127.0.0.1:{port}", "--quiet"],
+            [
+                "gcloud",
+                "emulators",
+                "firestore",
+                "start",
+                f"--host-port=127.0.0.1:{port}",
+                "--quiet",
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    emulator.started(f"127.0.0.1:{port}")
     try:
         yield f"127.0.0.1:{port}"
     finally:
         stop(proc)
+
+
+def skip_without_firestore() -> None:
+    pytest.skip(f"needs the official Firestore emulator: {firestore_emulator().missing}")
 
 
 @pytest.fixture(scope="module")
@@ -478,6 +527,124 @@ def until(predicate: Any, timeout: float = 5.0) -> Any:
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.05)
+
+
+# --- the archive as deployed -----------------------------------------------------------------
+
+
+def foreign_imports(source: str, own: set[str]) -> set[str]:
+    """Top-level modules a Python source imports (at any depth) beyond the stdlib and `own`."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - own
+
+
+def test_foreign_imports_sees_nested_and_from_imports() -> None:
+    source = "import json\nfrom bridge import events\ndef f():\n    from requests import get\n"
+    assert foreign_imports(source, {"bridge"}) == {"requests"}
+
+
+@pytest.mark.parametrize("name", ["notify", "ledger", "drain"])
+def test_vendored_modules_import_only_the_standard_library(name: str) -> None:
+    """Everything in the zip but main.py (bridge/events.py, subscriber.py) runs on any runtime:
+    a new dependency of bridge/events.py would otherwise break every deployed function."""
+    files = archive_files(name)
+    own = {member.split("/")[0].removesuffix(".py") for member in files}
+    for member, origin in files.items():
+        if member.endswith(".py") and member != "main.py":
+            assert not foreign_imports(origin.read_text(), own), member
+
+
+def test_terraform_zips_exactly_what_the_tests_run(tmp_path: Path) -> None:
+    """main.tf's own archive_file expressions, evaluated by Terraform, give the members and bytes
+    build_archive() zips: the tested archive cannot drift from the deployed one."""
+    terraform = shutil.which("terraform")
+    if terraform is None:
+        pytest.skip("no terraform binary on PATH; main.tf's archive expressions are not evaluated")
+    import hcl2
+    from hcl2.utils import SerializationOptions
+
+    options = SerializationOptions(strip_string_quotes=True, explicit_blocks=False)
+    with (REPO / "terraform" / "main.tf").open() as f:
+        doc = hcl2.load(f, serialization_options=options)
+    archive = next(d["archive_file"]["function"] for d in doc["data"] if "archive_file" in d)
+    (dynamic,) = archive["dynamic"]
+    source = dynamic["source"]
+    (content,) = source["content"]
+
+    def expr(value: str) -> str:
+        assert value.startswith("${") and value.endswith("}"), value
+        return value[2:-1].replace("source.key", "k").replace("source.value", "v")
+
+    names = ["notify", "ledger", "drain"]
+    each, member, body = map(expr, (source["for_each"], content["filename"], content["content"]))
+    inner = f"{{for k, v in {each} : {member} => {body}}}".replace("each.key", "fn")
+    expression = f"jsonencode({{for fn in {json.dumps(names)} : fn => {inner}}})"
+    module = tmp_path / "terraform"
+    module.mkdir()
+    (module / "functions").symlink_to(FUNCTIONS)
+    (tmp_path / "bridge").symlink_to(REPO / "bridge")
+    result = subprocess.run(
+        [terraform, "console", "-no-color"],
+        input=expression + "\n",
+        capture_output=True,
+        text=True,
+        cwd=module,
+        env={**os.environ, "TF_CLI_CONFIG_FILE": str(tmp_path / "none.tfrc")},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    zipped = json.loads(json.loads(result.stdout.strip().splitlines()[-1]))
+    for name in names:
+        tested = {m: path.read_text() for m, path in archive_files(name).items()}
+        assert zipped[name] == tested, name
+
+
+def test_deliveries_match_googles_message_published_schema() -> None:
+    """What these tests send as Eventarc is what Google's schema of MessagePublishedData allows."""
+    import jsonschema
+
+    schema = json.loads((EVENTARC / "MessagePublishedData.schema.json").read_text())
+    validator = jsonschema.Draft4Validator(schema)
+    for example in sorted(EVENTARC.glob("data-*.json")):  # Google's own examples pass
+        assert not list(validator.iter_errors(json.loads(example.read_text()))), example.name
+    attributes, payload = maintenance("maintenance.started").to_pubsub()
+    ours = message_published(attributes, payload, "m1")
+    assert not list(validator.iter_errors(ours))
+    assert list(validator.iter_errors({**ours, "message": {**ours["message"], "attributes": []}}))
+
+
+def test_functions_run_from_their_archive_alone(functions) -> None:
+    """What the running functions import is the unpacked zip and their own venv, never the repo."""
+    probe = (
+        "import json, os, sys, bridge.events, subscriber, functions_framework\n"
+        "repo = [p for p in sys.path if os.path.isfile(os.path.join(p, 'bridge', 'cli.py'))]\n"
+        "print(json.dumps([bridge.events.__file__, subscriber.__file__,"
+        " functions_framework.__file__, repo]))"
+    )
+    for fn in functions.values():
+        assert Path(os.readlink(f"/proc/{fn.proc.pid}/cwd")) == fn.source
+        environ = Path(f"/proc/{fn.proc.pid}/environ").read_bytes().split(b"\0")
+        assert not [v for v in environ if v.startswith(b"PYTHONPATH=")]
+        result = fn.python(probe)
+        assert result.returncode == 0, result.stderr
+        events, subscriber, framework, repo_on_path = json.loads(result.stdout)
+        assert Path(events) == fn.source / "bridge" / "events.py"
+        assert Path(subscriber) == fn.source / "subscriber.py"
+        assert Path(framework).is_relative_to(fn.venv)
+        assert not repo_on_path, "the repository's bridge package is importable"
+        outside = subprocess.run(
+            [str(fn.venv / "bin" / "python"), "-c", "import bridge"],
+            cwd=fn.source.parent,
+            env=deployed_env(fn.env),
+            capture_output=True,
+            text=True,
+        )
+        assert "ModuleNotFoundError" in outside.stderr, "bridge importable outside the archive"
 
 
 # --- notify -----------------------------------------------------------------------------------
@@ -580,10 +747,10 @@ def golden(path: Path) -> tuple[dict[str, str], bytes]:
     return message["attributes"], dumps(message["data"])
 
 
-@pytest.mark.skipif(not GOLDEN, reason="schemas/examples has no golden messages")
 def test_notify_describes_every_golden_example() -> None:
     from bridge.events import decode_pubsub
 
+    assert GOLDEN, "schemas/examples has no golden messages"
     notify = _load_module("notify")
     texts = {}
     for path in GOLDEN:
@@ -599,8 +766,6 @@ def test_notify_describes_every_golden_example() -> None:
 
 def test_notify_never_posts_heartbeats(functions, webhook: Recorder) -> None:
     path = REPO / "schemas" / "examples" / "bridge.heartbeat.pubsub.json"
-    if not path.is_file():
-        pytest.skip("no golden heartbeat message")
     attributes, payload = golden(path)
     notify = functions["notify"]
     data = message_published(attributes, payload, "heartbeat-1")
@@ -653,7 +818,7 @@ def test_notify_reads_the_webhook_url_from_secret_manager(monkeypatch) -> None:
 @pytest.mark.parametrize("name", ["notify", "ledger", "drain"])
 def test_malformed_messages_are_logged_and_acked(functions, name: str) -> None:
     if name not in functions:
-        pytest.skip("gcloud (Firestore emulator) is not installed")
+        skip_without_firestore()
     fn = functions[name]
     for label, data in malformed():
         resp = deliver(fn.port, data, message_id=f"bad-{label}")
@@ -670,7 +835,7 @@ def test_malformed_messages_are_logged_and_acked(functions, name: str) -> None:
 def ledger(functions) -> Iterator[tuple[Function, Any]]:
     """The ledger function and a Firestore client on the same emulator and collection."""
     if "ledger" not in functions:
-        pytest.skip("gcloud is not installed here, so the Firestore emulator is not available")
+        skip_without_firestore()
     from google.cloud import firestore
 
     fn = functions["ledger"]
@@ -792,8 +957,7 @@ def test_ledger_golden_sequence_and_heartbeat(ledger) -> None:
     """Every golden message, in order: each VM's document ends in the state the last ones say."""
     fn, collection = ledger
     messages = [golden(p) for p in GOLDEN]
-    if not messages:
-        pytest.skip("schemas/examples has no golden messages")
+    assert messages, "schemas/examples has no golden messages"
     messages.sort(key=lambda m: json.loads(m[1])["sequence"])
     for i, (attributes, payload) in enumerate(messages):
         data = message_published(attributes, payload, f"golden-{i}")
@@ -921,8 +1085,6 @@ def test_end_to_end_migration_reaches_each_function_once(
     functions, ledger, webhook: Recorder, compute: Recorder, pubsub, tmp_path: Path
 ) -> None:
     """bridge -> official Pub/Sub emulator -> push subscriptions -> functions -> effects."""
-    if pubsub.kind != "emulator":
-        pytest.skip("push subscriptions need the official Pub/Sub emulator (gcloud)")
     _, collection = ledger
     from support.bridge import BridgeProcess
     from support.pubsub import admin

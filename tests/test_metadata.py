@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from bridge.events import Scheduling
 from bridge.metadata import MetadataClient, MetadataError
 from bridge.simulator import Simulator
 
@@ -107,16 +108,87 @@ def test_refused_connection() -> None:
     assert caught.value.failure_class == "connection"
 
 
-def test_identity(client: MetadataClient) -> None:
-    instance, scheduling = client.identity()
-    assert (instance.name, instance.zone, instance.project_id) == (
+def test_identity_is_what_names_the_source(client: MetadataClient) -> None:
+    instance = client.identity()
+    assert (instance.id, instance.name, instance.zone, instance.project_id) == (
+        "4520031799277579481",
         "demo-vm",
         "us-central1-a",
         "demo-project",
     )
     assert instance.project_number == "123456789012"
+
+
+def test_identity_without_a_name_is_an_error_to_retry(
+    client: MetadataClient, sim: Simulator
+) -> None:
+    sim.delete_value("instance/name")
+    with pytest.raises(MetadataError, match="instance/name"):
+        client.identity()
+
+
+@pytest.mark.parametrize("rendering", ["string", "raw"])
+def test_plain_values_read_the_same_whatever_alt_json_does(rendering: str) -> None:
+    """Plain keys are asked with no alt, as Google's sample does; JSON-looking text is unwrapped
+    too, so NONE and "NONE" read alike."""
+    with Simulator(plain_alt_json=rendering) as sim:
+        sim.start()
+        client = MetadataClient(sim.url)
+        try:
+            assert client.get(KEY).value == "NONE"
+            assert client.identity().name == "demo-vm"
+            sim.set_value(KEY, '"MIGRATE_ON_HOST_MAINTENANCE"')  # a JSON string, served as text
+            assert client.get(KEY).value == "MIGRATE_ON_HOST_MAINTENANCE"
+            sim.set_value(KEY, "{odd")  # text that only looks like JSON stays what it is
+            assert client.get(KEY).value == "{odd"
+        finally:
+            client.close()
+
+
+def test_alt_json_raw_plain_value_is_why_plain_keys_ask_without_alt() -> None:
+    """The hazard the bridge avoids: asked with alt=json, a raw NONE is not JSON."""
+    with Simulator(plain_alt_json="raw") as sim:
+        sim.start()
+        client = MetadataClient(sim.url)
+        try:
+            with pytest.raises(MetadataError, match="not valid JSON"):
+                client.get(KEY, alt="json")
+        finally:
+            client.close()
+
+
+def test_enrichment(client: MetadataClient) -> None:
+    hostname, scheduling, problems = client.enrichment()
+    assert hostname == "demo-vm.us-central1-a.c.demo-project.internal"
     assert scheduling.on_host_maintenance == "MIGRATE"
+    assert scheduling.automatic_restart == "TRUE"
     assert scheduling.provisioning_model == "STANDARD"
+    assert problems == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "problem"), [("text", "not valid JSON"), ("404", "not found"), ("broken", "JSON")]
+)
+def test_unreadable_scheduling_leaves_its_fields_empty(mode: str, problem: str) -> None:
+    with Simulator(scheduling=mode) as sim:
+        sim.start()
+        client = MetadataClient(sim.url)
+        try:
+            hostname, scheduling, problems = client.enrichment()
+        finally:
+            client.close()
+    assert hostname.startswith("demo-vm.")
+    assert scheduling == Scheduling()
+    assert len(problems) == 1 and "instance/scheduling/" in problems[0]
+    assert problem in problems[0]
+
+
+def test_enrichment_never_raises(client: MetadataClient, sim: Simulator) -> None:
+    sim.delete_value("instance/hostname")
+    sim.inject("status", path="instance/scheduling/", status=503)
+    hostname, scheduling, problems = client.enrichment()
+    assert (hostname, scheduling) == ("", Scheduling())
+    assert [p.split(":")[0] for p in problems] == ["instance/hostname", "instance/scheduling/"]
 
 
 def test_watcher_errors_are_retried_fast_and_never_fatal(sim: Simulator, tmp_path) -> None:

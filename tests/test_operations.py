@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -36,12 +37,14 @@ from typing import Any
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.pubsub import PubSubAdmin, PubSubServer, admin
+from support.bridge import BridgeProcess
+from support.pubsub import PubSubAdmin, PubSubServer, Received, admin
 
 import bridge.daemon
 import bridge.health
+from bridge import __version__
 from bridge.cli import main
-from bridge.config import Config
+from bridge.config import Config, ConfigError
 from bridge.daemon import run
 from bridge.endpoints import serve
 from bridge.events import (
@@ -49,19 +52,23 @@ from bridge.events import (
     MAINTENANCE,
     PREEMPTED,
     UPCOMING,
+    WATCHED_KEYS,
     Event,
     Instance,
     Scheduling,
     build_event,
+    decode_pubsub,
     decode_structured,
+    dumps,
 )
 from bridge.health import Health
 from bridge.hooks import MAX_QUEUED, Hooks
+from bridge.logs import JsonFormatter
 from bridge.metadata import FAILURE_CLASSES
 from bridge.metrics import HOOK_RESULTS, LATENCY_BUCKETS, PUBLISH_FAILURE_CLASSES, Metrics
 from bridge.simulator import DEFAULT_IDENTITY, Simulator
 from bridge.sinks import PubSubSink, Sink, StdoutSink
-from bridge.store import Store
+from bridge.store import SCHEMA_VERSION, Store, read_status
 from bridge.transitions import classify, notice_seconds
 
 PY = sys.executable
@@ -596,6 +603,8 @@ FIXED_LABELS: dict[str, set[str]] = {
     "class": set(FAILURE_CLASSES),
     "result": set(HOOK_RESULTS),
     "le": {f"{float(b)}" for b in LATENCY_BUCKETS} | {"+Inf"},
+    "key": set(WATCHED_KEYS),
+    "version": {__version__},
 }
 SERIES = {  # family -> (type, label names)
     "maintenance_bridge_events": ("counter", {"kind"}),
@@ -609,17 +618,25 @@ SERIES = {  # family -> (type, label names)
     "maintenance_bridge_last_change_timestamp_seconds": ("gauge", set()),
     "maintenance_bridge_store_errors": ("counter", set()),
     "maintenance_bridge_change_to_publish_seconds": ("histogram", set()),
+    "maintenance_bridge_build_info": ("gauge", {"version"}),
+    "maintenance_bridge_last_poll_timestamp_seconds": ("gauge", {"key"}),
+    # prometheus_client's ProcessCollector: CPU, memory, file descriptors, start time.
+    "process_cpu_seconds": ("counter", set()),
+    "process_virtual_memory_bytes": ("gauge", set()),
+    "process_resident_memory_bytes": ("gauge", set()),
+    "process_start_time_seconds": ("gauge", set()),
+    "process_open_fds": ("gauge", set()),
+    "process_max_fds": ("gauge", set()),
 }
 UNKNOWN_VALUES = ("FUTURE_MAINTENANCE_Q7", "PERHAPS_Z3", "WEIRD_WINDOW_X9")
 
 
 def check_bounded(text: str, families: dict[str, Any]) -> None:
     """Only the documented families, and every label value from its fixed set."""
-    created = {f"{name}_created" for name, (kind, _) in SERIES.items() if kind != "gauge"}
-    assert set(families) - created == set(SERIES), "no series beyond the documented ones"
+    assert set(families) == set(SERIES), "no series beyond the documented ones"
+    assert "_created" not in text, "no per-series start times: process_start_time_seconds says it"
     for name, family in families.items():
-        kind, label_names = SERIES[name.removesuffix("_created")]
-        kind = "gauge" if name.endswith("_created") else kind  # prometheus-client's start times
+        kind, label_names = SERIES[name]
         assert family.type == kind, name
         for s in family.samples:
             assert set(s.labels) - {"le"} == label_names, (s.name, s.labels)
@@ -650,6 +667,14 @@ def test_metrics_parse_carry_every_series_and_keep_labels_bounded(
         for kind in KINDS:  # every fixed label value is there from the first scrape, at 0
             assert sample(fam, "maintenance_bridge_events_total", kind=kind) == 0
         assert sample(fam, "maintenance_bridge_last_change_timestamp_seconds") == 0
+        assert sample(fam, "maintenance_bridge_build_info", version=__version__) == 1
+        started = sample(fam, "process_start_time_seconds")
+        assert time.time() - 3600 < started <= time.time(), "this process's start: a restart shows"
+        assert sample(fam, "process_resident_memory_bytes") > 10e6
+        assert sample(fam, "process_cpu_seconds_total") > 0
+        for key in (MAINTENANCE, PREEMPTED, UPCOMING):  # each watcher has had its first answer
+            polled = sample(fam, "maintenance_bridge_last_poll_timestamp_seconds", key=key)
+            assert abs(polled - time.time()) < 10, key
 
         # Publishing fails (topic missing): failures by class, the outbox fills and ages.
         b.sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
@@ -858,6 +883,40 @@ def test_healthz_goes_red_while_the_store_is_not_writable(tmp_path, sim, monkeyp
     assert "not writable" in caplog.text and "writable again" in caplog.text
 
 
+def test_readyz_turns_503_while_an_event_waits_too_long_and_200_once_it_is_out(
+    tmp_path, sim, pubsub, adm, monkeypatch
+):
+    topic, _ = topic_and_sub(adm)
+    port, age = free_port(), 1.0
+    config = config_for(
+        sim, tmp_path, topic=topic, sink="pubsub", http_port=port, ready_max_outbox_age=age
+    )
+    with bridge_running(sim, config, pubsub_sink(config, pubsub, monkeypatch)) as b:
+        b.change(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE", "maintenance.started")
+        assert http_get(port, "/readyz")[::2] == (200, "ok\n")
+        adm.delete_topic(topic)
+        t0 = time.monotonic()
+        b.sim.set_value(MAINTENANCE, "NONE")  # its event cannot get out
+
+        def refused() -> str | None:
+            status, _, body = http_get(port, "/readyz")
+            return body if status == 503 else None
+
+        body = wait_for("/readyz 503", refused, timeout=age + 10)
+        waited = time.monotonic() - t0
+        assert age <= waited < age + 3, f"503 after {waited:.2f} s, limit {age} s"
+        assert re.fullmatch(
+            r"oldest unpublished event waiting \d+ s \(--ready-max-outbox-age 1 s\): "
+            r"last publish error: publish not_found: .*\n",
+            body,
+        ), body
+        assert http_get(port, "/healthz")[::2] == (200, "ok\n"), "the loops themselves are fine"
+
+        adm.create_topic(topic)
+        wait_for("/readyz 200", lambda: http_get(port, "/readyz")[::2] == (200, "ok\n"), 20)
+        assert len(b.sink.events("maintenance.ended")) == 1
+
+
 def test_readyz_waits_for_the_instance_identity(tmp_path, sim):
     sim.inject("status", 10_000, "instance/zone", status=503)
     port = free_port()
@@ -890,18 +949,37 @@ def test_heartbeats_come_at_the_interval(tmp_path, sim):
     assert first.data.instance.name == "demo-vm"
 
 
-ALERT_VARIABLES = DOCS.parent.parent / "terraform" / "examples" / "heartbeat-alert" / "variables.tf"
-
-
-def test_each_published_heartbeat_is_logged_for_the_heartbeat_alert(tmp_path, sim, caplog):
-    caplog.set_level(logging.INFO, logger="bridge")
-    phrase = re.search(r'jsonPayload\.message:"([^"]+)"', ALERT_VARIABLES.read_text())
-    assert phrase is not None, "the example's default log filter"
+def test_each_published_event_is_logged_once_with_its_id_kind_and_latency(tmp_path, sim, caplog):
+    caplog.set_level(logging.DEBUG, logger="bridge")
     config = config_for(sim, tmp_path, heartbeat_interval=0.2)
     with bridge_running(sim, config) as b:
-        wait_for("three heartbeats", lambda: len(b.sink.events("bridge.heartbeat")) >= 3)
-    logged = [r for r in caplog.records if r.getMessage().startswith(phrase[1])]
-    assert len(logged) >= 2 and all(r.levelno == logging.INFO for r in logged)
+        b.change(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE", "maintenance.started")
+        wait_for("two heartbeats", lambda: len(b.sink.events("bridge.heartbeat")) >= 2)
+    event = b.sink.events("maintenance.started")[0][0]
+    published = [r for r in caplog.records if r.getMessage().startswith("published ")]
+    (line,) = [r for r in published if getattr(r, "event_id", None) == event.id]
+    assert line.levelno == logging.INFO and line.name == "bridge.relay"
+    assert line.kind == "maintenance.started"
+    assert 0 < line.latency_ms < 5000
+    beats = [r for r in published if getattr(r, "kind", None) == "bridge.heartbeat"]
+    assert len(beats) >= 2 and all(r.levelno == logging.DEBUG for r in beats), "beats are quiet"
+    (recorded,) = [
+        r
+        for r in caplog.records
+        if r.name == "bridge.recorder" and r.getMessage().startswith("maintenance.started:")
+    ]
+    assert (recorded.event_id, recorded.kind) == (event.id, event.kind)
+
+    # In JSON (what Cloud Logging parses) the fields are top-level keys, next to the usual four.
+    entry = json.loads(JsonFormatter().format(line))
+    assert entry["severity"] == "INFO" and entry["logger"] == "bridge.relay"
+    assert (entry["event_id"], entry["kind"]) == (event.id, "maintenance.started")
+    assert entry["latency_ms"] == line.latency_ms
+    assert entry["message"] == (
+        f"published maintenance.started event {event.id} (sequence {event.data.sequence})"
+    )
+    clash = logging.makeLogRecord({"msg": "m", "levelname": "INFO", "severity": "DEBUG"})
+    assert json.loads(JsonFormatter().format(clash))["severity"] == "INFO", "extra never wins"
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -915,12 +993,17 @@ def test_status_after_a_run_text_and_json(tmp_path, sim, capsys):
         b.change(PREEMPTED, "TRUE", "preemption.started")
     last_id = b.sink.events()[-1][0].id
     capsys.readouterr()
+    before = files_of(tmp_path)
 
     assert main(["status", "--state-dir", str(tmp_path)]) == 0
     text = capsys.readouterr().out
+    assert files_of(tmp_path) == before, "no -wal/-shm created, nothing touched"
     stamp = r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
     for pattern in (
         rf"state dir\s+{re.escape(str(tmp_path))}",
+        rf"daemon\s+stopped at {stamp}",
+        rf"version\s+{re.escape(__version__)}",
+        r"sink\s+stdout",
         rf"{MAINTENANCE}\s+NONE  since {stamp}",
         rf"{PREEMPTED}\s+TRUE  since {stamp}",
         rf"{UPCOMING}\s+\(nothing scheduled\)  since {stamp}",
@@ -937,9 +1020,16 @@ def test_status_after_a_run_text_and_json(tmp_path, sim, capsys):
     assert report["keys"][PREEMPTED]["value"] == "TRUE"
     assert report["keys"][UPCOMING]["value"] == ""
     assert report["outbox_depth"] == 0 and report["outbox_oldest_age_seconds"] is None
-    assert report["last_publish"].endswith(last_id)
+    # Typed fields: a time is an RFC 3339 string of its own, an id is separate, numbers numbers.
+    assert report["last_publish"]["event_id"] == last_id
+    assert re.fullmatch(stamp, report["last_publish"]["at"])
     assert report["last_error"] is None
     assert report["next_sequence"] == 4
+    daemon = report["daemon"]
+    assert daemon["running"] is False and daemon["answered"] is False
+    assert daemon["pid"] == os.getpid() and daemon["version"] == __version__
+    assert daemon["sink"] == "stdout" and daemon["topic"] is None
+    assert re.fullmatch(stamp, daemon["started_at"]) and re.fullmatch(stamp, daemon["stopped_at"])
 
 
 def test_status_shows_waiting_events_and_the_last_error(
@@ -956,11 +1046,20 @@ def test_status_shows_waiting_events_and_the_last_error(
                 and json.loads(capsys.readouterr().out)["last_error"]
             ),
         )
-    assert main(["status", "--state-dir", str(tmp_path)]) == 0
-    text = capsys.readouterr().out
-    assert re.search(r"^outbox\s+1 waiting, oldest \d+\.\d s$", text, re.M)
-    assert re.search(r"^last error\s+20\S+Z publish not_found: ", text, re.M)
-    assert re.search(r"^last publish\s+-$", text, re.M)
+        assert main(["status", "--state-dir", str(tmp_path)]) == 0
+        text = capsys.readouterr().out
+        assert re.search(r"^outbox\s+1 waiting, oldest \d+\.\d s$", text, re.M)
+        assert re.search(r"^last error\s+20\S+Z publish not_found: ", text, re.M)
+        assert re.search(r"^last publish\s+-$", text, re.M)
+        assert re.search(rf"^sink\s+pubsub {re.escape(topic)}$", text, re.M)
+        assert re.search(rf"^daemon\s+running \(pid {os.getpid()}\)$", text, re.M)
+
+        adm.create_topic(topic)  # recovery: the event goes out and the error is history
+        b.change(PREEMPTED, "FALSE", "preemption.ended")
+    assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["last_error"] is None, "an error cleared by recovery is not shown as current"
+    assert report["outbox_depth"] == 0 and report["last_publish"]["event_id"]
 
 
 def test_status_without_state_is_a_one_line_error(tmp_path, capsys):
@@ -969,14 +1068,167 @@ def test_status_without_state_is_a_one_line_error(tmp_path, capsys):
     assert err.count("\n") == 1 and "no bridge state" in err
 
 
+def files_of(state_dir: Path) -> dict[str, tuple[int, int, int, int, int]]:
+    """Every file of a state dir: (uid, gid, mode, size, mtime in ns)."""
+    return {
+        path.name: (st.st_uid, st.st_gid, st.st_mode, st.st_size, st.st_mtime_ns)
+        for path in sorted(state_dir.iterdir())
+        for st in [path.stat()]
+    }
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="needs root: the harm was root-owned -wal/-shm files left in a service user's dir",
+)
+def test_status_as_root_on_a_stopped_bridge_changes_nothing_in_its_state_dir(tmp_path, sim):
+    state = tmp_path / "state"
+    bridge = BridgeProcess(sim.url, state, "--keys", f"{MAINTENANCE},{PREEMPTED}")
+    try:
+        bridge.wait_for_log("watching")
+        sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+        event = bridge.next_event(10)[1]
+        wait_for(
+            "the publish recorded", lambda: read_status(state / "bridge.sqlite3")["last_publish"]
+        )
+    finally:
+        bridge.kill()  # kill -9: the last writes are only in the -wal, with its -shm beside it
+    assert {"bridge.sqlite3-wal", "bridge.sqlite3-shm"} <= set(files_of(state))
+    for path in [state, *state.iterdir()]:  # as the packaged service user owns them
+        os.chown(path, 65534, 65534)
+    before = files_of(state)
+    time.sleep(0.05)  # a write now would show in mtime_ns
+
+    proc = subprocess.run(
+        [CLI, "status", "--state-dir", str(state), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert files_of(state) == before, "status wrote to the state dir"
+    report = json.loads(proc.stdout)
+    assert report["keys"][MAINTENANCE]["value"] == "MIGRATE_ON_HOST_MAINTENANCE", "WAL read too"
+    assert report["last_publish"]["event_id"] == event["id"]
+    assert report["daemon"]["running"] is False and report["daemon"]["stopped_at"] is None
+    text = subprocess.run(
+        [CLI, "status", "--state-dir", str(state)], capture_output=True, text=True, check=True
+    ).stdout
+    assert re.search(rf"^daemon\s+not running \(pid {bridge.proc.pid} is gone\)$", text, re.M)
+    assert files_of(state) == before
+
+
+def test_status_asks_a_running_daemon_over_loopback(tmp_path, sim, capsys):
+    port = free_port()
+    config = config_for(sim, tmp_path, http_port=port)
+    with bridge_running(sim, config) as b:
+        b.change(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE", "maintenance.started")
+        status, ctype, body = http_get(port, "/status")
+        assert (status, ctype) == (200, "application/json")
+        assert json.loads(body)["daemon"]["pid"] == os.getpid()
+        capsys.readouterr()
+        assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        daemon = report["daemon"]
+        assert (daemon["running"], daemon["answered"]) == (True, True)
+        assert daemon["endpoint"] == {"host": "127.0.0.1", "port": port}
+        assert report["keys"][MAINTENANCE]["value"] == "MIGRATE_ON_HOST_MAINTENANCE"
+        assert report["last_publish"]["event_id"] == b.sink.events()[-1][0].id
+        assert main(["status", "--state-dir", str(tmp_path)]) == 0
+        text = capsys.readouterr().out
+        pattern = rf"^daemon\s+running \(pid {os.getpid()}, answered on 127\.0\.0\.1:{port}\)$"
+        assert re.search(pattern, text, re.M)
+    assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 0
+    daemon = json.loads(capsys.readouterr().out)["daemon"]
+    assert (daemon["running"], daemon["answered"]) == (False, False), "stopped: not asked"
+
+
+# -- state-store schema version -----------------------------------------------------------------
+
+V0_SCHEMA = """
+CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL, observed_at TEXT NOT NULL);
+CREATE TABLE outbox (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
+    body BLOB NOT NULL, recorded_at REAL NOT NULL);
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def user_version(db_path: Path) -> int:
+    db = sqlite3.connect(db_path)
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_a_store_from_a_newer_bridge_is_refused_with_one_line(tmp_path, sim, capsys):
+    Store(tmp_path / "bridge.sqlite3").close()
+    db = sqlite3.connect(tmp_path / "bridge.sqlite3")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(ConfigError) as refused:
+        run(config_for(sim, tmp_path), threading.Event())
+    line = str(refused.value)
+    assert "\n" not in line
+    assert f"schema {SCHEMA_VERSION + 1}" in line and "newer maintenance-bridge" in line
+    assert main(["status", "--state-dir", str(tmp_path)]) == 2, "status refuses it as well"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "newer maintenance-bridge" in err
+    assert user_version(tmp_path / "bridge.sqlite3") == SCHEMA_VERSION + 1, "left as it was"
+
+
+def test_a_store_from_an_older_bridge_is_migrated_on_open(tmp_path, sim, capsys):
+    """Version 0 (before versioning) packed 'TIME ID' into one meta row; the event it left in
+    the outbox goes out, and the old error, cleared by that publish, is not shown as current."""
+    db_path = tmp_path / "bridge.sqlite3"
+    waiting = event_for(MAINTENANCE, "NONE", "MIGRATE_ON_HOST_MAINTENANCE", sequence=7)
+    db = sqlite3.connect(db_path)
+    db.executescript(V0_SCHEMA)
+    db.executemany(
+        "INSERT INTO meta VALUES (?, ?)",
+        [
+            ("next_sequence", "8"),
+            ("last_publish", "2026-01-02T03:04:05.678Z 0f1e2d3c-old"),
+            ("last_error", "2026-01-02T03:04:06.000Z publish unavailable: timed out"),
+        ],
+    )
+    db.execute(
+        "INSERT INTO state VALUES (?, ?, ?)",
+        (MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE", "2026-01-02T03:04:05.000Z"),
+    )
+    db.execute(
+        "INSERT INTO outbox VALUES (?, ?, ?, ?, ?)",
+        (7, waiting.id, waiting.kind, dumps(waiting.to_structured()), time.time() - 5),
+    )
+    db.commit()
+    db.close()
+
+    assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["last_publish"] == {"at": "2026-01-02T03:04:05.678Z", "event_id": "0f1e2d3c-old"}
+    assert report["last_error"]["message"] == "publish unavailable: timed out"
+    assert user_version(db_path) == 0, "status migrated its private copy, not the store"
+
+    sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+    with bridge_running(sim, config_for(sim, tmp_path)) as b:
+        wait_for("the waiting event published", lambda: b.sink.events("maintenance.started"))
+    assert user_version(db_path) == SCHEMA_VERSION
+    assert [e.id for e, _ in b.sink.events()] == [waiting.id]
+    assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["schema_version"] == SCHEMA_VERSION
+    assert report["last_publish"]["event_id"] == waiting.id
+    assert report["last_error"] is None
+    assert report["next_sequence"] == 8 and report["outbox_depth"] == 0
+
+
 # -- listen against the official emulator ----------------------------------------------------
 
 
 @pytest.fixture
 def emulator(pubsub: PubSubServer, monkeypatch: pytest.MonkeyPatch) -> PubSubServer:
     """The official emulator, and the environment `listen` finds it through."""
-    if pubsub.kind != "emulator":
-        pytest.skip("`listen` is tested against the official Pub/Sub emulator only")
     for name, value in pubsub.env().items():
         monkeypatch.setenv(name, value)
     return pubsub
@@ -1022,9 +1274,12 @@ def test_listen_decodes_both_content_modes(mode, tmp_path, sim, emulator, adm, m
     ]
     capsys.readouterr()
 
+    # Without --ack, listen reads and gives everything back to the subscription's consumer.
     assert main(["listen", "--subscription", sub, "--count", "4", "--timeout", "20"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
+    returned = adm.pull_until(sub, 4, timeout=5)  # at once, not after the 10 s ack deadline
+    assert ids_of(returned) == [e.id for e in events], "all left there"
     assert len(lines) == 4
     for line, event in zip(lines, events, strict=True):
         assert line.startswith(f"{event.time}  {event.kind}")
@@ -1034,14 +1289,12 @@ def test_listen_decodes_both_content_modes(mode, tmp_path, sim, emulator, adm, m
     assert "NONE -> MIGRATE_ON_HOST_MAINTENANCE notice 60s" in lines[1]
     assert "FALSE -> TRUE notice 30s" in lines[3]
 
-    assert (
-        main(["listen", "--subscription", sub_json, "--count", "4", "--timeout", "20", "--json"])
-        == 0
-    )
+    json_listen = ["listen", "--subscription", sub_json, "--count", "4", "--timeout", "20"]
+    assert main([*json_listen, "--json", "--ack"]) == 0
     decoded = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [d.pop("orderingkey") for d in decoded] == [INSTANCE.id] * 4
     assert [decode_structured(d) for d in decoded] == events
-    assert adm.pull(sub, timeout=1.0) == [], "listen acknowledged what it printed"
+    assert adm.pull(sub_json, timeout=1.0) == [], "--ack acknowledged what it printed"
 
 
 def test_listen_console_script_prints_and_skips_foreign_messages(
@@ -1057,7 +1310,7 @@ def test_listen_console_script_prints_and_skips_foreign_messages(
         publisher.stop()
     env = {**os.environ, **emulator.env()}
     proc = subprocess.run(
-        [CLI, "listen", "--subscription", sub, "--count", "5", "--timeout", "20"],
+        [CLI, "listen", "--subscription", sub, "--ack", "--count", "5", "--timeout", "20"],
         env=env,
         capture_output=True,
         text=True,
@@ -1066,7 +1319,7 @@ def test_listen_console_script_prints_and_skips_foreign_messages(
     )
     assert proc.returncode == 0, proc.stderr
     assert [line.split()[1] for line in proc.stdout.splitlines()] == [e.kind for e in events]
-    assert "not a maintenance-bridge event" in proc.stderr and "acknowledged" in proc.stderr
+    assert "not a maintenance-bridge event" in proc.stderr and "skipped" in proc.stderr
     assert adm.pull(sub, timeout=1.0) == []
 
 
@@ -1075,9 +1328,9 @@ def test_listen_count_takes_no_more_than_asked(tmp_path, sim, emulator, adm, mon
     adm.create_subscription(topic, sub)
     events = _publish_a_story(sim, tmp_path, topic, "binary", emulator, monkeypatch)
     capsys.readouterr()
-    assert main(["listen", "--subscription", sub, "--count", "1", "--timeout", "20"]) == 0
+    assert main(["listen", "--subscription", sub, "--ack", "--count", "1", "--timeout", "20"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1
-    assert main(["listen", "--subscription", sub, "--count", "3", "--timeout", "20"]) == 0
+    assert main(["listen", "--subscription", sub, "--ack", "--count", "3", "--timeout", "20"]) == 0
     rest = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in rest] == [e.kind for e in events[1:]]
 
@@ -1109,3 +1362,68 @@ def test_listen_on_a_missing_subscription_is_a_one_line_error(emulator, capsys):
     assert main(["listen", "--subscription", sub, "--timeout", "5"]) == 2
     err = capsys.readouterr().err
     assert err == f"maintenance-bridge: error: --subscription: {sub} does not exist\n"
+
+
+def ids_of(messages: list[Received]) -> list[str]:
+    return [decode_pubsub(m.attributes, m.data).id for m in messages]
+
+
+def temporary_subscriptions(adm: PubSubAdmin, topic: str) -> list[str]:
+    subs = adm.publisher_api.list_topic_subscriptions(topic=topic, timeout=10)
+    return [name for name in subs if "/maintenance-bridge-listen-" in name]
+
+
+def test_listen_topic_reads_through_its_own_subscription_and_deletes_it(
+    tmp_path, sim, emulator, adm, monkeypatch
+):
+    topic, sub = topic_and_sub(adm)
+    adm.create_subscription(topic, sub)  # a consumer's: listen must leave its messages alone
+    env = {**os.environ, **emulator.env()}
+    cmd = [CLI, "listen", "--topic", topic, "--count", "4", "--timeout", "60"]
+    listener = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for("its temporary subscription", lambda: temporary_subscriptions(adm, topic))
+        events = _publish_a_story(sim, tmp_path, topic, "binary", emulator, monkeypatch)
+        out, err = listener.communicate(timeout=60)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+    assert listener.returncode == 0, err
+    assert [line.split()[1] for line in out.decode().splitlines()] == [e.kind for e in events]
+    assert temporary_subscriptions(adm, topic) == [], "deleted on exit"
+    untouched = adm.pull_until(sub, 4, timeout=10)
+    assert ids_of(untouched) == [e.id for e in events]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_listen_topic_deletes_its_subscription_when_interrupted(sig, emulator, adm):
+    topic, _ = topic_and_sub(adm)
+    env = {**os.environ, **emulator.env()}
+    listener = subprocess.Popen(
+        [CLI, "listen", "--topic", topic], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for("its temporary subscription", lambda: temporary_subscriptions(adm, topic))
+        listener.send_signal(sig)
+        _, err = listener.communicate(timeout=30)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+    assert listener.returncode == 0, err
+    assert temporary_subscriptions(adm, topic) == []
+
+
+def test_listen_ack_only_with_a_subscription(capsys):
+    topic = "projects/p-123456/topics/t-1"
+    assert main(["listen", "--topic", topic, "--ack"]) == 2
+    assert "--ack: only with --subscription" in capsys.readouterr().err
+
+
+def test_listen_on_a_missing_topic_is_a_one_line_error(emulator, capsys):
+    topic = f"projects/{emulator.project}/topics/missing-{uuid.uuid4().hex[:6]}"
+    assert main(["listen", "--topic", topic, "--timeout", "5"]) == 2
+    assert (
+        capsys.readouterr().err == f"maintenance-bridge: error: --topic: {topic} does not exist\n"
+    )

@@ -18,20 +18,12 @@ import pytest
 from google.api_core.exceptions import NotFound
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.publisher.exceptions import PublishToPausedOrderingKeyException
-from support.pubsub import (
-    PubSubAdmin,
-    PubSubServer,
-    admin,
-    emulator_unavailable_reason,
-    start_pubsub,
-)
+from support.pubsub import PubSubAdmin, PubSubServer, admin, emulator_or_skip, start_pubsub
 
 
-@pytest.fixture(scope="module", params=["emulator", "fake"])
+@pytest.fixture(scope="module", params=["emulator", "fake"], ids=["on_emulator", "on_fake"])
 def server(request: pytest.FixtureRequest) -> Iterator[PubSubServer]:
-    if request.param == "emulator" and (reason := emulator_unavailable_reason()):
-        pytest.skip(reason)
-    srv = start_pubsub(prefer=request.param)
+    srv = emulator_or_skip() if request.param == "emulator" else start_pubsub(kind="fake")
     assert srv.kind == request.param
     try:
         yield srv

@@ -21,6 +21,7 @@ from bridge.simulator import (
     Simulator,
     Step,
     load_scenario,
+    open_simulator,
 )
 
 FLAVOR = {"Metadata-Flavor": "Google"}
@@ -180,6 +181,39 @@ def test_alt_json_and_text(sim):
     assert text.headers["Content-Type"] == "application/text"
     assert text.headers["ETag"] == as_is.headers["ETag"]
     assert get(sim, EVENT, alt="xml").status_code == 400
+
+
+def test_plain_value_under_alt_json_is_a_switch():
+    """Undocumented on the real server: a JSON string by default, raw text on request."""
+    with Simulator(plain_alt_json="raw") as raw:
+        raw.start()
+        r = get(raw, EVENT, alt="json")
+        assert (r.text, r.headers["Content-Type"]) == ("NONE", "application/json")
+        assert get(raw, EVENT).text == "NONE"  # without alt nothing changes
+        raw.set_value("instance/upcoming-maintenance", '{"type": "SCHEDULED"}')
+        assert get(raw, "instance/upcoming-maintenance", alt="json").json() == {"type": "SCHEDULED"}
+    with pytest.raises(ValueError, match="plain_alt_json"):
+        Simulator(plain_alt_json="xml")
+
+
+def test_scheduling_modes():
+    """instance/scheduling/?recursive=true as a broken server answers it; the rest unchanged."""
+    answers = {}
+    for mode in ("json", "text", "404", "broken"):
+        with Simulator(scheduling=mode) as s:
+            s.start()
+            answers[mode] = get(s, "instance/scheduling/", recursive="true", alt="json")
+            assert get(s, "instance/", recursive="true").json()["name"] == "demo-vm"
+            assert get(s, "instance/scheduling/on-host-maintenance").text == "MIGRATE"
+    assert answers["json"].json()["onHostMaintenance"] == "MIGRATE"
+    assert answers["text"].text.splitlines()[0] == "automatic-restart"
+    assert answers["404"].status_code == 404
+    broken = answers["broken"]
+    assert broken.status_code == 200 and broken.text.startswith('{"')
+    with pytest.raises(ValueError):
+        broken.json()
+    with pytest.raises(ValueError, match="scheduling"):
+        Simulator(scheduling="slow")
 
 
 def test_directory_listing(sim):
@@ -490,11 +524,33 @@ def test_load_scenario(tmp_path):
         load_scenario("no-such-scenario")
 
 
+def test_open_simulator_names_what_is_wrong(tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("[{")
+    not_utf8 = tmp_path / "latin1.json"
+    not_utf8.write_bytes(b"\xff\xfe")
+    cases = {
+        "no-such-scenario": "unknown scenario",
+        str(bad_json): "Expecting",
+        str(not_utf8): "codec",
+    }
+    for scenario, message in cases.items():
+        with pytest.raises(ValueError, match=message) as caught:
+            open_simulator("127.0.0.1", 0, scenario, False)
+        assert str(caught.value).startswith(f"--scenario {scenario}: ")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ValueError, match="cannot listen on"):
+            open_simulator("127.0.0.1", taken.getsockname()[1], None, False)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_serve_until_signal():
     code = (
-        "from bridge.simulator import serve\n"
-        "raise SystemExit(serve('127.0.0.1', 0, 'preempt', 100.0, False))"
+        "from bridge.simulator import open_simulator, serve\n"
+        "sim, steps = open_simulator('127.0.0.1', 0, 'preempt', False)\n"
+        "raise SystemExit(serve(sim, steps, 100.0, False))"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code],

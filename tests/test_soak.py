@@ -75,9 +75,9 @@ def sink(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, A
     if request.param == "stdout":
         yield {"name": "stdout", "args": [], "env": {}, "reader": None, "n": TRANSITIONS["stdout"]}
         return
-    from support.pubsub import admin, start_pubsub
+    from support.pubsub import admin, emulator_or_skip
 
-    server = start_pubsub()
+    server = emulator_or_skip()
     try:
         with admin(server) as adm:
             topic = adm.create_topic("soak")

@@ -112,7 +112,7 @@ def test_every_tf_file_parses(path: Path) -> None:
 
 def test_google_provider_is_pinned(module) -> None:
     providers = module["terraform"][0]["required_providers"][0]
-    assert providers["google"] == {"source": "hashicorp/google", "version": "~> 6.0"}
+    assert providers["google"] == {"source": "hashicorp/google", "version": "~> 6.50"}
     assert "google-beta" not in providers
 
 
@@ -170,6 +170,10 @@ def test_publisher_iam_is_topic_scoped_never_project_wide(module) -> None:
                 f"{rtype}.{name} grants Pub/Sub project-wide"
             )
             assert "publisher" not in text, f"{rtype}.{name} involves the publisher identity"
+            if name == "build_logs":  # log writing has no narrower resource to grant it on
+                assert body["role"] == "roles/logging.logWriter"
+                assert body["member"] == "serviceAccount:${google_service_account.build[0].email}"
+                continue
             assert "condition" in body, f"{rtype}.{name} is project-wide without a condition"
     for rtype in ("google_project_iam_binding", "google_project_iam_policy"):
         assert not resources(module, rtype), f"authoritative {rtype} would clobber others' grants"
@@ -194,6 +198,7 @@ def test_every_subscription_has_a_dead_letter_policy(module) -> None:
         "subscription": "${each.value}",
         "role": "roles/pubsub.subscriber",
         "member": agent,
+        "depends_on": ["${google_project_service.apis}"],
     }
     topic_grant = resources(module, "google_pubsub_topic_iam_member")["dead_letter_publisher"]
     assert topic_grant["topic"] == "${google_pubsub_topic.dead_letter.name}"
@@ -215,6 +220,74 @@ def test_topic_schema_retention_and_key(module) -> None:
     assert module["variable"]["attach_schema"]["default"] is True
 
 
+def test_topics_wait_for_the_key_grant_of_the_pubsub_agent(module) -> None:
+    """With kms_key_name, a topic created before the agent may use the key fails to create."""
+    grant = resources(module, "google_kms_crypto_key_iam_member")["pubsub_agent"]
+    assert grant["count"] == "${var.kms_key_name == null ? 0 : 1}"
+    assert grant["crypto_key_id"] == "${var.kms_key_name}"
+    assert grant["role"] == "roles/cloudkms.cryptoKeyEncrypterDecrypter"
+    assert grant["member"] == "${local.pubsub_agent}"
+    for name in ("events", "dead_letter"):
+        topic = resources(module, "google_pubsub_topic")[name]
+        assert topic["kms_key_name"] == "${var.kms_key_name}", name
+        assert "${google_kms_crypto_key_iam_member.pubsub_agent}" in topic["depends_on"], name
+
+
+def test_identities_and_service_agent_grants_wait_for_the_apis(module) -> None:
+    """A first apply must not race the API enablement (the agents appear with their APIs)."""
+    apis = "${google_project_service.apis}"
+    waiting = [
+        *(("google_service_account", name) for name in resources(module, "google_service_account")),
+        ("google_project_iam_custom_role", "drain"),
+        ("google_artifact_registry_repository", "functions"),
+    ]
+    for rtype, bodies in module["resource"].items():
+        if rtype.endswith("_iam_member"):
+            waiting += [
+                (rtype, name)
+                for name, body in bodies.items()
+                if body.get("member") == "${local.pubsub_agent}"
+            ]
+    assert len(waiting) >= 11, waiting
+    for rtype, name in waiting:
+        assert apis in resources(module, rtype)[name].get("depends_on", []), f"{rtype}.{name}"
+
+
+def test_function_builds_use_a_dedicated_least_privilege_account(module) -> None:
+    build_account = "serviceAccount:${google_service_account.build[0].email}"
+    for name, fn in resources(module, "google_cloudfunctions2_function").items():
+        build = block(fn, "build_config")
+        assert build["service_account"] == "${google_service_account.build[0].id}", name
+        assert build["docker_repository"] == (
+            "${google_artifact_registry_repository.functions[0].id}"
+        ), name
+        assert "${time_sleep.build_grants}" in fn["depends_on"], name
+    # ... which waits for every grant to the build account, and then for IAM to propagate.
+    wait = resources(module, "time_sleep")["build_grants"]
+    assert wait["create_duration"] == "60s"
+    assert set(wait["depends_on"]) == {
+        "${google_project_iam_member.build_logs}",
+        "${google_artifact_registry_repository_iam_member.build}",
+        "${google_storage_bucket_iam_member.build_source}",
+    }
+    grants = {
+        (rtype, name): body
+        for rtype, bodies in module["resource"].items()
+        if rtype.endswith("_iam_member")
+        for name, body in bodies.items()
+        if body.get("member") == build_account
+    }
+    assert {(rtype, body["role"]) for (rtype, _), body in grants.items()} == {
+        ("google_project_iam_member", "roles/logging.logWriter"),
+        ("google_artifact_registry_repository_iam_member", "roles/artifactregistry.writer"),
+        ("google_storage_bucket_iam_member", "roles/storage.objectViewer"),
+    }
+    repo_grant = resources(module, "google_artifact_registry_repository_iam_member")["build"]
+    assert repo_grant["repository"] == "${google_artifact_registry_repository.functions[0].name}"
+    bucket_grant = resources(module, "google_storage_bucket_iam_member")["build_source"]
+    assert bucket_grant["bucket"] == "${google_storage_bucket.functions_source[0].name}"
+
+
 def test_source_bucket_is_locked_down(module) -> None:
     bucket = resources(module, "google_storage_bucket")["functions_source"]
     assert bucket["uniform_bucket_level_access"] is True
@@ -226,21 +299,23 @@ def test_source_bucket_is_locked_down(module) -> None:
 
 
 def test_function_zips_vendor_the_decoder(module) -> None:
+    """The zips' file list is functions/archive.json alone (test_functions.py builds from it)."""
     archive = module["data"]["archive_file"]["function"]
-    sources = {s["filename"]: s["content"] for s in archive["source"]}
-    assert set(sources) == {
+    assert "source" not in archive, "a file zipped outside functions/archive.json"
+    (dynamic,) = archive["dynamic"]
+    assert "/functions/archive.json" in dynamic["source"]["for_each"]
+    files = json.loads((MODULE / "functions" / "archive.json").read_text(encoding="utf-8"))["files"]
+    assert set(files) == {
         "main.py",
         "requirements.txt",
         "subscriber.py",
         "bridge/__init__.py",
         "bridge/events.py",
     }
-    for filename, content in sources.items():
-        match = re.search(r'file\("\$\{path\.module\}/([^"]+)"\)', content)
-        assert match, content
-        relative = match.group(1).replace("${each.key}", "notify")
-        assert (MODULE / relative).resolve().is_file(), f"{filename}: {relative} does not exist"
     for fn in ("notify", "ledger", "drain"):
+        for filename, relative in files.items():
+            path = MODULE / relative.replace("{function}", fn)
+            assert path.resolve().is_file(), f"{fn}: {filename}: {relative} does not exist"
         requirements = (MODULE / "functions" / fn / "requirements.txt").read_text()
         assert "functions-framework" in requirements
 
@@ -338,6 +413,24 @@ def test_example_calls_the_module() -> None:
     call = doc["module"][0]["maintenance_bridge"]
     assert call["source"] == "../.."
     assert call["project_id"] == "${var.project_id}"
+
+
+def test_examples_call_the_module_with_known_inputs_and_outputs(module) -> None:
+    """What `terraform validate` would say of the calls: known inputs, required ones given."""
+    required = {name for name, var in module["variable"].items() if "default" not in var}
+    meta = {"source", "version", "providers", "count", "for_each", "depends_on"}
+    calls = 0
+    for path in sorted((MODULE / "examples").rglob("*.tf")):
+        text = path.read_text()
+        for call in load(path).get("module", []):
+            for name, args in call.items():
+                calls += 1
+                given = set(args) - meta
+                assert given <= set(module["variable"]), f"{path.name}: {name}: unknown inputs"
+                assert required <= given, f"{path.name}: {name}: required inputs missing"
+        used = set(re.findall(r"module\.maintenance_bridge\.(\w+)", text))
+        assert used <= set(module["output"]), f"{path.name}: unknown outputs {used}"
+    assert calls >= 1
 
 
 # --- locals evaluated by terraform console -----------------------------------------------------

@@ -125,6 +125,16 @@ def test_build_event_is_pure_and_complete() -> None:
     assert data["scheduling"]["on_host_maintenance"] == "MIGRATE"
 
 
+def test_at_startup_is_written_and_read_back() -> None:
+    """Always written (false by default) so that a subscriber sees it; round-trips both modes."""
+    key = (MAINTENANCE, "NONE", "TERMINATE_ON_HOST_MAINTENANCE")
+    assert _event(key).to_structured()["data"]["at_startup"] is False
+    event = _event(key, at_startup=True)
+    assert event.to_structured()["data"]["at_startup"] is True
+    assert decode_pubsub(*event.to_pubsub("binary")) == event
+    assert decode_structured(event.to_structured()).data.at_startup is True
+
+
 def test_type_prefix_is_configurable() -> None:
     event = _event((PREEMPTED, "FALSE", "TRUE"), type_prefix="com.example.fleet.v2")
     assert event.type == "com.example.fleet.v2.preemption.started"

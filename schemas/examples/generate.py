@@ -106,6 +106,7 @@ class Example:
     sequence: int
     at: str
     happened_while_down: bool = False
+    at_startup: bool = False
 
 
 # Two VMs' weeks, sequence numbers per VM as the bridge counts them.
@@ -129,7 +130,7 @@ TIMELINE: tuple[Example, ...] = (
     Example("preemption.changed", PREEMPTED, "TRUE", "UNKNOWN", SPOT_VM, SPOT, 2,
             "2030-02-03T11:42:20.001"),
     Example("preemption.ended", PREEMPTED, "UNKNOWN", "FALSE", SPOT_VM, SPOT, 3,
-            "2030-02-03T12:10:45.338", happened_while_down=True),
+            "2030-02-03T12:10:45.338", happened_while_down=True, at_startup=True),
 )  # fmt: skip
 
 
@@ -151,6 +152,7 @@ def event_for(example: Example) -> Event:
         scheduling=example.scheduling,
         happened_while_down=example.happened_while_down,
         notice_seconds=notice_seconds(transition),
+        at_startup=example.at_startup,
     )
 
 

@@ -1,27 +1,25 @@
-"""Start a local Pub/Sub (the official emulator, else the in-repo fake) and talk to it.
+"""Start a local Pub/Sub (the official emulator, or the in-repo fake by name) and talk to it.
 
 The emulator's Java process is started directly (the launcher script execs java, so the pid
 we hold is the JVM's) and killed by that pid: `gcloud beta emulators pubsub start` would leave
 the JVM behind when gcloud is killed. As a last resort the JVM also dies with the process
-that started it (PR_SET_PDEATHSIG) and at interpreter exit.
+that started it (PR_SET_PDEATHSIG, set by a tiny exec-through launcher, not a preexec_fn:
+forking a process with live gRPC threads runs gRPC's fork handlers, which can abort the child)
+and at interpreter exit.
 
 Clients: the admin helpers build their gRPC channel explicitly (insecure channel to
 `host_port`, no credentials needed), so they never depend on a global PUBSUB_EMULATOR_HOST.
 Code under test that uses the library's default path (as the bridge does) gets
 `server.env()` in a subprocess environment, or `monkeypatch.setenv` in-process.
 
-BRIDGE_TEST_PUBSUB=fake forces the fake; =emulator makes a missing emulator an error
-instead of a silent fallback (for CI that must exercise the real thing).
+There is no silent fallback: a test asks for the emulator (`emulator_or_skip`, which skips
+with the reason where support.gcloud does not find it) or for the fake by name, and its name
+says `_on_fake` then.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import ctypes
-import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -34,36 +32,27 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 from .fake_pubsub import FakePubSub
+from .gcloud import pubsub_emulator
 
-EMULATOR_HOME = Path("/usr/lib/google-cloud-sdk/platform/pubsub-emulator")
-EMULATOR_BIN = EMULATOR_HOME / "bin" / "cloud-pubsub-emulator"
 START_TIMEOUT_S = 30.0
 _LIVE: set[PubSubServer] = set()
 
 
 def emulator_version() -> str | None:
     """The emulator's version from its jar name (e.g. '0.8.20'), or None when not installed."""
-    if not EMULATOR_BIN.is_file():
-        return None
-    for jar in sorted((EMULATOR_HOME / "lib").glob("cloud-pubsub-emulator-*.jar")):
-        if m := re.search(r"emulator-([\d.]+)", jar.name):
-            return m.group(1)
-    return "unknown"
+    return pubsub_emulator().version
 
 
 def emulator_unavailable_reason() -> str | None:
-    """Why the official emulator will not be used here, or None when it will."""
-    if os.environ.get("BRIDGE_TEST_PUBSUB") == "fake":
-        return "BRIDGE_TEST_PUBSUB=fake"
-    if emulator_version() is None:
-        return f"Pub/Sub emulator not installed ({EMULATOR_BIN} missing)"
-    return None
+    """Why the official emulator cannot be started here, or None when it can."""
+    return pubsub_emulator().missing
 
 
 @dataclass(eq=False)
@@ -129,21 +118,30 @@ class PubSubServer:
         return self._proc.pid if self._proc else None
 
 
+def emulator_or_skip(project: str = "test-project") -> PubSubServer:
+    """The official emulator; where it is missing, a skip whose reason the summary shows (-ra)."""
+    if reason := emulator_unavailable_reason():
+        pytest.skip(f"needs the official Pub/Sub emulator: {reason}")
+    server = start_pubsub(project)
+    pubsub_emulator().started(server.host_port)
+    return server
+
+
 def start_pubsub(
-    project: str = "test-project", prefer: str = "emulator", data_dir: Path | None = None
+    project: str = "test-project", kind: str = "emulator", data_dir: Path | None = None
 ) -> PubSubServer:
-    """Start the official emulator if installed (and preferred), else the in-repo fake.
+    """Start the official emulator (an error where it is missing) or, by name, the fake.
 
     `data_dir` holds the emulator's log (a fresh temp dir by default); the 0.8.x emulator
     keeps all state in memory, so nothing else is written there.
     """
-    if prefer not in ("emulator", "fake"):
-        raise ValueError(f"prefer must be 'emulator' or 'fake', not {prefer!r}")
+    if kind not in ("emulator", "fake"):
+        raise ValueError(f"kind must be 'emulator' or 'fake', not {kind!r}")
     reason = emulator_unavailable_reason()
-    if reason and os.environ.get("BRIDGE_TEST_PUBSUB") == "emulator":
-        raise RuntimeError(f"BRIDGE_TEST_PUBSUB=emulator but {reason}")
+    if kind == "emulator" and reason:
+        raise RuntimeError(f"official Pub/Sub emulator unavailable: {reason}")
     t0 = time.monotonic()
-    if prefer == "emulator" and reason is None:
+    if kind == "emulator":
         data_dir = data_dir or Path(tempfile.mkdtemp(prefix="pubsub-emulator-"))
         data_dir.mkdir(parents=True, exist_ok=True)
         log_path = data_dir / "emulator.log"
@@ -154,8 +152,7 @@ def start_pubsub(
     else:
         fake = FakePubSub()
         server = PubSubServer(f"127.0.0.1:{fake.port}", "fake", project, _fake=fake)
-        why = "emulator not found" if reason and "missing" in reason else "fake requested"
-        what = f"{why}, using the in-repo fake gRPC server"
+        what = "using the in-repo fake gRPC server"
     server.start_seconds = time.monotonic() - t0
     _LIVE.add(server)
     print(f"pubsub: {what} on {server.host_port}", file=sys.stderr)
@@ -168,16 +165,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: SIGKILL the JVM if the thread that started it dies (pytest killed hard)."""
-    with contextlib.suppress(Exception):
-        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-try:  # resolved before any fork: nothing to look up in the child
-    _PRCTL: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _PRCTL = None
+# Linux: SIGKILL the JVM if the thread that started it dies (pytest killed hard); the setting
+# survives exec.
+_DIE_WITH_PARENT = (
+    [
+        sys.executable,
+        "-c",
+        "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGKILL); "
+        "os.execv(sys.argv[1], sys.argv[1:])",
+    ]
+    if sys.platform == "linux"
+    else []
+)
 
 
 def _spawn_emulator(port: int, log_path: Path) -> subprocess.Popen[bytes]:
@@ -187,11 +186,15 @@ def _spawn_emulator(port: int, log_path: Path) -> subprocess.Popen[bytes]:
         with log_path.open("ab") as log:
             offset = log.tell()
             proc = subprocess.Popen(
-                [str(EMULATOR_BIN), "--host=127.0.0.1", f"--port={port}"],
+                [
+                    *_DIE_WITH_PARENT,
+                    str(pubsub_emulator().path),
+                    "--host=127.0.0.1",
+                    f"--port={port}",
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if _PRCTL else None,
             )
         while time.monotonic() < deadline:
             with log_path.open("rb") as f:

@@ -3,8 +3,9 @@ terraform {
 
   required_providers {
     google = {
-      source  = "hashicorp/google"
-      version = "~> 6.0"
+      source = "hashicorp/google"
+      # The schema tests/test_provider_schema.py checks this configuration against is 6.50.0's.
+      version = "~> 6.50"
     }
   }
 }
