@@ -147,7 +147,8 @@ def test_function_triggers_point_at_the_module_topic(module) -> None:
 
 def test_one_function_per_example_directory(module) -> None:
     settings = module["locals"]["function_settings"]
-    on_disk = {p.name for p in (MODULE / "functions").iterdir() if not p.name.startswith("_")}
+    folders = [p for p in (MODULE / "functions").iterdir() if p.is_dir()]
+    on_disk = {p.name for p in folders if not p.name.startswith("_")}
     assert set(settings) == on_disk == {"notify", "ledger", "drain"}
     for name in on_disk:
         assert (MODULE / "functions" / name / "main.py").is_file()
