@@ -70,6 +70,12 @@ class StampingSink:
     def recover(self, event: Event) -> None:
         self.inner.recover(event)
 
+    def start_connecting(self) -> None:  # the Pub/Sub sink connects in the background
+        getattr(self.inner, "start_connecting", lambda: None)()
+
+    def connect(self) -> None:
+        getattr(self.inner, "connect", lambda: None)()
+
     def close(self) -> None:
         self.inner.close()
 

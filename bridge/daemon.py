@@ -2,6 +2,10 @@
 
 metadata server -> watchers -> recorder (transition, store + outbox) -> relay -> sink
                                                                       -> hooks
+
+Start order: nothing slow comes before the watch. The first long-poll of every key goes out
+before the Pub/Sub client is imported and connected (in the background, ~0.2 s); an event
+recorded meanwhile waits in the outbox as it would during a Pub/Sub outage.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -30,10 +34,11 @@ from bridge.metadata import MetadataClient
 from bridge.metrics import Metrics
 from bridge.recorder import Recorder
 from bridge.relay import Relay
+from bridge.retry import metadata_policy
 from bridge.sinks import Sink, make_sink
 from bridge.status import daemon_record
 from bridge.store import Store
-from bridge.watcher import Watcher, metadata_retrying
+from bridge.watcher import Watcher
 
 log = logging.getLogger("bridge")
 
@@ -54,7 +59,8 @@ def run(
     except sqlite3.Error as exc:
         raise ConfigError(f"--state-dir: cannot open {config.db_path}: {exc}") from None
     if sink is None:
-        sink = _make_sink(config)
+        sink = make_sink(config)
+    connect = _deferred_connect(sink)
     metrics, health = Metrics(), Health(max_outbox_age=config.ready_max_outbox_age)
     relay = Relay(sink, store, metrics, retry_cap=config.retry_cap)
     health.outbox = relay
@@ -79,11 +85,21 @@ def run(
     )
     _note_daemon(store, record)
     relay.start()
+    watchers: list[Watcher] = []
+    watching = threading.Event()
+    failed: list[BaseException] = []  # why the sink could not be created, if it could not
+    if connect is not None:
+        threading.Thread(
+            target=_connect,
+            args=(connect, watching, watchers, stop, failed),
+            name="connect",
+            daemon=True,
+        ).start()
     hooks = Hooks(config.exec, config.exec_timeout, metrics, environ or os.environ)
     try:
         identity = _identity(config, stop, health)
         if identity is None:
-            return 0
+            return _stopped(sink, failed)
         instance, scheduling = identity
         log.info(
             "watching %s for %s (%s) in %s, sink %s",
@@ -97,7 +113,9 @@ def run(
             config, store, snapshot, instance, scheduling, relay, hooks, health, metrics
         )
         for key in config.keys:
-            Watcher(key, config, recorder.observe, stop, health, metrics).start()
+            watchers.append(Watcher(key, config, recorder.observe, stop, health, metrics))
+            watchers[-1].start()
+        watching.set()
         if config.heartbeat_interval:
             threading.Thread(
                 target=_heartbeats,
@@ -108,7 +126,7 @@ def run(
         health.ready = True
         while not stop.wait(0.5):  # a short wait keeps Ctrl+C working on Windows
             pass
-        return 0
+        return _stopped(sink, failed)
     finally:
         health.ready = False
         emptied = relay.drain(config.drain_timeout)
@@ -134,11 +152,42 @@ def _note_daemon(store: Store, record: dict[str, Any]) -> None:
         log.warning("could not record the daemon in the state store: %s", exc)
 
 
-def _make_sink(config: Config) -> Sink:
+def _deferred_connect(sink: Sink) -> Callable[[], None] | None:
+    """The sink's slow connection, if it has one: from now on `send` does not wait for it."""
+    start = getattr(sink, "start_connecting", None)
+    if start is None:
+        return None
+    start()
+    connect: Callable[[], None] = sink.connect  # type: ignore[attr-defined]
+    return connect
+
+
+def _stopped(sink: Sink, failed: list[BaseException]) -> int:
+    """Exit code 0, or the configuration error that stopped the bridge (one line)."""
+    if failed:  # e.g. google.auth's DefaultCredentialsError off GCE
+        raise ConfigError(f"--sink {sink.name}: {failed[0]}".splitlines()[0])
+    return 0
+
+
+def _connect(
+    connect: Callable[[], None],
+    watching: threading.Event,
+    watchers: list[Watcher],
+    stop: threading.Event,
+    failed: list[BaseException],
+) -> None:
+    """Connect the sink once every watcher has had its first answer, or after 2 s: a metadata
+    server that fails must not hold up what the outbox holds. A sink that cannot be created at
+    all (no credentials) is a configuration error: the bridge stops."""
+    deadline = time.monotonic() + 2.0
+    watching.wait(2.0)
+    for watcher in watchers:
+        watcher.answered.wait(max(0.0, deadline - time.monotonic()))
     try:
-        return make_sink(config)
-    except Exception as exc:  # e.g. google.auth's DefaultCredentialsError off GCE
-        raise ConfigError(f"--sink {config.sink}: {exc}".splitlines()[0]) from None
+        connect()
+    except Exception as exc:
+        failed.append(exc)
+        stop.set()
 
 
 def _identity(
@@ -169,7 +218,7 @@ def _identity(
 
     health.expect("identity", 30.0)
     try:
-        instance = metadata_retrying(config.retry_cap, sleep, warn)(client.identity)
+        instance = metadata_policy(config.retry_cap).retrying(sleep, warn)(client.identity)
         hostname, scheduling, problems = client.enrichment()
     except InterruptedError:
         return None

@@ -55,6 +55,7 @@ PREEMPTION_NOTICE_SECONDS = 30
 # CloudEvents attributes that are not extensions; everything else under ce-* is an extension.
 _CORE_ATTRIBUTES = ("specversion", "id", "source", "type", "time", "subject", "dataschema")
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
+_INT64_TEXT = re.compile(r"-?[0-9]{1,19}")
 
 
 class DecodeError(ValueError):
@@ -149,8 +150,11 @@ class EventData:
     notice_seconds: int | None = None
     upcoming: Upcoming | None = None
     # Seen on the first reading after a start: the change may be older than observed_at.
-    # Last, as an addition within v1: events recorded by an older bridge lack it (False).
+    # Last, as additions within v1: events recorded by an older bridge lack them.
     at_startup: bool = False
+    # The state store's UUID: a new state dir (a recreated VM) is a new stream, whose sequence
+    # starts again at 1. Order and dedupe are on (instance id, stream_id, sequence).
+    stream_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -161,6 +165,7 @@ class EventData:
             "happened_while_down": self.happened_while_down,
             "at_startup": self.at_startup,
             "sequence": self.sequence,
+            **({"stream_id": self.stream_id} if self.stream_id else {}),
             "instance": _fields(self.instance),
             "scheduling": _fields(self.scheduling),
         }
@@ -254,6 +259,7 @@ def build_event(
     notice_seconds: int | None,
     type_prefix: str = DEFAULT_TYPE_PREFIX,
     at_startup: bool = False,
+    stream_id: str = "",
 ) -> Event:
     """The CloudEvent for one recorded transition; everything it depends on is an argument."""
     if transition.kind.startswith("upcoming."):
@@ -276,6 +282,7 @@ def build_event(
         notice_seconds=notice_seconds,
         upcoming=upcoming,
         at_startup=at_startup,
+        stream_id=stream_id,
     )
     return Event(
         id=event_id,
@@ -393,9 +400,9 @@ def _event_data(raw: Any) -> EventData:
     notice = obj.get("notice_seconds")
     if notice is not None and (type(notice) is not int or notice < 0):
         raise DecodeError("data.notice_seconds must be a non-negative integer")
-    sequence = obj.get("sequence")
-    if type(sequence) is not int or sequence < 0:
-        raise DecodeError("data.sequence must be a non-negative integer")
+    sequence = _int64(obj.get("sequence"))
+    if sequence is None or sequence < 0:
+        raise DecodeError("data.sequence must be a non-negative integer (number or string)")
     down = obj.get("happened_while_down")
     if not isinstance(down, bool):
         raise DecodeError("data.happened_while_down must be a boolean")
@@ -415,7 +422,17 @@ def _event_data(raw: Any) -> EventData:
         notice_seconds=notice,
         upcoming=None if upcoming is None else _upcoming(upcoming),
         at_startup=at_startup,
+        stream_id=_str(obj, "stream_id", "data", required=False),
     )
+
+
+def _int64(value: Any) -> int | None:
+    """An int64 as JSON carries it: a number, or (proto3's canonical JSON) a decimal string."""
+    if isinstance(value, str) and _INT64_TEXT.fullmatch(value):
+        value = int(value)
+    if type(value) is not int or not -(2**63) <= value < 2**63:
+        return None
+    return value
 
 
 def _upcoming(raw: Any) -> Upcoming:

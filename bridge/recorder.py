@@ -51,6 +51,7 @@ class Recorder:
         self.metrics = metrics
         self.values = dict(snapshot.values)
         self.next_sequence = snapshot.next_sequence
+        self.stream_id = snapshot.stream_id
         self._lock = threading.Lock()
 
     def observe(
@@ -102,6 +103,7 @@ class Recorder:
             notice_seconds=notice_seconds(transition),
             type_prefix=self.config.type_prefix,
             at_startup=at_startup,
+            stream_id=self.stream_id,
         )
 
     def _commit(self, event: Event, seen: float, state: tuple[str, str, str] | None) -> None:

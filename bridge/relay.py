@@ -10,7 +10,6 @@ replaced: a retry may deliver an event twice, always under the same id.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -19,6 +18,7 @@ from typing import Any
 
 from bridge.events import Event, rfc3339
 from bridge.metrics import Metrics
+from bridge.retry import publish_policy
 from bridge.sinks import Sink, failure_class
 from bridge.store import Store
 
@@ -36,7 +36,7 @@ class Relay:
         self.sink = sink
         self.store = store
         self.metrics = metrics
-        self.retry_cap = retry_cap
+        self.retry = publish_policy(retry_cap)
         # (seq, event, monotonic time the change was seen, or None when restored from disk)
         self._queue: deque[tuple[int, Event, float | None]] = deque()
         self._cond = threading.Condition()
@@ -236,7 +236,7 @@ class Relay:
             log.warning("sink recovery failed: %s", rexc)
 
     def _backoff(self) -> None:
-        delay = min(self.retry_cap, 0.05 * 2 ** min(self._failures, 10)) * random.uniform(0.5, 1)
+        delay = self.retry.delay(self._failures)
         with self._cond:
             if not self._stopping:
                 self._cond.wait(delay)

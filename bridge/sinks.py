@@ -7,6 +7,7 @@ or written and flushed); only then does the event leave the outbox.
 from __future__ import annotations
 
 import sys
+import threading
 from concurrent.futures import Future
 from typing import IO, Any, Protocol
 
@@ -55,22 +56,22 @@ class StdoutSink:
 class PubSubSink:
     """google-cloud-pubsub with message ordering on, one ordering key per instance.
 
-    `PUBSUB_EMULATOR_HOST` is honoured by the client library itself.
+    The client is created on first use: importing the library and building the client cost
+    about 0.2 s, which must not delay the first long-poll. The daemon calls `connect` in the
+    background once the watch is armed; an event sent meanwhile waits for the client (and in
+    the outbox) as it would during an outage. `PUBSUB_EMULATOR_HOST` is honoured by the library.
     """
 
     name = "pubsub"
 
     def __init__(self, config: Config) -> None:
-        from google.cloud import pubsub_v1
-
         self.topic = config.topic
         self.mode = config.content_mode
-        self.client = pubsub_v1.PublisherClient(
-            batch_settings=pubsub_v1.types.BatchSettings(
-                max_messages=100, max_bytes=1 << 20, max_latency=config.publish_latency
-            ),
-            publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True),
-        )
+        self.publish_latency = config.publish_latency
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._connecting = False
+        self._waiting: list[tuple[Event, Future[str]]] = []
         # One attempt per publish, no retry inside the client: with message ordering on, the
         # library stretches any retry deadline to 2**32 s, so during an outage a publish would
         # never fail (no log line) and the relay would re-send it every ACK_TIMEOUT, piling up
@@ -78,9 +79,55 @@ class PubSubSink:
         self.retry = None
         self.timeout = 20.0
 
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = self._new_client()
+            return self._client
+
+    def _new_client(self) -> Any:
+        from google.cloud import pubsub_v1
+
+        return pubsub_v1.PublisherClient(
+            batch_settings=pubsub_v1.types.BatchSettings(
+                max_messages=100, max_bytes=1 << 20, max_latency=self.publish_latency
+            ),
+            publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True),
+        )
+
+    def start_connecting(self) -> None:
+        """From now until `connect` ends, `send` does not block on creating the client."""
+        with self._lock:
+            self._connecting = self._client is None
+
+    def connect(self) -> None:
+        """Create the client, then publish in order what waited for it; raises what creating
+        it raised (those waiting fail with it and are sent again by the relay)."""
+        try:
+            client = self.client
+        except Exception as exc:
+            with self._lock:
+                waiting, self._waiting, self._connecting = self._waiting, [], False
+            for _, future in waiting:
+                future.set_exception(exc)
+            raise
+        with self._lock:
+            for event, future in self._waiting:
+                _chain(self._publish(client, event), future)
+            self._waiting, self._connecting = [], False
+
     def send(self, event: Event) -> Any:
+        with self._lock:
+            if self._connecting:
+                future: Future[str] = Future()
+                self._waiting.append((event, future))
+                return future
+        return self._publish(self.client, event)
+
+    def _publish(self, client: Any, event: Event) -> Any:
         attributes, data = event.to_pubsub(self.mode)
-        return self.client.publish(
+        return client.publish(
             self.topic,
             data,
             ordering_key=event.extensions.get("instanceid", ""),
@@ -93,7 +140,21 @@ class PubSubSink:
         self.client.resume_publish(self.topic, event.extensions.get("instanceid", ""))
 
     def close(self) -> None:
-        self.client.stop()
+        if self._client is not None:
+            self._client.stop()
+
+
+def _chain(source: Any, target: Future[str]) -> None:
+    """Resolve `target` as the client's publish future `source` resolves."""
+
+    def done(f: Any) -> None:
+        exc = f.exception()
+        if exc is None:
+            target.set_result(f.result())
+        else:
+            target.set_exception(exc)
+
+    source.add_done_callback(done)
 
 
 def make_sink(config: Config) -> Sink:

@@ -18,7 +18,8 @@ import sqlite3
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,16 @@ class Snapshot:
     values: dict[str, str]
     next_sequence: int
     pending: list[tuple[int, Event, float]]  # (seq, event, unix time recorded)
+    stream_id: str  # made with the store, kept across restarts: see EventData.stream_id
+
+
+def _in_stream(body: dict[str, Any], stream_id: str) -> Event:
+    """A stored event; one recorded by a bridge older than stream_id joins this store's stream
+    (it is numbered in it), so that a topic schema requiring the field accepts it."""
+    event = decode_structured(body)
+    if event.data.stream_id:
+        return event
+    return replace(event, data=replace(event.data, stream_id=stream_id))
 
 
 class Store:
@@ -103,6 +114,10 @@ class Store:
         self._db = open_db(path, check_same_thread=False, timeout=5.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a committed notice survives power loss
+        # Made once with the store (or on the first open of an older one), never changed after.
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta(name, value) VALUES ('stream_id', ?)", (str(uuid.uuid4()),)
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -112,11 +127,12 @@ class Store:
         with self._lock:
             values = dict(self._db.execute("SELECT key, value FROM state").fetchall())
             row = self._db.execute("SELECT value FROM meta WHERE name='next_sequence'").fetchone()
+            (stream,) = self._db.execute("SELECT value FROM meta WHERE name='stream_id'").fetchone()
             rows = self._db.execute(
                 "SELECT seq, body, recorded_at FROM outbox ORDER BY seq"
             ).fetchall()
-        pending = [(seq, decode_structured(json.loads(body)), at) for seq, body, at in rows]
-        return Snapshot(values, int(row[0]) if row else 1, pending)
+        pending = [(seq, _in_stream(json.loads(body), stream), at) for seq, body, at in rows]
+        return Snapshot(values, int(row[0]) if row else 1, pending, stream)
 
     def record(self, event: Event | None, state: tuple[str, str, str] | None = None) -> list[int]:
         """Store a key's new value (`state`: key, value, observed_at) and, in the same

@@ -3,9 +3,9 @@
 Each loop hangs on its own key (`wait_for_change` + `last_etag`), so a change is seen the moment
 the server answers, and querying `instance/maintenance-event` itself on every round keeps the
 60 s migration warning armed (the server skips it unless the key was queried since the last
-event). Errors are retried at once with capped, jittered back-off; a key that answers at once
-instead of hanging (404, the 'no notifications' 503, a missing ETag) is asked again only after
-a pause, never in a tight loop.
+event). Errors are retried every few tens of milliseconds at first, then with back-off
+(bridge/retry.py); a key that answers at once instead of hanging (404, the 'no notifications'
+503, a missing ETag) is asked again only after a pause, never in a tight loop.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import tenacity
 from bridge.config import Config
 from bridge.events import UPCOMING
 from bridge.health import Health
-from bridge.metadata import MetadataClient, MetadataError, Reading
+from bridge.metadata import MetadataClient, Reading
 from bridge.metrics import Metrics
+from bridge.retry import metadata_policy
 from bridge.transitions import canonical
 
 log = logging.getLogger("bridge.watcher")
@@ -29,22 +30,6 @@ log = logging.getLogger("bridge.watcher")
 # observe(key, canonical value, wall-clock time of the answer, monotonic time, first reading)
 Observer = Callable[[str, str, datetime, float, bool], None]
 NO_ETAG_PAUSE = 1.0
-
-
-def metadata_retrying(
-    cap: float,
-    sleep: Callable[[float], None],
-    before_sleep: Callable[[tenacity.RetryCallState], None],
-) -> tenacity.Retrying:
-    """The one retry policy for metadata requests: at once (50 ms, jittered), doubling, capped at
-    `cap`, forever; `sleep` raises to stop it."""
-    return tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(MetadataError),
-        wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=cap, jitter=0.05),
-        sleep=sleep,
-        before_sleep=before_sleep,
-        reraise=True,
-    )
 
 
 class _Stopped(Exception):
@@ -72,11 +57,12 @@ class Watcher:
         self.health = health
         self.metrics = metrics
         self.thread = threading.Thread(target=self._run, name=f"watch {key}", daemon=True)
+        self.answered = threading.Event()  # the first round is done: the watch is armed
         self._failures = 0
         self._classes_told: set[str] = set()  # failure classes logged during this outage
         self._told_absent = False
         self._told_no_etag = False
-        self._retrying = metadata_retrying(config.retry_cap, self._sleep, self._on_failure)
+        self._retrying = metadata_policy(config.retry_cap).retrying(self._sleep, self._on_failure)
 
     def start(self) -> None:
         self.thread.start()
@@ -93,6 +79,7 @@ class Watcher:
                 self.metrics.last_poll.labels(self.key).set_to_current_time()
                 self._recovered()
                 pause = self._handle(reading, first)
+                self.answered.set()
                 first = False
                 etag = reading.etag or "0"
                 if pause:
@@ -148,7 +135,7 @@ class Watcher:
         self._failures += 1
         if cls not in self._classes_told:  # one line per failure class, not one per retry
             log.warning(
-                "metadata %s on %s: %s (retrying, back-off capped at %.1f s)",
+                "metadata %s on %s: %s (retrying at once, then backing off to %.1f s)",
                 cls,
                 self.key,
                 exc,

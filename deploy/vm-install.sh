@@ -120,7 +120,7 @@ case "${MB_OPS_AGENT:-}" in
 esac
 agent_dir=${MB_OPS_AGENT_DIR:-/etc/google-cloud-ops-agent}
 if [ "$MB_OPS_AGENT" = install ] && [ -z "${NO_SYSTEMCTL:-}" ] &&
-  ! systemctl list-unit-files google-cloud-ops-agent.service >/dev/null 2>&1; then
+  ! systemctl cat google-cloud-ops-agent.service >/dev/null 2>&1; then
   # Google's documented installer: it adds Google's apt/yum repository, whose packages the
   # package manager verifies with Google's signing key.
   log "installing the Ops Agent"

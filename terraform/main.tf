@@ -49,13 +49,21 @@ resource "google_kms_crypto_key_iam_member" "pubsub_agent" {
   depends_on = [google_project_service.apis]
 }
 
+# The type is in the name: switching topic_schema_type creates the new schema, points the topic
+# at it, then deletes the old one.
 resource "google_pubsub_schema" "event_data" {
   count = var.attach_schema ? 1 : 0
 
-  project    = var.project_id
-  name       = "${var.name}-event-data-v1"
-  type       = "PROTOCOL_BUFFER"
-  definition = file("${path.module}/../schemas/v1/event-data.proto")
+  project = var.project_id
+  name    = "${var.name}-event-data-v1-${var.topic_schema_type}"
+  type    = var.topic_schema_type == "avro" ? "AVRO" : "PROTOCOL_BUFFER"
+  definition = (var.topic_schema_type == "avro"
+    ? file("${path.module}/../schemas/v1/event-data.avsc")
+  : file("${path.module}/../schemas/v1/event-data.proto"))
+
+  lifecycle {
+    create_before_destroy = true
+  }
 
   depends_on = [google_project_service.apis]
 }

@@ -41,6 +41,21 @@ locals {
         runs, check the Ops Agent: `systemctl status google-cloud-ops-agent`.
       EOT
     }
+    watch_stalled = {
+      display_name = "maintenance-bridge not hearing from the metadata server"
+      severity     = "CRITICAL"
+      duration     = "60s"
+      # Every watched key answers at least once a minute (the long-poll's timeout_sec, or the
+      # re-ask of an absent key), so 5 minutes of silence on one key is a dead watcher or an
+      # unreachable metadata server, which heartbeats alone would not show.
+      query   = "time() - max by (${local.by_vm}, key) (maintenance_bridge_last_poll_timestamp_seconds) > 300"
+      content = <<-EOT
+        The bridge on this VM has had no answer from the metadata server for the key in the `key`
+        label for 5 minutes. While that lasts it cannot see a maintenance or preemption notice.
+        `curl -s 127.0.0.1:${local.metrics_port}/healthz` names the stuck watcher; the journal
+        (`journalctl -u maintenance-bridge`) has the errors.
+      EOT
+    }
     outbox = {
       display_name = "maintenance-bridge events stuck in the outbox"
       severity     = "ERROR"

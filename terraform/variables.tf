@@ -89,9 +89,20 @@ variable "kms_key_name" {
 }
 
 variable "attach_schema" {
-  description = "Attach the event-data Protocol Buffers schema (schemas/v1/event-data.proto) to the topic with JSON encoding, so Pub/Sub rejects a malformed payload at publish time. Only binary content mode passes schema validation."
+  description = "Attach the event-data topic schema (see topic_schema_type) to the topic with JSON encoding, so Pub/Sub rejects a malformed payload at publish time. Only binary content mode passes schema validation."
   type        = bool
   default     = true
+}
+
+variable "topic_schema_type" {
+  description = "Which event-data schema the topic enforces: \"avro\" (schemas/v1/event-data.avsc: the fields every event carries, unknown fields pass; proven on the official Pub/Sub emulator in the test suite) or \"protobuf\" (schemas/v1/event-data.proto: every field, unknown ones refused; the emulator cannot check it)."
+  type        = string
+  default     = "avro"
+
+  validation {
+    condition     = contains(["avro", "protobuf"], var.topic_schema_type)
+    error_message = "topic_schema_type must be \"avro\" or \"protobuf\"."
+  }
 }
 
 variable "type_prefix" {
@@ -376,7 +387,7 @@ variable "example_instance_template" {
 # --- monitoring -------------------------------------------------------------------------------
 
 variable "monitoring" {
-  description = "Alert policies and a dashboard on the bridges' metrics (scraped by the Ops Agent, see deploy/ops-agent/config.yaml) and the dead-letter subscription: bridge silent (no heartbeat for silence_minutes on a VM that sent one in the last 24 h), outbox oldest event older than outbox_max_age_seconds, publish failures, dead letters waiting. notification_channels: ids (projects/P/notificationChannels/N) alerts go to."
+  description = "Alert policies and a dashboard on the bridges' metrics (scraped by the Ops Agent, see deploy/ops-agent/config.yaml) and the dead-letter subscription: bridge silent (no heartbeat for silence_minutes on a running VM that reported in the last 24 h), no metadata answer for 5 minutes, outbox oldest event older than outbox_max_age_seconds, publish failures, dead letters waiting. notification_channels: ids (projects/P/notificationChannels/N) alerts go to."
   type = object({
     enabled                = optional(bool, true)
     notification_channels  = optional(list(string), [])

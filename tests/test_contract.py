@@ -3,8 +3,9 @@
 Events come from two places: the golden examples (one per kind, built by
 `schemas/examples/generate.py` with the bridge's own code) and a real run of the daemon against
 the simulator (every kind, a restart with a change while down). Each is checked in both content
-modes against the official CloudEvents 1.0.2 JSON Schema, our data schema, Google's Pub/Sub
-binding, the official `cloudevents` SDK and the Protocol Buffers topic schema.
+modes against the official CloudEvents 1.0.2 JSON Schema, our strict producer schema and the
+published consumer schema, Google's Pub/Sub binding, the official `cloudevents` SDK and the
+Protocol Buffers topic schema. (The Avro topic schema: tests/test_avro_schema.py.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -49,6 +51,7 @@ from bridge.events import (
     Transition,
     Upcoming,
     build_event,
+    decode_pubsub,
     decode_structured,
     dumps,
 )
@@ -57,7 +60,8 @@ from bridge.transitions import canonical
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "schemas"
-DATA_SCHEMA = SCHEMAS / "v1" / "event-data.schema.json"
+DATA_SCHEMA = SCHEMAS / "v1" / "event-data.schema.json"  # published, for consumers
+PRODUCER_SCHEMA = SCHEMAS / "v1" / "event-data.producer.schema.json"  # exact, for our tests
 PROTO = SCHEMAS / "v1" / "event-data.proto"
 EXAMPLES = SCHEMAS / "examples"
 DOCS = ROOT / "docs" / "events.md"
@@ -66,8 +70,9 @@ CE_SCHEMA = ROOT / "tests" / "data" / "cloudevents-v1.0.2.schema.json"  # see it
 ATTRIBUTE_NAME = re.compile(r"[a-z0-9]{1,20}")
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
 HEARTBEAT_INTERVAL = 0.4
-# Not required by the JSON Schema: absent when unknown, or (at_startup) added within v1.
-OPTIONAL_FIELDS = ("notice_seconds", "upcoming", "can_reschedule", "at_startup")
+# Not required by the consumer schema: absent when unknown, or added within v1.
+ADDED_IN_V1 = ("at_startup", "stream_id")
+OPTIONAL_FIELDS = ("notice_seconds", "upcoming", "can_reschedule", *ADDED_IN_V1)
 
 
 def _load_generator() -> ModuleType:
@@ -197,6 +202,21 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> list[Event]:
     return list(sink.events)
 
 
+def test_a_new_state_dir_is_a_new_stream(tmp_path: Path, scenario: list[Event]) -> None:
+    """A recreated VM (same name, empty state dir) starts a stream of its own at sequence 1:
+    a consumer keeping the highest sequence per source alone would drop its events."""
+    sink = Collector()
+    with Simulator().start() as sim:
+        sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+        with _running(sim, tmp_path, sink):  # an empty state dir
+            sink.wait("maintenance.started", 0)
+    first = sink.events[0]
+    assert first.source == scenario[0].source
+    assert first.data.sequence == 1 and first.data.at_startup
+    assert first.data.stream_id != scenario[0].data.stream_id
+    assert uuid.UUID(first.data.stream_id).version == 4
+
+
 @pytest.fixture(scope="module")
 def goldens() -> dict[str, Event]:
     return generate.events()
@@ -215,6 +235,9 @@ def test_scenario_emits_every_kind_in_order(scenario: list[Event]) -> None:
     assert [e.data.sequence for e in scenario] == list(range(1, len(scenario) + 1))
     assert len({e.id for e in scenario}) == len(scenario)
     assert len({e.source for e in scenario}) == 1
+    # one stream across the restart: the same state dir keeps its id
+    (stream,) = {e.data.stream_id for e in scenario}
+    assert uuid.UUID(stream).version == 4
     down = [e for e in scenario if e.data.happened_while_down]
     assert [e.kind for e in down] == ["maintenance.started"]  # the change made while stopped
     assert [e for e in scenario if e.data.at_startup] == down  # seen on the restart's first read
@@ -336,13 +359,24 @@ def _schema_paths(schema: dict[str, Any]) -> list[str]:
 # -- JSON Schemas ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def data_validator() -> jsonschema.Draft202012Validator:
-    schema = json.loads(DATA_SCHEMA.read_text(encoding="utf-8"))
+def _validator(path: Path) -> jsonschema.Draft202012Validator:
+    schema = json.loads(path.read_text(encoding="utf-8"))
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(
         schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
     )
+
+
+@pytest.fixture(scope="module")
+def data_validator() -> jsonschema.Draft202012Validator:
+    """The strict producer schema: exactly what this release emits."""
+    return _validator(PRODUCER_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def consumer_validator() -> jsonschema.Draft202012Validator:
+    """The published schema (the `dataschema`), which accepts what later v1 releases add."""
+    return _validator(DATA_SCHEMA)
 
 
 @pytest.fixture(scope="module")
@@ -352,25 +386,40 @@ def ce_validator() -> jsonschema.Draft7Validator:
     return jsonschema.Draft7Validator(schema, format_checker=jsonschema.FormatChecker())
 
 
-def test_data_schema_id_is_the_dataschema(data_validator: jsonschema.Validator) -> None:
-    assert data_validator.schema["$id"] == DATASCHEMA
-    assert data_validator.schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+def test_data_schema_id_is_the_dataschema(consumer_validator: jsonschema.Validator) -> None:
+    assert consumer_validator.schema["$id"] == DATASCHEMA
+    assert consumer_validator.schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
 
 
-def test_data_schema_matches_the_model(data_validator: jsonschema.Validator) -> None:
-    """Property names mirror the dataclasses the decoder fills; every field the bridge always
-    writes is required, the optional ones (and at_startup, added within v1) are not."""
-    schema = data_validator.schema
-    models: dict[str, tuple[type, dict[str, Any]]] = {
-        "EventData": (EventData, schema),
-        "Instance": (Instance, schema["$defs"]["instance"]),
-        "Scheduling": (Scheduling, schema["$defs"]["scheduling"]),
-        "Upcoming": (Upcoming, schema["$defs"]["upcoming"]),
-    }
-    for label, (model, spec) in models.items():
-        names = [f.name for f in fields(model)]
-        assert list(spec["properties"]) == names, label
-        assert spec["required"] == [n for n in names if n not in OPTIONAL_FIELDS], label
+def test_producer_schema_is_generated_from_the_consumer_schema(
+    data_validator: jsonschema.Validator, consumer_validator: jsonschema.Validator
+) -> None:
+    assert data_validator.schema == generate.producer_schema(consumer_validator.schema), (
+        "run: python schemas/examples/generate.py"
+    )
+    assert data_validator.schema["$id"] != DATASCHEMA  # never mistaken for the published one
+
+
+def test_data_schemas_match_the_model(
+    data_validator: jsonschema.Validator, consumer_validator: jsonschema.Validator
+) -> None:
+    """Property names mirror the dataclasses the decoder fills. The producer schema requires
+    every field the bridge always writes; the consumer schema not those added within v1."""
+    for validator, optional in (
+        (consumer_validator, OPTIONAL_FIELDS),
+        (data_validator, tuple(n for n in OPTIONAL_FIELDS if n not in ADDED_IN_V1)),
+    ):
+        schema = validator.schema
+        models: dict[str, tuple[type, dict[str, Any]]] = {
+            "EventData": (EventData, schema),
+            "Instance": (Instance, schema["$defs"]["instance"]),
+            "Scheduling": (Scheduling, schema["$defs"]["scheduling"]),
+            "Upcoming": (Upcoming, schema["$defs"]["upcoming"]),
+        }
+        for label, (model, spec) in models.items():
+            names = [f.name for f in fields(model)]
+            assert list(spec["properties"]) == names, label
+            assert set(spec["required"]) == {n for n in names if n not in optional}, label
 
 
 def _structured(event: Event) -> dict[str, Any]:
@@ -407,13 +456,18 @@ def test_official_cloudevents_schema_both_modes(
             assert obj == event.to_structured(), (event.kind, mode)  # the binding is lossless
 
 
-def test_data_schema_both_modes(emitted: list[Event], data_validator: jsonschema.Validator) -> None:
+def test_data_schemas_both_modes(
+    emitted: list[Event],
+    data_validator: jsonschema.Validator,
+    consumer_validator: jsonschema.Validator,
+) -> None:
     for event in emitted:
         for mode, render in MODES.items():
             obj = render(event)
-            errors = [e.message for e in data_validator.iter_errors(obj["data"])]
-            assert not errors, (event.kind, mode, errors)
-            assert obj["dataschema"] == data_validator.schema["$id"]
+            for validator in (data_validator, consumer_validator):
+                errors = [e.message for e in validator.iter_errors(obj["data"])]
+                assert not errors, (event.kind, mode, validator.schema["title"], errors)
+            assert obj["dataschema"] == consumer_validator.schema["$id"]
 
 
 def test_attributes_the_schemas_do_not_check(emitted: list[Event]) -> None:
@@ -474,17 +528,51 @@ def test_cloudevents_sdk_reads_structured_events_losslessly(emitted: list[Event]
 
 
 def test_events_of_an_older_bridge_still_validate_and_decode(
-    goldens: dict[str, Event], data_validator: jsonschema.Validator, proto: ModuleType
+    goldens: dict[str, Event], consumer_validator: jsonschema.Validator, proto: ModuleType
 ) -> None:
-    """at_startup was added within v1: an event without it (an older bridge, or one recorded
-    before an upgrade and still in the outbox) is valid everywhere and reads as false."""
+    """at_startup and stream_id were added within v1: an event without them (an older bridge)
+    is valid for consumers and decodes (false, ""); it round-trips unchanged."""
     old = goldens["maintenance.started"].to_structured()
-    del old["data"]["at_startup"]
-    assert data_validator.is_valid(old["data"])
-    assert _parse(proto, json.dumps(old["data"])).at_startup is False
-    assert decode_structured(old).data.at_startup is False
+    del old["data"]["at_startup"], old["data"]["stream_id"]
+    assert consumer_validator.is_valid(old["data"])
+    message = _parse(proto, json.dumps(old["data"]))
+    assert (message.at_startup, message.stream_id) == (False, "")
+    decoded = decode_structured(old)
+    assert (decoded.data.at_startup, decoded.data.stream_id) == (False, "")
+    assert decoded.to_structured() == {**old, "data": {**old["data"], "at_startup": False}}
     with pytest.raises(DecodeError, match="at_startup"):
         decode_structured({**old, "data": {**old["data"], "at_startup": "yes"}})
+
+
+def test_a_later_v1_event_validates_and_decodes(
+    goldens: dict[str, Event],
+    consumer_validator: jsonschema.Validator,
+    data_validator: jsonschema.Validator,
+) -> None:
+    """Forward compatibility: unknown `data` fields (top level and nested), an unknown
+    extension attribute and `sequence` as proto3 JSON writes an int64 (a string) pass the
+    consumer schema and every decoder entry point; the producer schema alone refuses them."""
+    golden = goldens["upcoming.updated"]
+    data = golden.data.to_json()
+    later = {
+        **data,
+        "sequence": str(data["sequence"]),
+        "added_in_v1_9": {"anything": [1, 2]},
+        "upcoming": {**data["upcoming"], "added_too": True},
+    }
+    assert consumer_validator.is_valid(later)
+    assert not data_validator.is_valid(later)
+    attributes, _ = golden.to_pubsub("binary")
+    attributes = {**attributes, "ce-region": "us-central1"}
+    event = decode_pubsub(attributes, dumps(later))
+    assert event.data == golden.data and event.extensions["region"] == "us-central1"
+    structured = {**golden.to_structured(), "region": "us-central1", "data": later}
+    assert decode_structured(structured) == event
+    for sequence in ("0x2", "2.0", " 2", "", "0", "-2", None):
+        assert not consumer_validator.is_valid({**later, "sequence": sequence}), sequence
+    for sequence in ("0x2", "2.0", " 2", "", "-2", "9223372036854775808", 2.5, None):
+        with pytest.raises(DecodeError, match=r"data\.sequence"):
+            decode_pubsub(attributes, dumps({**later, "sequence": sequence}))
 
 
 def test_data_schema_rejects_what_the_contract_forbids(
@@ -500,6 +588,10 @@ def test_data_schema_rejects_what_the_contract_forbids(
             "instance": {**data("maintenance.started")["instance"], "extra": "x"},
         },
         "missing sequence": {k: v for k, v in data("maintenance.ended").items() if k != "sequence"},
+        "missing stream_id": {
+            k: v for k, v in data("maintenance.ended").items() if k != "stream_id"
+        },
+        "stream_id not a UUID": {**data("maintenance.ended"), "stream_id": "vm-1"},
         "sequence as text": {**data("maintenance.ended"), "sequence": "6"},
         "unknown key": {**data("maintenance.ended"), "key": "instance/other"},
         "upcoming on maintenance": {
@@ -563,6 +655,7 @@ def test_proto_accepts_every_payload(emitted: list[Event], proto: ModuleType) ->
         message = _parse(proto, payload)
         data = event.data
         assert (message.key, message.sequence) == (data.key, data.sequence)
+        assert message.stream_id == data.stream_id
         # Without field presence an absent field reads as its default (docs/events.md).
         assert message.notice_seconds == (data.notice_seconds or 0)
         assert message.at_startup == data.at_startup

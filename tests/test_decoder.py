@@ -174,6 +174,16 @@ def test_structured_with_data_base64_and_unknown_data_fields() -> None:
     assert event == decode_structured(_golden("preemption.started.json"))
 
 
+def test_sequence_as_number_or_string() -> None:
+    """int64 in JSON: the bridge writes a number, proto3's canonical JSON a decimal string."""
+    attributes, data = _binary("maintenance.started")
+    as_number = decode_pubsub(attributes, dumps(data))
+    as_text = decode_pubsub(attributes, dumps({**data, "sequence": str(data["sequence"])}))
+    assert as_text == as_number and as_text.data.sequence == 4
+    biggest = decode_pubsub(attributes, dumps({**data, "sequence": str(2**63 - 1)}))
+    assert biggest.data.sequence == 2**63 - 1
+
+
 def test_non_ce_attributes_are_ignored() -> None:
     """Pub/Sub may carry attributes of its own (e.g. googclient_*); only ce-* count."""
     attributes, payload = _wire("maintenance.ended", "binary", "content-type")
@@ -262,7 +272,10 @@ MALFORMED: dict[str, tuple[Callable[[], Event], str]] = {
     "data is a list": (lambda: decode_pubsub(_ATTRS, b"[]"), "data must be a JSON object"),
     "no sequence": (_data_case("sequence", _DELETE), "data.sequence"),
     "negative sequence": (_data_case("sequence", -1), "data.sequence"),
-    "sequence as text": (_data_case("sequence", "4"), "data.sequence"),
+    "sequence as words": (_data_case("sequence", "four"), "data.sequence"),
+    "sequence as signed text": (_data_case("sequence", "+4"), "data.sequence"),
+    "sequence as float": (_data_case("sequence", 4.0), "data.sequence"),
+    "sequence beyond int64": (_data_case("sequence", 2**63), "data.sequence"),
     "sequence as bool": (_data_case("sequence", True), "data.sequence"),
     "down as text": (_data_case("happened_while_down", "false"), "data.happened_while_down"),
     "notice as float": (_data_case("notice_seconds", 1.5), "data.notice_seconds"),

@@ -416,6 +416,35 @@ def test_ops_agent_parses_the_bridge_journal_as_json() -> None:
     assert severity["fields"]["severity"] == {"move_from": "jsonPayload.severity"}
 
 
+def test_monitoring_queries_use_series_the_bridge_exports() -> None:
+    """terraform/monitoring.tf's PromQL against a real /metrics page: a renamed metric or label
+    would leave an alert that can never fire."""
+    from bridge.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.last_poll.labels("instance/maintenance-event").set_to_current_time()  # a running one
+    page = metrics.render().decode()
+    exported = {line.split("{")[0].split(" ")[0] for line in page.splitlines() if line[:1] != "#"}
+    text = (REPO / "terraform" / "monitoring.tf").read_text().replace('\\"', '"')
+    used = set(re.findall(r"maintenance_bridge_\w+", text))
+    assert used, "monitoring.tf queries no bridge metric"
+    assert used <= exported, used - exported
+    selectors = re.findall(r"maintenance_bridge_\w+\{([^}]*)\}", text)
+    assert selectors, "the heartbeat is selected by its kind"
+    for selector in selectors:
+        for label, value in re.findall(r'(\w+)!?="([^"]*)"', selector):
+            assert f'{label}="{value}"' in page, (label, value)
+    for grouping in re.findall(r"by \(([^)]*)\)", text):
+        for label in grouping.replace("${local.by_vm}", "").split(","):
+            label = label.strip()
+            # Either a label of the bridge's series or one the Ops Agent / GCE metrics add.
+            assert (
+                not label
+                or f"{label}=" in page
+                or label in ("namespace", "location", "instance_id", "subscription_id", "le")
+            ), label
+
+
 # --- Container-Optimized OS and Windows ----------------------------------------------------
 
 

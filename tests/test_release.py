@@ -86,6 +86,19 @@ def test_release_is_reproducible_and_summed(snapshot: Path, dist: Path, tmp_path
         assert sha256(dist / name) == digest, name
 
 
+def test_the_sdist_rebuilds_the_same_wheel(dist: Path, tmp_path: Path) -> None:
+    """What PyPI users build from the sdist is byte for byte the wheel that was tested."""
+    (sdist,) = dist.glob("maintenance_bridge-*.tar.gz")
+    (wheel,) = dist.glob("maintenance_bridge-*.whl")
+    pip = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index"]
+    result = run(
+        [*pip, "--no-build-isolation", "--wheel-dir", str(tmp_path), str(sdist)],
+        env={**os.environ, "SOURCE_DATE_EPOCH": EPOCH},
+    )
+    assert result.returncode == 0, result.stderr
+    assert sha256(tmp_path / wheel.name) == sha256(wheel)
+
+
 def test_build_script_and_start_up_script_lint() -> None:
     shellcheck = shutil.which(
         "shellcheck", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}"

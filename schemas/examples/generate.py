@@ -1,4 +1,4 @@
-"""Write the golden example events: `python schemas/examples/generate.py [--check]`.
+"""Write the golden events and the producer schema: `python schemas/examples/generate.py [--check]`.
 
 For every kind, `<kind>.json` is the structured-mode CloudEvent (what the stdout sink prints and
 what structured content mode publishes) and `<kind>.pubsub.json` is the binary-mode Pub/Sub
@@ -8,11 +8,15 @@ object; the bytes on the wire are that object in compact UTF-8 JSON (`bridge.eve
 Pure and deterministic: fixed ids, times and instances go through the bridge's own
 `build_event`, `classify` and `notice_seconds`, so a test can regenerate every file in memory
 and fail when the code and the goldens drift apart. The same run refreshes the examples
-embedded in docs/events.md (a ```json block after `<!-- example: NAME -->` shows NAME.json).
+embedded in docs/events.md (a ```json block after `<!-- example: NAME -->` shows NAME.json),
+and derives `v1/event-data.producer.schema.json` from the published consumer schema
+(`v1/event-data.schema.json`), so that the strict schema the tests hold the bridge to is never
+a second hand-kept copy.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
@@ -38,6 +42,8 @@ from bridge.transitions import canonical, classify, notice_seconds
 
 HERE = Path(__file__).resolve().parent
 DOCS = HERE.parents[1] / "docs" / "events.md"
+CONSUMER_SCHEMA = HERE.parent / "v1" / "event-data.schema.json"
+PRODUCER_SCHEMA = HERE.parent / "v1" / "event-data.producer.schema.json"
 EXAMPLE_BLOCK = re.compile(
     r"(?P<head><!-- example: (?P<name>[a-z.]+) -->\n```json\n)(?P<body>.*?)(?P<tail>^```$)",
     re.DOTALL | re.MULTILINE,
@@ -87,6 +93,11 @@ def _window(start: str, end: str) -> str:
             "maintenanceReasons": ["PLANNED_UPDATE"],
         },
     )
+
+
+def stream_of(instance: Instance) -> str:
+    """A fixed stream id per example VM (the bridge makes a random one with its state store)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"maintenance-bridge:example:stream:{instance.name}"))
 
 
 FIRST = _window("2030-01-15T02:00:00Z", "2030-01-15T06:00:00Z")
@@ -153,6 +164,7 @@ def event_for(example: Example) -> Event:
         happened_while_down=example.happened_while_down,
         notice_seconds=notice_seconds(transition),
         at_startup=example.at_startup,
+        stream_id=stream_of(example.instance),
     )
 
 
@@ -183,6 +195,27 @@ def render() -> dict[str, str]:
     return files
 
 
+def producer_schema(consumer: dict[str, Any]) -> dict[str, Any]:
+    """The consumer schema made exact: no unknown field anywhere, every field this release
+    always writes required, `sequence` a JSON number as the bridge writes it."""
+    strict = copy.deepcopy(consumer)
+    strict["$id"] = consumer["$id"].replace("/event-data.json", "/event-data.producer.json")
+    strict["title"] = "maintenance-bridge v1 event data, exactly as this release emits it"
+    strict["description"] = (
+        "For the project's own tests, not for consumers: it rejects fields added in later v1 "
+        "releases. Consumers validate with event-data.schema.json. Generated from it by "
+        "schemas/examples/generate.py."
+    )
+    strict["required"] = [*consumer["required"], "at_startup", "stream_id"]
+    sequence = strict["properties"]["sequence"]
+    sequence["type"] = "integer"
+    del sequence["pattern"]
+    for obj in (strict, *strict["$defs"].values()):
+        if "properties" in obj:
+            obj["additionalProperties"] = False
+    return strict
+
+
 def embed(doc: str, files: dict[str, str]) -> str:
     """`doc` with every marked example block replaced by the golden file it names."""
 
@@ -197,6 +230,8 @@ def main(argv: list[str]) -> int:
     check = "--check" in argv
     files = render()
     wanted = {HERE / name: text for name, text in files.items()}
+    consumer = json.loads(CONSUMER_SCHEMA.read_text(encoding="utf-8"))
+    wanted[PRODUCER_SCHEMA] = _text(producer_schema(consumer))
     if DOCS.exists():
         wanted[DOCS] = embed(DOCS.read_text(encoding="utf-8"), files)
     stale = []
