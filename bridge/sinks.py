@@ -69,7 +69,8 @@ class PubSubSink:
         self.mode = config.content_mode
         self.publish_latency = config.publish_latency
         self._client: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _connecting and _waiting, never held for long
+        self._creating = threading.Lock()
         self._connecting = False
         self._waiting: list[tuple[Event, Future[str]]] = []
         # One attempt per publish, no retry inside the client: with message ordering on, the
@@ -81,7 +82,7 @@ class PubSubSink:
 
     @property
     def client(self) -> Any:
-        with self._lock:
+        with self._creating:
             if self._client is None:
                 self._client = self._new_client()
             return self._client

@@ -2,7 +2,7 @@
 
 Envelopes: a Pub/Sub message (attributes + bytes), the data of an Eventarc
 `google.cloud.pubsub.topic.v1.messagePublished` CloudEvent (shaped like Google's test data in
-`../shared/reference/eventarc-pubsub/`, including the duplicated snake_case fields), and a
+`tests/data/eventarc-pubsub/`, including the duplicated snake_case fields), and a
 Pub/Sub push request body. Both content modes, both spellings of the content-type attribute.
 """
 
@@ -34,34 +34,9 @@ from bridge.events import (
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "schemas" / "examples"
-EVENTARC = ROOT.parent / "shared" / "reference" / "eventarc-pubsub"
+EVENTARC = ROOT / "tests" / "data" / "eventarc-pubsub"
 EXTENSION_NAME = re.compile(r"[a-z0-9]{1,20}")
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-# Used only where ../shared/reference is not there: the same shapes as Google's test data.
-_FALLBACK_TEMPLATES: dict[str, dict[str, Any]] = {
-    "data-MessagePublishedData-complex.json": {
-        "subscription": "projects/test-project/subscriptions/my-subscription",
-        "message": {
-            "attributes": {"attr1": "attr1-value"},
-            "data": "dGVzdCBtZXNzYWdlIDM=",
-            "messageId": "message-id",
-            "publishTime": "2021-02-05T04:06:14.109Z",
-            "orderingKey": "ordering-key",
-        },
-    },
-    "data-MessagePublishedData-duplicatedFields.json": {
-        "subscription": "projects/my-project/subscriptions/my-subscription",
-        "message": {
-            "@type": "type.googleapis.com/google.pubsub.v1.PubsubMessage",
-            "data": "AQIDBA==",
-            "messageId": "message-id",
-            "message_id": "message-id",
-            "publishTime": "2021-02-05T04:06:14.109Z",
-            "publish_time": "2021-02-05T04:06:14.109Z",
-        },
-    },
-}
 
 
 def _golden(name: str) -> Any:
@@ -69,10 +44,7 @@ def _golden(name: str) -> Any:
 
 
 def _template(name: str) -> dict[str, Any]:
-    path = EVENTARC / name
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    return copy.deepcopy(_FALLBACK_TEMPLATES[name])
+    return json.loads((EVENTARC / name).read_text(encoding="utf-8"))
 
 
 def _b64(payload: bytes) -> str:
@@ -111,12 +83,11 @@ def _envelopes(
     ):
         published = _message(name, attributes, payload)
         yield f"eventarc {name}", lambda p=published: decode_message_published(p)
-    structured_path = EVENTARC / "structured-MessagePublishedData.json"
-    if structured_path.is_file():  # the whole Eventarc CloudEvent, as functions-framework sees it
-        outer = json.loads(structured_path.read_text(encoding="utf-8"))
-        outer["data"]["message"]["attributes"] = attributes
-        outer["data"]["message"]["data"] = _b64(payload)
-        yield "eventarc structured", lambda o=outer: decode_message_published(o["data"])
+    # The whole Eventarc CloudEvent, as functions-framework sees it.
+    outer = json.loads((EVENTARC / "structured-MessagePublishedData.json").read_text("utf-8"))
+    outer["data"]["message"]["attributes"] = attributes
+    outer["data"]["message"]["data"] = _b64(payload)
+    yield "eventarc structured", lambda o=outer: decode_message_published(o["data"])
     push = {
         "message": {
             "attributes": attributes,

@@ -7,6 +7,7 @@ asserting how the resources are wired, and by checkov's policies.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -174,6 +175,11 @@ def test_publisher_iam_is_topic_scoped_never_project_wide(module) -> None:
             if name == "build_logs":  # log writing has no narrower resource to grant it on
                 assert body["role"] == "roles/logging.logWriter"
                 assert body["member"] == "serviceAccount:${google_service_account.build[0].email}"
+                continue
+            if name == "vm_telemetry":  # the Ops Agent's writes: no narrower scope either
+                roles = re.findall(r"roles/[\w.]+", body["for_each"])
+                assert roles == ["roles/logging.logWriter", "roles/monitoring.metricWriter"]
+                assert body["member"] == "serviceAccount:${local.vm_service_account}"
                 continue
             assert "condition" in body, f"{rtype}.{name} is project-wide without a condition"
     for rtype in ("google_project_iam_binding", "google_project_iam_policy"):
@@ -370,9 +376,11 @@ def test_example_vm_runs_the_bridge_as_publisher(module) -> None:
     assert "access_config" not in block(template, "network_interface")
     assert block(template, "shielded_instance_config")["enable_secure_boot"] is True
     assert template["metadata"]["startup-script"] == "${local.startup_script}"
-    inline = module["locals"]["startup_inline"]
-    assert "maintenance-bridge run --topic ${local.bridge_topic}" in inline
-    assert "--state-dir /var/lib/maintenance-bridge" in inline
+    (precondition,) = template["lifecycle"][0]["precondition"]
+    assert "scripts/build-release" in precondition["error_message"]
+    reader = resources(module, "google_storage_bucket_iam_member")["vm_artifact_reader"]
+    assert reader["role"] == "roles/storage.objectViewer"
+    assert "objects/${a.object}" in reader["condition"][0]["expression"]
 
 
 def test_variables_are_typed_described_and_validated(module) -> None:
@@ -495,30 +503,46 @@ def _bash_n(script: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_startup_script_runs_the_install_script(console: Console, tmp_path: Path) -> None:
-    if not (REPO / "deploy" / "install.sh").is_file():
-        pytest.skip("deploy/install.sh is not in this checkout")
+def test_startup_script_installs_only_a_verified_wheel(console: Console, tmp_path: Path) -> None:
+    """The rendered script itself runs in tests/test_release.py; here, what goes into it."""
+    wheel = tmp_path / "maintenance_bridge-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"not really a wheel")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     script = console.eval(
         "local.startup_script",
-        example_instance_template={"bridge_settings": {"BRIDGE_HEARTBEAT_INTERVAL": "300"}},
+        example_instance_template={
+            "bridge_wheel": str(wheel),
+            "bridge_settings": {"BRIDGE_HEARTBEAT_INTERVAL": "300"},
+        },
     )
-    assert (REPO / "deploy" / "install.sh").read_text().strip() in script
-    assert "export BRIDGE_TOPIC='projects/my-project/topics/maintenance-bridge-events'" in script
-    assert "export BRIDGE_STATE_DIR='/var/lib/maintenance-bridge'" in script
-    assert "export BRIDGE_HEARTBEAT_INTERVAL='300'" in script
-    assert script.rstrip().endswith("bash /run/maintenance-bridge-install.sh 'maintenance-bridge'")
+    for name in ("install.sh", "vm-install.sh", "constraints.txt", "ops-agent/config.yaml"):
+        assert (REPO / "deploy" / name).read_text().strip() in script, name
+    object_name = f"maintenance-bridge/{digest}/{wheel.name}"
+    for line in (
+        f"export MB_WHEEL_URL='gs://my-project-maintenance-bridge-src/{object_name}'",
+        f"export MB_WHEEL_SHA256='{digest}'",
+        "export BRIDGE_TOPIC='projects/my-project/topics/maintenance-bridge-events'",
+        "export BRIDGE_HTTP_HOST='127.0.0.1'",
+        "export BRIDGE_HTTP_PORT='8799'",
+        "export BRIDGE_HEARTBEAT_INTERVAL='300'",
+        "export MB_OPS_AGENT='install'",
+    ):
+        assert line in script.splitlines(), line
+    assert script.rstrip().endswith('exec bash "$root/vm-install.sh"')
     _bash_n(script, tmp_path)
 
 
-def test_startup_script_without_the_repository(tmp_path: Path) -> None:
-    console = _console(tmp_path, with_repo_files=False)
-    script = console.eval("local.startup_script", topic_name="fleet-events")
-    assert (
-        "maintenance-bridge run --topic projects/my-project/topics/fleet-events"
-        " --state-dir /var/lib/maintenance-bridge"
-    ) in script
-    assert "BRIDGE_TOPIC=projects/my-project/topics/fleet-events\n" in script
-    _bash_n(script, tmp_path)
+def test_startup_script_never_names_an_unpinned_package(console: Console) -> None:
+    env = console.eval(
+        "local.vm_install_env",
+        example_instance_template={
+            "bridge_package": "maintenance-bridge==0.1.0",
+            "bridge_package_hashes": ["a" * 64],
+        },
+    )
+    assert env["MB_PACKAGE"] == "maintenance-bridge==0.1.0"
+    assert env["MB_PACKAGE_HASHES"] == "a" * 64
+    assert "MB_WHEEL_URL" not in env
 
 
 def test_function_settings_match_what_the_functions_parse(console: Console) -> None:
@@ -604,6 +628,13 @@ def test_defaults_pass_validation(console: Console) -> None:
         ("drain", {"backends": [{"type": "lb", "zone": "us-central1-a", "name": "x"}]}),
         ("bigquery_history", {"dataset_id": "has-dashes"}),
         ("example_instance_template", {"bridge_settings": {"TOPIC": "x"}}),
+        (
+            "example_instance_template",
+            {"bridge_package": "maintenance-bridge", "bridge_package_hashes": ["a" * 64]},
+        ),
+        ("example_instance_template", {"bridge_package": "maintenance-bridge==0.1.0"}),
+        ("example_instance_template", {"bridge_wheel": "/tmp/something.tar.gz"}),
+        ("monitoring", {"notification_channels": ["email:me@example.com"]}),
     ],
 )
 def test_validation_rejects(console: Console, variable: str, value: Any) -> None:
