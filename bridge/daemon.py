@@ -3,9 +3,12 @@
 metadata server -> watchers -> recorder (transition, store + outbox) -> relay -> sink
                                                                       -> hooks
 
-Start order: nothing slow comes before the watch. The first long-poll of every key goes out
-before the Pub/Sub client is imported and connected (in the background, ~0.2 s); an event
-recorded meanwhile waits in the outbox as it would during a Pub/Sub outage.
+Start order: nothing slow comes before the watch. The first round of the
+`instance/maintenance-event` long-poll (which arms Google's 60 s migration warning) goes out
+before the rest of the bridge is even imported (prometheus_client, http.server, tenacity: the
+bulk of the start-up time), and its answer becomes that watcher's first reading. The Pub/Sub
+client is imported and connected last, in the background (~0.2 s); an event recorded
+meanwhile waits in the outbox as it would during a Pub/Sub outage.
 """
 
 from __future__ import annotations
@@ -20,25 +23,21 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any
-
-import tenacity
+from typing import TYPE_CHECKING, Any
 
 from bridge import __version__
 from bridge.config import Config, ConfigError
-from bridge.endpoints import serve
-from bridge.events import Instance, Scheduling, rfc3339
-from bridge.health import Health
-from bridge.hooks import Hooks
-from bridge.metadata import MetadataClient
-from bridge.metrics import Metrics
-from bridge.recorder import Recorder
-from bridge.relay import Relay
-from bridge.retry import metadata_policy
+from bridge.events import MAINTENANCE, Instance, Scheduling, rfc3339
+from bridge.metadata import MetadataClient, MetadataError, Reading
 from bridge.sinks import Sink, make_sink
-from bridge.status import daemon_record
 from bridge.store import Store
-from bridge.watcher import Watcher
+
+if TYPE_CHECKING:
+    import tenacity
+
+    from bridge.health import Health
+    from bridge.recorder import Recorder
+    from bridge.watcher import Watcher
 
 log = logging.getLogger("bridge")
 
@@ -51,6 +50,17 @@ def run(
     environ: Mapping[str, str] | None = None,
 ) -> int:
     """Run until `stop` is set; returns the exit code. Raises ConfigError before watching."""
+    armed = _arm(config)
+    # Slow to import (prometheus_client, http.server, tenacity, ...): after the watch is armed.
+    from bridge.endpoints import serve
+    from bridge.health import Health
+    from bridge.hooks import Hooks
+    from bridge.metrics import Metrics
+    from bridge.recorder import Recorder
+    from bridge.relay import Relay
+    from bridge.status import daemon_record
+    from bridge.watcher import Watcher
+
     try:
         store = Store(
             config.db_path, max_events=config.outbox_max_events, max_bytes=config.outbox_max_bytes
@@ -113,7 +123,8 @@ def run(
             config, store, snapshot, instance, scheduling, relay, hooks, health, metrics
         )
         for key in config.keys:
-            watchers.append(Watcher(key, config, recorder.observe, stop, health, metrics))
+            first = armed if key == MAINTENANCE else None
+            watchers.append(Watcher(key, config, recorder.observe, stop, health, metrics, first))
             watchers[-1].start()
         watching.set()
         if config.heartbeat_interval:
@@ -150,6 +161,22 @@ def _note_daemon(store: Store, record: dict[str, Any]) -> None:
         store.note_daemon(record)
     except sqlite3.Error as exc:
         log.warning("could not record the daemon in the state store: %s", exc)
+
+
+def _arm(config: Config) -> Reading | None:
+    """The first round of the `instance/maintenance-event` watch, asked before anything slow:
+    the server gives its 60 s migration warning only if the key itself was queried since the
+    last event. One attempt (with a short connect time-out: off GCE it must not delay start-up);
+    if it fails, the watcher asks again under the retry policy."""
+    if MAINTENANCE not in config.keys:
+        return None
+    client = MetadataClient(config.metadata_url, connect_timeout=0.5)
+    try:
+        return client.watch(MAINTENANCE, "0", config.poll_timeout)
+    except MetadataError:
+        return None
+    finally:
+        client.close()
 
 
 def _deferred_connect(sink: Sink) -> Callable[[], None] | None:
@@ -195,6 +222,8 @@ def _identity(
 ) -> tuple[Instance, Scheduling] | None:
     """Read who we are: what names the event source is retried as the watchers retry (nothing
     can be published without it); the rest is read once, best effort. None if stopped first."""
+    from bridge.retry import metadata_policy
+
     client = MetadataClient(config.metadata_url)
 
     def sleep(seconds: float) -> None:

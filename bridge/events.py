@@ -55,7 +55,7 @@ PREEMPTION_NOTICE_SECONDS = 30
 # CloudEvents attributes that are not extensions; everything else under ce-* is an extension.
 _CORE_ATTRIBUTES = ("specversion", "id", "source", "type", "time", "subject", "dataschema")
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
-_INT64_TEXT = re.compile(r"-?[0-9]{1,19}")
+_INT64_TEXT = re.compile(r"[0-9]{1,19}")
 
 
 class DecodeError(ValueError):

@@ -47,7 +47,10 @@ class Watcher:
         stop: threading.Event,
         health: Health,
         metrics: Metrics,
+        first: Reading | None = None,
     ) -> None:
+        """`first`: the answer to a first round asked before the watcher existed (the daemon
+        arms maintenance-event before anything slow); used instead of asking again."""
         self.key = key
         # Plain values are asked as Google's sample asks them (no alt); only the window is JSON.
         self.alt = "json" if key == UPCOMING else None
@@ -63,6 +66,7 @@ class Watcher:
         self._told_absent = False
         self._told_no_etag = False
         self._retrying = metadata_policy(config.retry_cap).retrying(self._sleep, self._on_failure)
+        self._first = first
 
     def start(self) -> None:
         self.thread.start()
@@ -75,7 +79,9 @@ class Watcher:
             while not self.stop.is_set():
                 timeout = self.config.poll_timeout
                 self.health.expect(self.key, timeout + 10 + self.config.retry_cap)
-                reading = self._retrying(client.watch, self.key, etag, timeout, self.alt)
+                reading, self._first = self._first, None
+                if reading is None:
+                    reading = self._retrying(client.watch, self.key, etag, timeout, self.alt)
                 self.metrics.last_poll.labels(self.key).set_to_current_time()
                 self._recovered()
                 pause = self._handle(reading, first)

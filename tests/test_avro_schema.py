@@ -9,6 +9,7 @@ bridge itself) goes through a schema-enforcing topic; malformed payloads are ref
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import hcl2
 import pytest
 from google.api_core import exceptions as gexc
 from google.pubsub_v1 import PublisherClient, SchemaServiceClient
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.schema_service.transports import SchemaServiceGrpcTransport
+from hcl2.utils import SerializationOptions
 from support.bridge import BridgeProcess
 from support.pubsub import PubSubAdmin, PubSubServer, admin
 
@@ -39,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AVRO = ROOT / "schemas" / "v1" / "event-data.avsc"
 CONSUMER_SCHEMA = ROOT / "schemas" / "v1" / "event-data.schema.json"
 EXAMPLES = ROOT / "schemas" / "examples"
+TERRAFORM = ROOT / "terraform"
 JSON_TO_AVRO = {"string": "string", "boolean": "boolean", "integer": "long"}
 
 
@@ -78,6 +82,35 @@ def test_avro_schema_checks_exactly_the_fields_every_event_carries() -> None:
                 assert field["type"] == JSON_TO_AVRO[json_type], label
 
     compare(_avro(), consumer, [*consumer["required"], "stream_id"], "data")
+
+
+def _hcl(path: Path) -> dict[str, Any]:
+    options = SerializationOptions(strip_string_quotes=True, explicit_blocks=False)
+    with path.open(encoding="utf-8") as f:
+        return hcl2.load(f, serialization_options=options)
+
+
+def test_terraform_attaches_the_proven_schema_by_default() -> None:
+    """topic_schema_type: "avro" (proven below) unless "protobuf" is asked for."""
+    variables = {
+        k: v for block in _hcl(TERRAFORM / "variables.tf")["variable"] for k, v in block.items()
+    }
+    variable = variables["topic_schema_type"]
+    assert variable["default"] == "avro"
+    assert variable["validation"][0]["condition"] == (
+        '${contains(["avro", "protobuf"], var.topic_schema_type)}'
+    )
+    (schema,) = [
+        block["google_pubsub_schema"]["event_data"]
+        for block in _hcl(TERRAFORM / "main.tf")["resource"]
+        if "google_pubsub_schema" in block
+    ]
+    assert schema["type"] == '${var.topic_schema_type == "avro" ? "AVRO" : "PROTOCOL_BUFFER"}'
+    assert 'var.topic_schema_type == "avro"' in schema["definition"].split("?")[0]
+    files = re.findall(r'file\("\$\{path\.module\}/([^"]+)"\)', schema["definition"])
+    assert files == ["../schemas/v1/event-data.avsc", "../schemas/v1/event-data.proto"]
+    assert all((TERRAFORM / f).resolve().is_file() for f in files)
+    assert "${var.topic_schema_type}" in schema["name"]  # switching makes a new schema
 
 
 # -- on the official emulator ------------------------------------------------------------------

@@ -7,7 +7,7 @@ meets: a pulled Pub/Sub message, a push request body, and the HTTP request Event
 come from the committed package-lock.json (`npm ci`, cached in its git-ignored node_modules).
 
 Go: `examples/consumers/go/` is standard library only; where a Go toolchain is installed it must
-be gofmt-clean, pass `go vet`, and decode the golden messages.
+be gofmt-clean, pass `go vet` and its own `go test`, and decode the golden messages.
 """
 
 from __future__ import annotations
@@ -170,6 +170,28 @@ def test_node_consumer_decodes_every_golden_on_every_path(node: str) -> None:
     assert len(results) == len(KINDS) * 2 * 5
 
 
+def test_node_consumer_reads_the_raw_envelopes_of_the_docs(node: str) -> None:
+    """schemas/examples/envelope.*.json, as each path delivers them (Eventarc over HTTP: the
+    outer event's attributes as ce-* headers, its data as the body)."""
+    pulled = json.loads((EXAMPLES / "envelope.pull.json").read_text(encoding="utf-8"))
+    message = pulled["receivedMessages"][0]["message"]
+    push = json.loads((EXAMPLES / "envelope.push.json").read_text(encoding="utf-8"))
+    eventarc = json.loads((EXAMPLES / "envelope.eventarc.json").read_text(encoding="utf-8"))
+    headers = {f"ce-{k}": v for k, v in eventarc.items() if k not in ("data", "datacontenttype")}
+    headers["content-type"] = eventarc["datacontenttype"]
+    results = _run_node(
+        node,
+        [
+            {"delivery": "pubsub", "attributes": message["attributes"], "data": message["data"]},
+            {"delivery": "push", "body": push},
+            {"delivery": "eventarc", "headers": headers, "body": json.dumps(eventarc["data"])},
+        ],
+    )
+    assert [(r["ok"], r["kind"], r["sequence"]) for r in results] == [
+        (True, "maintenance.started", "4")
+    ] * 3
+
+
 def test_node_consumer_accepts_a_later_v1_event_and_refuses_bad_ones(node: str) -> None:
     attributes, payload = _wire("maintenance.started", "binary")
     data = json.loads(payload)
@@ -179,13 +201,15 @@ def test_node_consumer_accepts_a_later_v1_event_and_refuses_bad_ones(node: str) 
         "added_in_v1_9": {"x": [1]},
         "instance": {**data["instance"], "added_too": "y"},
     }
-    good = [
-        {"delivery": "pubsub", "attributes": {**attributes, "ce-region": "r"}, "data": _b64(dumps(later))},
-    ]  # fmt: skip
+    extended = {**attributes, "ce-region": "us-central1"}  # an extension added within v1
+    good = [{"delivery": "pubsub", "attributes": extended, "data": _b64(dumps(later))}]
     planted: dict[str, tuple[dict[str, str], bytes]] = {
         "sequence as words": (attributes, dumps({**data, "sequence": "four"})),
         "no instance": (attributes, dumps({k: v for k, v in data.items() if k != "instance"})),
-        "unknown key": (attributes, dumps({**data, "key": "instance/other"})),
+        "upcoming key without a window": (
+            attributes,
+            dumps({**data, "key": "instance/upcoming-maintenance"}),
+        ),
         "stream_id not a UUID": (attributes, dumps({**data, "stream_id": "vm-1"})),
         "payload not JSON": (attributes, b"MIGRATE_ON_HOST_MAINTENANCE"),
         "no ce-id": ({k: v for k, v in attributes.items() if k != "ce-id"}, payload),
@@ -209,24 +233,31 @@ def go() -> str:
     return go_bin
 
 
-def test_go_consumer_is_formatted_and_vetted(go: str) -> None:
+def test_go_consumer_is_formatted_vetted_and_tested(go: str) -> None:
+    """gofmt, go vet, and its own tests (every golden, both modes, push, a later v1 event,
+    sequence as a string, bad events)."""
     gofmt = Path(go).with_name("gofmt")
     unformatted = subprocess.run(
         [str(gofmt), "-l", "."], cwd=GO_DIR, capture_output=True, text=True, check=True
     ).stdout
     assert not unformatted, f"gofmt would change: {unformatted}"
-    vet = subprocess.run([go, "vet", "./..."], cwd=GO_DIR, capture_output=True, text=True)
-    assert vet.returncode == 0, vet.stderr
+    for command in ("vet", "test"):
+        done = subprocess.run(
+            [go, command, "./..."], cwd=GO_DIR, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, f"go {command}: {done.stdout}{done.stderr}"
 
 
 def test_go_consumer_decodes_the_goldens(go: str) -> None:
-    """`go run . FILE...` decodes binary-mode golden messages and a structured event."""
+    """`go run . FILE...` decodes every binary-mode golden message and the raw push body."""
+    kinds = [*KINDS, "maintenance.started"]
     files = [str(EXAMPLES / f"{kind}.pubsub.json") for kind in KINDS]
+    files.append(str(EXAMPLES / "envelope.push.json"))
     done = subprocess.run(
         [go, "run", ".", *files], cwd=GO_DIR, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) == len(KINDS)
-    for kind, line in zip(KINDS, lines, strict=True):
-        assert kind in line, line
+    assert len(lines) == len(files)
+    for kind, line in zip(kinds, lines, strict=True):
+        assert line.startswith(f"{kind} "), line

@@ -56,6 +56,7 @@ from bridge.events import (
     dumps,
 )
 from bridge.simulator import SCENARIOS, Simulator
+from bridge.store import Store
 from bridge.transitions import canonical
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,6 +218,31 @@ def test_a_new_state_dir_is_a_new_stream(tmp_path: Path, scenario: list[Event]) 
     assert uuid.UUID(first.data.stream_id).version == 4
 
 
+def test_the_store_keeps_its_stream_and_adopts_older_outbox_events(tmp_path: Path) -> None:
+    """The stream id is made with the store and survives a reopen; an event recorded by a
+    bridge older than stream_id, still in the outbox at the upgrade, goes out in the store's
+    stream (a topic schema requiring the field would refuse it otherwise)."""
+    old = generate.events()["maintenance.started"].to_structured()
+    del old["data"]["stream_id"]
+    store = Store(tmp_path / "bridge.sqlite3")
+    try:
+        first = store.load().stream_id
+        store._db.execute(
+            "INSERT INTO outbox(seq, id, kind, body, recorded_at) VALUES (4, ?, ?, ?, 0)",
+            (old["id"], "maintenance.started", dumps(old)),
+        )
+    finally:
+        store.close()
+    store = Store(tmp_path / "bridge.sqlite3")
+    try:
+        snapshot = store.load()
+    finally:
+        store.close()
+    assert snapshot.stream_id == first and uuid.UUID(first).version == 4
+    ((seq, pending, _),) = snapshot.pending
+    assert seq == 4 and pending.data.stream_id == first and pending.id == old["id"]
+
+
 @pytest.fixture(scope="module")
 def goldens() -> dict[str, Event]:
     return generate.events()
@@ -303,7 +329,10 @@ def test_golden_files_match_the_code() -> None:
         assert (EXAMPLES / name).read_text(encoding="utf-8") == text, (
             f"{name} is stale; run: python schemas/examples/generate.py"
         )
-    assert set(files) == {f"{k}.json" for k in KINDS} | {f"{k}.pubsub.json" for k in KINDS}
+    envelopes = {f"envelope.{path}.json" for path in ("pull", "push", "eventarc")}
+    assert (
+        set(files) == {f"{k}.json" for k in KINDS} | {f"{k}.pubsub.json" for k in KINDS} | envelopes
+    )
 
 
 def test_golden_pubsub_form_is_the_wire_message(goldens: dict[str, Event]) -> None:
@@ -562,6 +591,10 @@ def test_a_later_v1_event_validates_and_decodes(
     }
     assert consumer_validator.is_valid(later)
     assert not data_validator.is_valid(later)
+    # A new key comes with a new event type, which consumers skip: its data still validates.
+    new_key = {k: v for k, v in data.items() if k != "upcoming"}
+    new_key["key"] = "instance/guest-attributes"
+    assert consumer_validator.is_valid(new_key) and not data_validator.is_valid(new_key)
     attributes, _ = golden.to_pubsub("binary")
     attributes = {**attributes, "ce-region": "us-central1"}
     event = decode_pubsub(attributes, dumps(later))

@@ -124,6 +124,19 @@ def test_golden_round_trips_through_every_envelope(kind: str, mode: str, header:
     assert len(labels) >= 7
 
 
+def test_raw_envelopes_of_the_docs_decode() -> None:
+    """The raw JSON of each delivery path (schemas/examples/envelope.*.json, shown in
+    docs/events.md) decodes to the golden event."""
+    expected = decode_structured(_golden("maintenance.started.json"))
+    pulled = _golden("envelope.pull.json")["receivedMessages"][0]["message"]
+    data = base64.b64decode(pulled["data"])
+    assert decode_pubsub(pulled["attributes"], data) == expected
+    assert decode_push(_golden("envelope.push.json")) == expected
+    eventarc = _golden("envelope.eventarc.json")
+    assert eventarc["type"] == "google.cloud.pubsub.topic.v1.messagePublished"
+    assert decode_message_published(eventarc["data"]) == expected
+
+
 def test_decoded_event_is_typed() -> None:
     event = decode_structured(_golden("upcoming.updated.json"))
     assert event.kind == "upcoming.updated"

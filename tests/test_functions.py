@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import base64
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import importlib.util
@@ -942,15 +943,70 @@ def test_ledger_answers_which_vms_are_about_to_be_disrupted(ledger) -> None:
     assert "ledger-vm" not in names  # its maintenance ended
 
 
+def _in_stream(event: Any, stream_id: str) -> Any:
+    return dataclasses.replace(event, data=dataclasses.replace(event.data, stream_id=stream_id))
+
+
 def test_ledger_order_rules() -> None:
-    """Sequence decides; a backwards sequence wins only when it is clearly later (bridge reset)."""
+    """Within a stream the sequence decides; a new stream (a bridge on an empty state dir, which
+    counts from 1 again) supersedes the old one at once; a late event of the old one does not."""
     ledger_main = _load_module("ledger")
-    stored = {"sequence": 9, "observed_at": "2030-01-01T00:00:00.000Z"}
-    assert ledger_main._advances(10, "2030-01-01T00:00:01.000Z", stored)
-    assert not ledger_main._advances(9, "2030-01-01T00:00:01.000Z", stored)  # same event
-    assert not ledger_main._advances(8, "2029-12-31T23:59:59.000Z", stored)  # late delivery
-    assert ledger_main._advances(1, "2030-01-02T00:00:00.000Z", stored)  # state lost, restarted
-    assert ledger_main._advances(0, "", None)
+    old, new = str(uuid.uuid4()), str(uuid.uuid4())
+    stored = {"sequence": 9, "stream_id": old, "observed_at": "2026-01-01T12:00:09.000Z"}
+
+    def at(sequence: int, second: int, stream: str) -> Any:
+        moment = datetime(2026, 1, 1, 12, 0, second, tzinfo=timezone.utc)
+        event = maintenance("maintenance.started", sequence=sequence, observed=moment)
+        return _in_stream(event, stream)
+
+    assert ledger_main._advances(at(10, 10, old), stored)
+    assert not ledger_main._advances(at(9, 10, old), stored)  # the same event again
+    assert not ledger_main._advances(at(8, 30, old), stored)  # late delivery, even if later
+    assert ledger_main._advances(at(1, 11, new), stored)  # recreated: new stream, seconds later
+    assert not ledger_main._advances(at(12, 5, new), stored)  # a stream that ended before
+    assert ledger_main._advances(at(1, 0, old), None)
+
+
+def test_ledger_expires_a_silent_vms_notice(ledger) -> None:
+    """A VM deleted during a notice sends no `ended`: once its heartbeat is silent for
+    SILENT_INTERVALS of its interval, the notice is expired; a beat brings it back."""
+    fn, collection = ledger
+    module = _load_module("ledger")
+    inst, stream = vm("gone-vm", 15), str(uuid.uuid4())
+    # Recent: the function's own sweep (on each beat, by the wall clock) must not expire it first.
+    start = datetime.now(timezone.utc) - timedelta(seconds=600)
+
+    def beat(sequence: int, seconds: int) -> Any:
+        return _in_stream(
+            build_event(
+                Transition("bridge/heartbeat", "", "", "bridge.heartbeat"),
+                event_id=str(uuid.uuid4()),
+                sequence=sequence,
+                observed_at=start + timedelta(seconds=seconds),
+                instance=inst,
+                scheduling=Scheduling(),
+                happened_while_down=False,
+                notice_seconds=None,
+            ),
+            stream,
+        )
+
+    started = maintenance(
+        "maintenance.started", instance=inst, sequence=3, observed=start + timedelta(seconds=310)
+    )
+    for event in (beat(1, 0), beat(2, 300), _in_stream(started, stream)):
+        assert fn.send(event).status_code == 200
+    assert _doc(collection, inst)["heartbeat"]["interval_seconds"] == 300
+    db, name = collection._client, collection.id
+    assert module.expire_silent(db, start + timedelta(seconds=300 + 899), collection=name) == []
+    expired = module.expire_silent(db, start + timedelta(seconds=300 + 901), collection=name)
+    assert expired == [f"{PROJECT}_{inst.id}"]
+    doc = _doc(collection, inst)
+    assert doc["disrupting"] is False and "VM deleted" in doc["expired"]["reason"]
+    assert doc["state"]["maintenance"]["current"] == MIGRATE  # the record stays
+    assert fn.send(beat(4, 1300)).status_code == 200  # it was only a silent bridge
+    doc = _doc(collection, inst)
+    assert doc["disrupting"] is True and "expired" not in doc
 
 
 def test_ledger_golden_sequence_and_heartbeat(ledger) -> None:

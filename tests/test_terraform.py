@@ -221,7 +221,7 @@ def test_topic_schema_retention_and_key(module) -> None:
     settings = block(topic, "schema_settings")
     assert settings == {"schema": "${google_pubsub_schema.event_data[0].id}", "encoding": "JSON"}
     schema = resources(module, "google_pubsub_schema")["event_data"]
-    assert schema["type"] == "PROTOCOL_BUFFER"
+    assert schema["type"] == '${var.topic_schema_type == "avro" ? "AVRO" : "PROTOCOL_BUFFER"}'
     assert schema["count"] == "${var.attach_schema ? 1 : 0}"
     assert "/../schemas/v1/event-data.proto" in schema["definition"]
     assert module["variable"]["attach_schema"]["default"] is True

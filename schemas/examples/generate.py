@@ -4,6 +4,10 @@ For every kind, `<kind>.json` is the structured-mode CloudEvent (what the stdout
 what structured content mode publishes) and `<kind>.pubsub.json` is the binary-mode Pub/Sub
 message: `{"attributes": {...}, "data": {...}}`, where `data` is the payload shown as a JSON
 object; the bytes on the wire are that object in compact UTF-8 JSON (`bridge.events.dumps`).
+`envelope.<path>.json` shows the maintenance.started message as each delivery path hands it to a
+subscriber, raw: a Pub/Sub pull response, a push request body, and the Eventarc
+`messagePublished` CloudEvent (structured form; over HTTP its attributes come as ce-* headers and
+`data` as the body).
 
 Pure and deterministic: fixed ids, times and instances go through the bridge's own
 `build_event`, `classify` and `notice_seconds`, so a test can regenerate every file in memory
@@ -16,6 +20,7 @@ a second hand-kept copy.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import re
@@ -182,6 +187,45 @@ def pubsub_form(event: Event) -> dict[str, Any]:
     return {"attributes": attributes, "data": json.loads(payload)}
 
 
+# What Pub/Sub and Eventarc add around the message: fixed, made-up but well-formed values.
+TOPIC = "projects/demo-project/topics/maintenance-bridge-events"
+SUBSCRIPTION = "projects/demo-project/subscriptions/maintenance-events"
+MESSAGE_ID = "2070443601311540"
+PUBLISH_TIME = "2030-01-20T02:00:01.100Z"
+
+
+def envelopes(event: Event) -> dict[str, dict[str, Any]]:
+    """Path -> the raw JSON a subscriber receives for `event` published in binary mode."""
+    attributes, payload = event.to_pubsub("binary")
+    message = {
+        "attributes": attributes,
+        "data": base64.b64encode(payload).decode("ascii"),
+        "messageId": MESSAGE_ID,
+        "publishTime": PUBLISH_TIME,
+        "orderingKey": event.extensions["instanceid"],
+    }
+    # Push and Eventarc repeat the ids in snake_case.
+    pushed = {**message, "message_id": MESSAGE_ID, "publish_time": PUBLISH_TIME}
+    published = {"message": pushed, "subscription": SUBSCRIPTION}
+    return {
+        "pull": {
+            "receivedMessages": [
+                {"ackId": "RVNEUAYWLF1GSFE3GQhoUQ5PXiM_NSAoRRIJB08CKF15", "message": message}
+            ]
+        },
+        "push": published,
+        "eventarc": {
+            "specversion": "1.0",
+            "id": MESSAGE_ID,
+            "source": f"//pubsub.googleapis.com/{TOPIC}",
+            "type": "google.cloud.pubsub.topic.v1.messagePublished",
+            "time": PUBLISH_TIME,
+            "datacontenttype": "application/json",
+            "data": published,
+        },
+    }
+
+
 def _text(obj: Any) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
@@ -192,12 +236,15 @@ def render() -> dict[str, str]:
     for kind, event in events().items():
         files[f"{kind}.json"] = _text(event.to_structured())
         files[f"{kind}.pubsub.json"] = _text(pubsub_form(event))
+    for path, envelope in envelopes(events()["maintenance.started"]).items():
+        files[f"envelope.{path}.json"] = _text(envelope)
     return files
 
 
 def producer_schema(consumer: dict[str, Any]) -> dict[str, Any]:
     """The consumer schema made exact: no unknown field anywhere, every field this release
-    always writes required, `sequence` a JSON number as the bridge writes it."""
+    always writes required, `sequence` a JSON number as the bridge writes it, `key` one of
+    the keys this release knows (the consumer schema's examples)."""
     strict = copy.deepcopy(consumer)
     strict["$id"] = consumer["$id"].replace("/event-data.json", "/event-data.producer.json")
     strict["title"] = "maintenance-bridge v1 event data, exactly as this release emits it"
@@ -207,6 +254,8 @@ def producer_schema(consumer: dict[str, Any]) -> dict[str, Any]:
         "schemas/examples/generate.py."
     )
     strict["required"] = [*consumer["required"], "at_startup", "stream_id"]
+    key = strict["properties"]["key"]
+    key["enum"] = key.pop("examples")
     sequence = strict["properties"]["sequence"]
     sequence["type"] = "integer"
     del sequence["pattern"]

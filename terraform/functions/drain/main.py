@@ -22,7 +22,8 @@ Configuration (environment):
 
 Idempotence: events are de-duplicated on source + id in memory, "already a member" / "not a
 member" answers count as success, and an event older (lower `data.sequence`) than the last one
-acted upon for the same instance is ignored, so a late `started` cannot undo an `ended`. Both
+acted upon for the same instance and stream (`data.stream_id`: a bridge on a new state dir counts
+from 1 again) is ignored, so a late `started` cannot undo an `ended`. Both
 memories are per function instance: run it with max instances 1 (the module does).
 """
 
@@ -195,12 +196,12 @@ def handle(cloud_event) -> None:
         return
     key = event_key(event)
     inst = event.data.instance
-    instance_key = f"{inst.project_id}/{inst.zone}/{inst.id}"
+    stream_key = f"{inst.project_id}/{inst.zone}/{inst.id}/{event.data.stream_id}"
     with _lock:
         if key in SEEN:
             log("INFO", "duplicate event skipped", event_id=event.id)
             return
-        if event.data.sequence < _last_sequence.get(instance_key, -1):
+        if event.data.sequence < _last_sequence.get(stream_key, -1):
             log(
                 "WARNING",
                 "older than the last event acted upon; ignored",
@@ -224,6 +225,6 @@ def handle(cloud_event) -> None:
         raise TransientError("; ".join(failures))
     with _lock:
         SEEN.add(key)
-        _last_sequence[instance_key] = max(
-            event.data.sequence, _last_sequence.get(instance_key, -1)
+        _last_sequence[stream_key] = max(
+            event.data.sequence, _last_sequence.get(stream_key, -1)
         )

@@ -4,6 +4,8 @@ Configuration (environment):
   LEDGER_COLLECTION   collection of instance documents (default `maintenance-ledger`).
   FIRESTORE_DATABASE  database id (default `(default)`).
   HISTORY_LIMIT       history entries kept on the instance document (default 50).
+  SILENT_INTERVALS    heartbeat intervals of silence after which a notice still on is expired
+                      (default 3; see expire_silent).
   EVENT_FILTER        optional JSON attribute filter, see subscriber.load_filter.
   GOOGLE_CLOUD_PROJECT / FIRESTORE_EMULATOR_HOST as usual for google-cloud-firestore.
 
@@ -13,13 +15,22 @@ Document `<collection>/<project_id>_<instance_id>`:
   disrupting   True while a maintenance event or a preemption is under way
   upcoming_window_start  Firestore timestamp of a scheduled window (absent when none)
   history      the last HISTORY_LIMIT transitions, in observation order
-  heartbeat    the latest `bridge.heartbeat` (observed_at, sequence): is the bridge alive?
-and one sub-document `events/<sha256(source, id)>` per processed event: the de-duplication key,
-written in the same transaction as the state, so a redelivered event changes nothing.
+  heartbeat    the latest `bridge.heartbeat` (observed_at, sequence, stream_id, and
+               interval_seconds, the gap to the one before): is the bridge alive?
+  expired      set while a notice was expired because the bridge fell silent
+and one sub-document `events/<stream_id>:<sequence>` per processed event (`<sha256(source, id)>`
+for events of bridges older than stream_id): the de-duplication key, written in the same
+transaction as the state, so a redelivered event changes nothing.
 
-Out-of-order deliveries: a family's state only moves forward in `data.sequence`; an older event
-still lands in the history. A sequence that goes backwards while `observed_at` moves more than
-RESET_GRACE_SECONDS forward is taken as a bridge that lost its state and started counting again.
+Order (docs/events.md, "Ordering"): within one stream (`data.stream_id`, one per bridge state
+store) a family's state only moves forward in `data.sequence`; an older event still lands in the
+history. A new stream (the VM's bridge started on an empty state dir and counts from 1 again)
+supersedes the old one: streams of one instance follow each other, so the one observed later
+is current.
+
+A VM deleted during a notice never sends its `ended`: its document would say `disrupting`
+forever. Every heartbeat (from any VM) sweeps the disrupting documents whose own bridge used to
+beat and has been silent for SILENT_INTERVALS of its intervals, and expires them.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import functions_framework
+from google.api_core import exceptions as gexc
 from google.cloud import firestore
 from subscriber import load_filter, log, unwrap
 
@@ -39,7 +51,7 @@ from bridge.events import Event
 COLLECTION = os.environ.get("LEDGER_COLLECTION", "maintenance-ledger")
 DATABASE = os.environ.get("FIRESTORE_DATABASE", "(default)")
 HISTORY_LIMIT = int(os.environ.get("HISTORY_LIMIT", "50"))
-RESET_GRACE_SECONDS = float(os.environ.get("RESET_GRACE_SECONDS", "600"))
+SILENT_INTERVALS = float(os.environ.get("SILENT_INTERVALS", "3"))
 FILTER = load_filter()
 
 _client: firestore.Client | None = None
@@ -63,18 +75,15 @@ def _parse_time(value: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def _advances(sequence: int, observed_at: str, stored: dict[str, Any] | None) -> bool:
-    """Whether (sequence, observed_at) supersedes what is stored (a state or a heartbeat)."""
+def _advances(event: Event, stored: dict[str, Any] | None) -> bool:
+    """Whether `event` supersedes what is stored (a state or a heartbeat) for its instance."""
     if not stored:
         return True
-    old_seq = stored.get("sequence", -1)
-    if sequence != old_seq:
-        if sequence > old_seq:
-            return True
-        # Backwards: a late delivery, or a bridge that lost its state and counts from 1 again.
-        now, before = _parse_time(observed_at), _parse_time(stored.get("observed_at", ""))
-        return bool(now and before and (now - before).total_seconds() > RESET_GRACE_SECONDS)
-    return False
+    if stored.get("stream_id", "") == event.data.stream_id:
+        return event.data.sequence > stored.get("sequence", -1)
+    # Another stream: a late event of the old one, or the first events of a new one.
+    now, before = _parse_time(event.data.observed_at), _parse_time(stored.get("observed_at", ""))
+    return bool(now and before and now > before)
 
 
 def _entry(event: Event, envelope: dict[str, Any]) -> dict[str, Any]:
@@ -87,6 +96,7 @@ def _entry(event: Event, envelope: dict[str, Any]) -> dict[str, Any]:
         "previous": d.previous,
         "current": d.current,
         "sequence": d.sequence,
+        "stream_id": d.stream_id,
         "observed_at": d.observed_at,
         "happened_while_down": d.happened_while_down,
         "notice_seconds": d.notice_seconds,
@@ -116,22 +126,64 @@ def doc_id(event: Event) -> str:
 
 
 def record_heartbeat(db: firestore.Client, event: Event) -> str:
-    """A heartbeat only moves `heartbeat` forward: no history, no marker (it is idempotent)."""
+    """A heartbeat only moves `heartbeat` forward: no history, no marker (it is idempotent).
+    It learns the bridge's interval, and brings back a notice expired while it was silent."""
     instance_ref = db.collection(COLLECTION).document(doc_id(event))
-    beat = {"observed_at": event.data.observed_at, "sequence": event.data.sequence}
+    beat: dict[str, Any] = {
+        "observed_at": event.data.observed_at,
+        "sequence": event.data.sequence,
+        "stream_id": event.data.stream_id,
+    }
 
     @firestore.transactional
     def apply(tx: firestore.Transaction) -> str:
         snap = instance_ref.get(transaction=tx)
-        stored = (snap.to_dict() or {}).get("heartbeat") if snap.exists else None
-        if not _advances(beat["sequence"], beat["observed_at"], stored):
+        doc = (snap.to_dict() or {}) if snap.exists else {}
+        stored = doc.get("heartbeat")
+        if not _advances(event, stored):
             return "stale-heartbeat"
-        tx.set(
-            instance_ref, {"heartbeat": beat, "updated_at": firestore.SERVER_TIMESTAMP}, merge=True
-        )
+        if stored and stored.get("stream_id", "") == beat["stream_id"]:  # not across a restart
+            now, before = _parse_time(beat["observed_at"]), _parse_time(stored["observed_at"])
+            if now and before:
+                beat["interval_seconds"] = (now - before).total_seconds()
+        update: dict[str, Any] = {"heartbeat": beat, "updated_at": firestore.SERVER_TIMESTAMP}
+        if "expired" in doc:
+            update["expired"] = firestore.DELETE_FIELD
+            update["disrupting"] = _disrupting(doc.get("state") or {})
+        tx.set(instance_ref, update, merge=True)
         return "heartbeat"
 
     return apply(db.transaction())
+
+
+def expire_silent(db: firestore.Client, now: datetime, collection: str = COLLECTION) -> list[str]:
+    """Expire the notices of VMs whose bridge fell silent: returns the document ids expired.
+
+    A VM deleted during a notice (a preempted Spot VM, a MIG scale-in) never sends `ended`.
+    Only a bridge that beats can be judged: silent for SILENT_INTERVALS of its own heartbeat
+    interval (learnt from its last two beats) means gone; the document keeps its state and
+    history, stops counting as disrupting, and says why in `expired`.
+    """
+    expired = []
+    col = db.collection(collection)
+    for snap in col.where(filter=firestore.FieldFilter("disrupting", "==", True)).stream():
+        beat = (snap.to_dict() or {}).get("heartbeat") or {}
+        last, interval = _parse_time(beat.get("observed_at", "")), beat.get("interval_seconds")
+        if not last or not interval or now - last <= timedelta(seconds=SILENT_INTERVALS * interval):
+            continue
+        reason = (
+            f"no heartbeat since {beat['observed_at']} ({SILENT_INTERVALS:g} intervals of "
+            f"{interval:g} s): VM deleted or bridge stopped during the notice"
+        )
+        try:  # only if nothing arrived since the read; else the next sweep judges again
+            snap.reference.update(
+                {"disrupting": False, "expired": {"at": now, "reason": reason}},
+                option=db.write_option(last_update_time=snap.update_time),
+            )
+        except gexc.FailedPrecondition:
+            continue
+        expired.append(snap.id)
+    return expired
 
 
 def record(db: firestore.Client, event: Event, envelope: dict[str, Any]) -> str:
@@ -139,7 +191,10 @@ def record(db: firestore.Client, event: Event, envelope: dict[str, Any]) -> str:
     if event.kind == "bridge.heartbeat":
         return record_heartbeat(db, event)
     instance_ref = db.collection(COLLECTION).document(doc_id(event))
-    marker = hashlib.sha256(f"{event.source}\n{event.id}".encode()).hexdigest()
+    if event.data.stream_id:
+        marker = f"{event.data.stream_id}:{event.data.sequence}"
+    else:  # a bridge older than stream_id: its sequence may restart, its ids never repeat
+        marker = hashlib.sha256(f"{event.source}\n{event.id}".encode()).hexdigest()
     marker_ref = instance_ref.collection("events").document(marker)
     entry = _entry(event, envelope)
 
@@ -166,7 +221,7 @@ def record(db: firestore.Client, event: Event, envelope: dict[str, Any]) -> str:
             "history": history[-HISTORY_LIMIT:],
             "updated_at": firestore.SERVER_TIMESTAMP,
         }
-        if _advances(event.data.sequence, event.data.observed_at, state.get(family)):
+        if _advances(event, state.get(family)):
             outcome = "applied"
             state[family] = entry
             update["state"] = state
@@ -217,6 +272,9 @@ def handle(cloud_event) -> None:
     }
     outcome = record(client(), event, envelope)
     log("INFO", f"ledger {outcome}", event_id=event.id, kind=event.kind, doc=doc_id(event))
+    if outcome == "heartbeat":  # any bridge's beat is the clock that finds the silent ones
+        for expired in expire_silent(client(), datetime.now(timezone.utc)):
+            log("WARNING", "ledger expired a silent VM's notice", doc=expired)
 
 
 if __name__ == "__main__":  # `python main.py [HOURS]`: print the VMs about to be disrupted.

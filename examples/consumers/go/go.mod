@@ -1,0 +1,3 @@
+module example.com/maintenance-bridge-consumer
+
+go 1.19

@@ -1,0 +1,74 @@
+"""The retry policies: quick and steady through a metadata blip, cheap through a long outage."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+
+from bridge.config import Config
+from bridge.events import MAINTENANCE
+from bridge.health import Health
+from bridge.metrics import Metrics
+from bridge.retry import FAST_ATTEMPTS, metadata_policy, publish_policy
+from bridge.simulator import Simulator
+from bridge.watcher import Watcher
+
+
+def test_metadata_policy_retries_quickly_then_backs_off_to_the_cap() -> None:
+    policy = metadata_policy(2.0)
+    quick = [policy.delay(n) for n in range(1, FAST_ATTEMPTS + 1)]
+    assert max(quick) <= 0.05 and min(quick) >= 0.025
+    assert sum(policy.delay(n, rand=1.0) for n in range(1, FAST_ATTEMPTS + 1)) >= 5.0
+    later = [policy.delay(n, rand=0.0) for n in range(FAST_ATTEMPTS + 1, FAST_ATTEMPTS + 40)]
+    assert later == sorted(later) and later[0] == 0.1 and later[-1] == 2.0
+    # A long outage costs at most one request per key every cap/2 seconds.
+    assert all(policy.delay(n) >= 1.0 for n in range(FAST_ATTEMPTS + 6, FAST_ATTEMPTS + 500))
+    assert policy.max_rate() == (40.0, 1.0)
+
+
+def test_a_rate_limit_skips_the_quick_phase() -> None:
+    policy = metadata_policy(2.0)
+    assert [policy.delay(n, "http_429", rand=0.0) for n in (1, 2, 3)] == [0.1, 0.2, 0.4]
+    assert policy.delay(1, "http_5xx", rand=0.0) == 0.05
+
+
+def test_a_cap_below_the_quick_interval_wins() -> None:
+    assert metadata_policy(0.02).delay(1, rand=0.0) == 0.02
+    assert publish_policy(0.3).delay(50, rand=0.0) == 0.3
+
+
+def test_publish_policy_backs_off_from_the_first_failure() -> None:
+    policy = publish_policy(2.0)
+    assert [policy.delay(n, rand=0.0) for n in (1, 2, 3, 10)] == [0.1, 0.2, 0.4, 2.0]
+
+
+def test_a_change_inside_a_503_burst_is_seen_right_after_it(sim: Simulator, tmp_path) -> None:
+    """The watcher retries every few tens of milliseconds through a burst of 503s."""
+    seen: list[tuple[str, float]] = []
+    got = threading.Event()
+
+    def observe(key: str, value: str, at: datetime, when: float, first: bool) -> None:
+        seen.append((value, time.monotonic()))
+        if value == "TERMINATE_ON_HOST_MAINTENANCE":
+            got.set()
+
+    stop = threading.Event()
+    config = Config(metadata_url=sim.url, state_dir=tmp_path, poll_timeout=5)
+    watcher = Watcher(MAINTENANCE, config, observe, stop, Health(max_outbox_age=30), Metrics())
+    watcher.start()
+    try:
+        assert watcher.answered.wait(5)
+        sim.inject("status", 1_000_000, MAINTENANCE, status=503)
+        sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")  # ends the hanging poll
+        time.sleep(1.0)
+        sim.set_value(MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE")
+        time.sleep(1.0)  # the old back-off would be waiting ~1 s by now
+        failed = sim.stats()[MAINTENANCE]
+        end = time.monotonic()
+        sim.clear_faults()
+        assert got.wait(5)
+    finally:
+        stop.set()
+    assert seen[-1][1] - end < 0.3, "seen within tens of milliseconds of the burst's end"
+    assert 20 <= failed <= 100, "retried every 25-50 ms during the burst"
