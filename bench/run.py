@@ -1210,6 +1210,7 @@ def phase_ab(b: Bench) -> dict[str, Any]:
         "commit": b.before.commit,
         "latency": {s: interleaved[s]["latency"] for s in sides},
         "cpu_ms_per_event": cpu,
+        "parts": cpu_parts(b, int(100 * b.plan.ab_cpu_seconds)),
     }
     log(
         "A/B: p50 before/after "
@@ -1218,6 +1219,26 @@ def phase_ab(b: Bench) -> dict[str, Any]:
         + " / ".join(f"{cpu[s]:.2f} ms" for s in sides)
     )
     return out
+
+
+def cpu_parts(b: Bench, events: int) -> dict[str, dict[str, float]]:
+    """CPU per event by part of the path, before and after (bench/profile_hot_path.py --parts,
+    in-process, 100 changes/s); runs in the order before, after, after, before and averages, so
+    that a machine getting busier or quieter weighs on both alike."""
+    assert b.before is not None
+    runs: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for side in ("before", "after", "after", "before"):
+        code = b.before.root if side == "before" else REPO
+        argv = [PYTHON, str(BENCH / "profile_hot_path.py"), "--parts", "--json", "--rate", "100"]
+        argv += ["--events", str(events), "--code", str(code)]
+        done = subprocess.run(argv, cwd=REPO, env=b.procs.env, capture_output=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"profile_hot_path.py --parts failed:\n{done.stderr.decode()}")
+        runs[side].append(json.loads(done.stdout.decode().splitlines()[-1])["ms_per_event"])
+    return {
+        side: {part: sum(r[part] for r in rs) / len(rs) for part in rs[0]}
+        for side, rs in runs.items()
+    }
 
 
 def phase_memory(b: Bench) -> dict[str, Any]:
@@ -1659,6 +1680,21 @@ def ab_text(r: dict[str, Any]) -> str:
             f"({fmt_ms(worst(b1) * 1000)}) | {fmt_ms(median(a1) * 1000)} "
             f"({fmt_ms(worst(a1) * 1000)}) |"
         )
+    parts = ab.get("parts")
+    if parts:
+        lines += [
+            "",
+            "CPU per event by part of the path (bench/profile_hot_path.py --parts: in-process, "
+            "100 changes/s,",
+            "thread CPU, each side run twice in the order before, after, after, before):",
+            "",
+            "| part | before | after |",
+            "|---|---|---|",
+        ]
+        for part in parts["after"]:
+            lines.append(
+                f"| {part} | {parts['before'][part]:.3f} ms | {parts['after'][part]:.3f} ms |"
+            )
     return "\n".join([*lines, "", CHANGES])
 
 

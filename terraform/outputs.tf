@@ -54,6 +54,7 @@ output "service_accounts" {
     publisher = try(google_service_account.publisher[0].email, null)
     invoker   = try(google_service_account.invoker[0].email, null)
     functions = { for fn, sa in google_service_account.function : fn => sa.email }
+    build     = try(google_service_account.build[0].email, null)
   }
 }
 

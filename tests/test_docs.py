@@ -23,7 +23,14 @@ from hcl2.utils import SerializationOptions
 from bridge import cli, config, demo, events, hooks
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = sorted([REPO / "README.md", REPO / "terraform" / "README.md", *(REPO / "docs").glob("*.md")])
+DOCS = sorted(
+    [
+        REPO / "README.md",
+        REPO / "terraform" / "README.md",
+        *(REPO / "docs").glob("*.md"),
+        *(REPO / "examples" / "consumers").glob("*/README.md"),
+    ]
+)
 
 # Flags of other tools (docker, podman, gcloud, bench/run.py) that the prose names on their own.
 FOREIGN_FLAGS = frozenset(
