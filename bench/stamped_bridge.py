@@ -3,7 +3,9 @@
 `bridge.daemon.run` with the sink the flags select (Pub/Sub here), wrapped so that the moment
 each send's future resolves (Pub/Sub: the server acknowledged the publish) is printed as a JSON
 line `{"seq", "current", "ack"}` on stdout, `ack` being `time.monotonic()` (CLOCK_MONOTONIC,
-comparable across processes on Linux). Takes every `maintenance-bridge run` flag, plus:
+comparable across processes on Linux), and `{"connected"}` once the sink is (the Pub/Sub client
+is created in the background after the watch is armed). Takes every `maintenance-bridge run`
+flag, plus:
 
 --trace   also stamp the stages of the hot path (metadata response received, store commit
           start/end, relay enqueue, sink send) by wrapping those functions: for the
@@ -75,6 +77,7 @@ class StampingSink:
 
     def connect(self) -> None:
         getattr(self.inner, "connect", lambda: None)()
+        emit({"connected": time.monotonic()})  # the bench measures the steady state after it
 
     def close(self) -> None:
         self.inner.close()

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bridge.events import DEFAULT_TYPE_PREFIX, WATCHED_KEYS
+from bridge.events import DEFAULT_TYPE_PREFIX
+from bridge.keys import WATCHED_KEYS
 
 DEFAULT_METADATA_HOST = "metadata.google.internal"
 METADATA_PATH = "/computeMetadata/v1/"
@@ -39,10 +40,10 @@ def default_state_dir(environ: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class Option:
-    """One run option: its flag, its BRIDGE_* variable, its parser and its help."""
+    """One run option: its flag, its BRIDGE_* variable, its parser and its help; its default is
+    the `Config` field of the same name."""
 
     name: str
-    default: Any
     help: str
     parse: Any = str
     choices: tuple[str, ...] | None = None
@@ -78,77 +79,64 @@ def _positive(parse: Any) -> Any:
 
 
 RUN_OPTIONS: tuple[Option, ...] = (
-    Option("topic", "", "Pub/Sub topic, projects/P/topics/T (selects the pubsub sink)"),
+    Option("topic", "Pub/Sub topic, projects/P/topics/T (selects the pubsub sink)"),
     Option(
         "sink",
-        "",
         "where events go (default: pubsub with a topic, else stdout)",
         choices=("pubsub", "stdout"),
     ),
-    Option(
-        "content_mode",
-        "binary",
-        "CloudEvents content mode on Pub/Sub",
-        choices=("binary", "structured"),
-    ),
-    Option("state_dir", None, "directory of the SQLite state store and outbox"),
+    Option("content_mode", "CloudEvents content mode on Pub/Sub", choices=("binary", "structured")),
+    Option("state_dir", "directory of the SQLite state store and outbox"),
     Option(
         "metadata_url",
-        "",
         "metadata server base URL (default from GCE_METADATA_HOST, "
         "else http://metadata.google.internal/computeMetadata/v1/)",
     ),
     Option(
         "allow_metadata_host",
-        False,
         "accept a metadata URL outside link-local, loopback and metadata.google.internal",
         parse=_bool,
     ),
-    Option("keys", ",".join(WATCHED_KEYS), "comma-separated metadata keys to watch"),
-    Option("type_prefix", DEFAULT_TYPE_PREFIX, "CloudEvents type prefix (reverse-DNS, versioned)"),
-    Option("poll_timeout", 60, "timeout_sec of each long-poll, seconds", parse=_positive(int)),
+    Option("keys", "comma-separated metadata keys to watch"),
+    Option("type_prefix", "CloudEvents type prefix (reverse-DNS, versioned)"),
+    Option("poll_timeout", "timeout_sec of each long-poll, seconds", parse=_positive(int)),
     Option(
         "absent_interval",
-        60.0,
         "seconds between asks of a key that answers at once (404, or 503 'no notifications')",
         parse=_positive(float),
     ),
     Option(
         "retry_cap",
-        2.0,
-        "cap of the retry back-off after a metadata error, seconds",
+        "cap of the retry back-off after a metadata or publishing error, seconds",
         parse=_positive(float),
     ),
-    Option("drain_timeout", 5.0, "seconds to flush the outbox on SIGTERM", parse=float),
-    # 0: commit each publish at once (batches still form behind one in flight, per ordering key).
-    Option("publish_latency", 0.0, "Pub/Sub batch max_latency, seconds", parse=float),
-    Option("outbox_max_events", 10000, "outbox bound by count", parse=_positive(int)),
-    Option("outbox_max_bytes", 16 * 1024 * 1024, "outbox bound by bytes", parse=_positive(int)),
+    Option("drain_timeout", "seconds to flush the outbox on SIGTERM", parse=float),
+    Option("publish_latency", "Pub/Sub batch max_latency, seconds", parse=float),
+    Option("outbox_max_events", "outbox bound by count", parse=_positive(int)),
+    Option("outbox_max_bytes", "outbox bound by bytes", parse=_positive(int)),
     Option(
         "exec",
-        (),
         "command run for each event (CloudEvent JSON on stdin); "
         "KIND_PREFIX=CMD limits it to events whose kind starts with KIND_PREFIX; repeatable",
         repeat=True,
     ),
-    Option("exec_timeout", 30.0, "seconds before a hook is killed", parse=_positive(float)),
-    Option("http_port", 0, "port of /healthz, /readyz and /metrics (0: off)", parse=int),
-    Option("http_host", "127.0.0.1", "address the HTTP endpoint binds"),
+    Option("exec_timeout", "seconds before a hook is killed", parse=_positive(float)),
+    Option("http_port", "port of /healthz, /readyz and /metrics (0: off)", parse=int),
+    Option("http_host", "address the HTTP endpoint binds"),
     Option(
         "ready_max_outbox_age",
-        30.0,
         "/readyz answers 503 while an event waits longer than this for the sink, seconds",
         parse=_positive(float),
     ),
-    Option("heartbeat_interval", 0.0, "seconds between heartbeat events (0: off)", parse=float),
-    Option("log_format", "json", "log format on stderr", choices=("json", "text")),
-    Option("log_level", "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    Option("heartbeat_interval", "seconds between heartbeat events (0: off)", parse=float),
+    Option("log_format", "log format on stderr", choices=("json", "text")),
+    Option("log_level", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
 )
 
 
 @dataclass(frozen=True)
 class Config:
-    """Everything `maintenance-bridge run` needs, validated."""
+    """Everything `maintenance-bridge run` needs, validated; the defaults of every run option."""
 
     topic: str = ""
     sink: str = "stdout"
@@ -162,6 +150,7 @@ class Config:
     absent_interval: float = 60.0
     retry_cap: float = 2.0
     drain_timeout: float = 5.0
+    # 0: commit each publish at once (batches still form behind one in flight, per ordering key).
     publish_latency: float = 0.0
     outbox_max_events: int = 10000
     outbox_max_bytes: int = 16 * 1024 * 1024
@@ -193,7 +182,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 def build(
     args: argparse.Namespace, environ: Mapping[str, str], *, check_dirs: bool = True
 ) -> Config:
-    """Flags over `BRIDGE_*` variables over defaults, then validation. Raises ConfigError."""
+    """Flags over `BRIDGE_*` variables over `Config` defaults, then validation. Raises
+    ConfigError."""
     values: dict[str, Any] = {}
     for opt in RUN_OPTIONS:
         flagged = getattr(args, opt.name, None)
@@ -205,17 +195,16 @@ def build(
             if opt.repeat:
                 raw = [line for line in raw.splitlines() if line.strip()]
         else:
-            values[opt.name] = opt.default
             continue
         values[opt.name] = _parse(opt, raw)
-    if values["state_dir"] is None:
-        values["state_dir"] = default_state_dir(environ)
-    values["state_dir"] = Path(values["state_dir"])
-    values["exec"] = tuple(values["exec"])
-    values["keys"] = tuple(k.strip() for k in str(values["keys"]).split(",") if k.strip())
-    values["metadata_url"] = _metadata_url(values["metadata_url"], environ)
-    if not values["sink"]:
-        values["sink"] = "pubsub" if values["topic"] else "stdout"
+    values["state_dir"] = Path(values.get("state_dir", default_state_dir(environ)))
+    if "exec" in values:
+        values["exec"] = tuple(values["exec"])
+    if "keys" in values:
+        values["keys"] = tuple(k.strip() for k in str(values["keys"]).split(",") if k.strip())
+    values["metadata_url"] = _metadata_url(values.get("metadata_url", ""), environ)
+    if not values.get("sink"):
+        values["sink"] = "pubsub" if values.get("topic") else "stdout"
     config = Config(**values)
     _validate(config)
     if check_dirs:

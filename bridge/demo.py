@@ -18,20 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import Config
-from bridge.events import MAINTENANCE, PREEMPTED, UPCOMING, Event
+from bridge.events import Event
+from bridge.keys import MAINTENANCE, PREEMPTED, UPCOMING
 from bridge.listen import describe
 from bridge.logs import configure
-from bridge.simulator import Simulator, Step
+from bridge.simulator import Simulator, Step, sample_window
 from bridge.sinks import PubSubSink, Sink, StdoutSink
 
-WINDOW = (
-    '{"type":"SCHEDULED","can_reschedule":"true","window_start_time":"2030-01-15T02:00:00Z",'
-    '"window_end_time":"2030-01-15T06:00:00Z","maintenance_status":"PENDING"}'
-)
 # A week of a VM's life in a few seconds: a window announced, a live migration, a GPU-style
 # stop notice, the window withdrawn, and finally a Spot preemption.
 STEPS = (
-    Step(0.5, UPCOMING, WINDOW),
+    Step(0.5, UPCOMING, sample_window()),
     Step(1.0, MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE"),
     Step(2.5, MAINTENANCE, "NONE"),
     Step(3.0, MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE"),

@@ -1,8 +1,9 @@
 """The event contract: the typed CloudEvent model, its two Pub/Sub encodings and the one decoder.
 
 Standard library only, so that every subscriber (the example Cloud Functions vendor this file
-with `bridge/__init__.py`) decodes exactly what the bridge encodes. Building an event is pure:
-the id, the sequence number and the observation time are given, never taken from a clock.
+with `bridge/keys.py` and `bridge/__init__.py`) decodes exactly what the bridge encodes. Building
+an event is pure: the id, the sequence number and the observation time are given, never taken
+from a clock.
 """
 
 from __future__ import annotations
@@ -16,41 +17,18 @@ from dataclasses import MISSING, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+# The keys are declared in bridge.keys; the contract's names for them are re-exported here.
+from bridge.keys import KEYS, KINDS
+from bridge.keys import MAINTENANCE as MAINTENANCE
+from bridge.keys import PREEMPTED as PREEMPTED
+from bridge.keys import UPCOMING as UPCOMING
+from bridge.keys import WATCHED_KEYS as WATCHED_KEYS
+
 SPECVERSION = "1.0"
 DEFAULT_TYPE_PREFIX = "io.github.maintenancebridge.gce.v1"
 DATASCHEMA = "https://maintenance-bridge.github.io/schemas/v1/event-data.json"
 DATA_CONTENT_TYPE = "application/json"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json; charset=UTF-8"
-
-MAINTENANCE = "instance/maintenance-event"
-PREEMPTED = "instance/preempted"
-UPCOMING = "instance/upcoming-maintenance"
-WATCHED_KEYS: tuple[str, ...] = (MAINTENANCE, PREEMPTED, UPCOMING)
-
-# The documented default of each key: what a first start compares against.
-BASELINE: dict[str, str] = {MAINTENANCE: "NONE", PREEMPTED: "FALSE", UPCOMING: ""}
-FAMILY: dict[str, str] = {MAINTENANCE: "maintenance", PREEMPTED: "preemption", UPCOMING: "upcoming"}
-
-# Every kind the bridge emits: the part of the CloudEvent type after the configurable prefix.
-KINDS: tuple[str, ...] = (
-    "maintenance.started",
-    "maintenance.changed",
-    "maintenance.ended",
-    "preemption.started",
-    "preemption.changed",
-    "preemption.ended",
-    "upcoming.scheduled",
-    "upcoming.updated",
-    "upcoming.cleared",
-    "bridge.heartbeat",
-)
-
-# Documented notice windows, by the value `maintenance-event` changed to.
-NOTICE_SECONDS: dict[str, int] = {
-    "MIGRATE_ON_HOST_MAINTENANCE": 60,
-    "TERMINATE_ON_HOST_MAINTENANCE": 3600,
-}
-PREEMPTION_NOTICE_SECONDS = 30
 
 # CloudEvents attributes that are not extensions; everything else under ce-* is an extension.
 _CORE_ATTRIBUTES = ("specversion", "id", "source", "type", "time", "subject", "dataschema")
@@ -262,13 +240,11 @@ def build_event(
     stream_id: str = "",
 ) -> Event:
     """The CloudEvent for one recorded transition; everything it depends on is an argument."""
-    if transition.kind.startswith("upcoming."):
-        upcoming_value = (
-            transition.previous if transition.kind == "upcoming.cleared" else transition.current
-        )
-        upcoming = Upcoming.from_canonical(upcoming_value)
-    else:
-        upcoming = None
+    key = KEYS.get(transition.key)
+    upcoming = None
+    if key is not None and key.window:  # a cleared window is described by the one that went
+        cleared = transition.current == key.baseline
+        upcoming = Upcoming.from_canonical(transition.previous if cleared else transition.current)
     when = rfc3339(observed_at)
     data = EventData(
         key=transition.key,

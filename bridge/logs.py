@@ -10,15 +10,8 @@ from typing import Any
 
 from bridge.events import rfc3339
 
-_SEVERITY = {
-    "WARNING": "WARNING",
-    "CRITICAL": "CRITICAL",
-    "ERROR": "ERROR",
-    "INFO": "INFO",
-    "DEBUG": "DEBUG",
-}
-
-
+# Cloud Logging's severities include Python's level names; anything else is DEFAULT.
+_SEVERITIES = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
 # What every LogRecord carries; anything else on a record came from `extra=`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -30,7 +23,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "severity": _SEVERITY.get(record.levelname, "DEFAULT"),
+            "severity": record.levelname if record.levelname in _SEVERITIES else "DEFAULT",
             "message": record.getMessage(),
             "time": rfc3339(datetime.fromtimestamp(record.created, timezone.utc)),
             "logger": record.name,

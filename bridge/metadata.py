@@ -27,6 +27,8 @@ from bridge.events import Instance, Scheduling
 FLAVOR = {"Metadata-Flavor": "Google"}
 MAX_BODY = 64 * 1024
 NO_NOTIFICATIONS = "no notifications have been received yet"
+# How much longer the client waits than the server promised: the server may not honour timeout_sec.
+CLIENT_SLACK = 10
 _JSON_OPENERS = ('"', "{", "[")
 # Failure classes: the only label values metrics and logs ever use.
 FAILURE_CLASSES = ("http_5xx", "http_429", "http_4xx", "timeout", "connection", "protocol")
@@ -104,7 +106,7 @@ class MetadataClient:
             "timeout_sec": str(timeout_sec),
         }
         # The client deadline outlives the server's: the server may not honour timeout_sec.
-        return self.get(path, params=params, timeout=timeout_sec + 10, alt=alt)
+        return self.get(path, params=params, timeout=timeout_sec + CLIENT_SLACK, alt=alt)
 
     def identity(self) -> Instance:
         """What names the event source (its `source`, ordering key and filter attributes).
@@ -173,7 +175,7 @@ def _reading(
     if 300 <= status < 400:
         location = response.headers.get("Location", "?")
         raise MetadataError("protocol", f"{path}: redirect to {location} refused")
-    body = response.data
+    body = response.data or b""  # None when there was no body to read
     if status == 404:
         return Reading(None, None, received, absent=True)
     if status == 503 and NO_NOTIFICATIONS.encode() in body:

@@ -14,16 +14,17 @@ import uuid
 from datetime import datetime
 
 from bridge.config import Config
-from bridge.events import BASELINE, Event, Instance, Scheduling, Transition, build_event, rfc3339
+from bridge.events import Event, Instance, Scheduling, Transition, build_event, rfc3339
 from bridge.health import Health
 from bridge.hooks import Hooks
+from bridge.keys import HEARTBEAT_KEY, HEARTBEAT_KIND, KEYS
 from bridge.metrics import Metrics
 from bridge.relay import Relay
 from bridge.store import Snapshot, Store
 from bridge.transitions import classify, notice_seconds
 
 log = logging.getLogger("bridge.recorder")
-HEARTBEAT = Transition(key="bridge/heartbeat", previous="", current="", kind="bridge.heartbeat")
+HEARTBEAT = Transition(key=HEARTBEAT_KEY, previous="", current="", kind=HEARTBEAT_KIND)
 
 
 class Recorder:
@@ -56,16 +57,16 @@ class Recorder:
 
     def observe(
         self, key: str, value: str, observed_at: datetime, seen: float, first: bool
-    ) -> Event | None:
-        """Record `value` of `key`; returns the event when it was a transition."""
+    ) -> None:
+        """Record `value` of `key`, and its event when it is a transition."""
         with self._lock:
             stored = key in self.values
-            transition = classify(key, self.values.get(key, BASELINE[key]), value)
+            transition = classify(key, self.values.get(key, KEYS[key].baseline), value)
             if transition is None:
                 if not stored:  # remember the first value, for `status` and the next start
                     self._persist(None, (key, value, rfc3339(observed_at)))
                     self.values[key] = value
-                return None
+                return
             # The first answer after a start: the value may have changed long before. Only a key
             # with a stored value can prove it changed while the bridge was not running; on a
             # first-ever start the baseline is the documented default, not something we saw.
@@ -75,14 +76,12 @@ class Recorder:
             self._commit(event, seen, (key, value, rfc3339(observed_at)))
             self.values[key] = value
         self._after(event, transition)
-        return event
 
-    def heartbeat(self, now: datetime, seen: float) -> Event:
+    def heartbeat(self, now: datetime, seen: float) -> None:
         with self._lock:
             event = self._build(HEARTBEAT, now, at_startup=False, happened_while_down=False)
             self._commit(event, seen, None)
         self.metrics.events.labels(event.kind).inc()
-        return event
 
     def _build(
         self,

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from bridge import __version__
-from bridge.config import ConfigError
+from bridge.config import Config, ConfigError
 from bridge.events import Event, decode_structured, dumps
+from bridge.keys import DROPPABLE_KINDS
 
 DB_NAME = "bridge.sqlite3"
 SCHEMA_VERSION = 1
@@ -42,10 +43,6 @@ _SPLIT_V0 = (
     ("last_publish", "last_publish_at", "last_publish_id"),
     ("last_error", "last_error_at", "last_error"),
 )
-
-# When the outbox is over its bound, these kinds go first, oldest first; a maintenance or
-# preemption notice is never dropped (the bound is then exceeded rather than lose one).
-DROPPABLE_PREFIXES = ("bridge.", "upcoming.")
 
 
 def open_db(path: Path, **connect: Any) -> sqlite3.Connection:
@@ -106,7 +103,13 @@ def _in_stream(body: dict[str, Any], stream_id: str) -> Event:
 class Store:
     """Thread-safe access to the database; every method is one transaction."""
 
-    def __init__(self, path: Path, *, max_events: int = 10000, max_bytes: int = 16 << 20) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_events: int = Config.outbox_max_events,
+        max_bytes: int = Config.outbox_max_bytes,
+    ) -> None:
         self.path = path
         self.max_events = max_events
         self.max_bytes = max_bytes
@@ -190,7 +193,8 @@ class Store:
         for seq, kind, length in rows:
             if count <= self.max_events and size <= self.max_bytes:
                 break
-            if kind.startswith(DROPPABLE_PREFIXES):
+            # A notice is never dropped: the bound is exceeded rather than lose one.
+            if kind in DROPPABLE_KINDS:
                 self._db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
                 dropped.append(seq)
                 count -= 1

@@ -18,12 +18,11 @@ from datetime import datetime, timezone
 import tenacity
 
 from bridge.config import Config
-from bridge.events import UPCOMING
 from bridge.health import Health
-from bridge.metadata import MetadataClient, Reading
+from bridge.keys import KEYS
+from bridge.metadata import CLIENT_SLACK, MetadataClient, Reading
 from bridge.metrics import Metrics
 from bridge.retry import metadata_policy
-from bridge.transitions import canonical
 
 log = logging.getLogger("bridge.watcher")
 
@@ -52,8 +51,7 @@ class Watcher:
         """`first`: the answer to a first round asked before the watcher existed (the daemon
         arms maintenance-event before anything slow); used instead of asking again."""
         self.key = key
-        # Plain values are asked as Google's sample asks them (no alt); only the window is JSON.
-        self.alt = "json" if key == UPCOMING else None
+        self.spec = KEYS[key]  # how the key is asked, read and what its absence means
         self.config = config
         self.observe = observe
         self.stop = stop
@@ -78,10 +76,10 @@ class Watcher:
         try:
             while not self.stop.is_set():
                 timeout = self.config.poll_timeout
-                self.health.expect(self.key, timeout + 10 + self.config.retry_cap)
+                self.health.expect(self.key, timeout + CLIENT_SLACK + self.config.retry_cap)
                 reading, self._first = self._first, None
                 if reading is None:
-                    reading = self._retrying(client.watch, self.key, etag, timeout, self.alt)
+                    reading = self._retrying(client.watch, self.key, etag, timeout, self.spec.alt)
                 self.metrics.last_poll.labels(self.key).set_to_current_time()
                 self._recovered()
                 pause = self._handle(reading, first)
@@ -104,8 +102,8 @@ class Watcher:
         if self.stop.is_set():  # shutting down: the store may already be closed
             return 0.0
         if reading.absent:
-            if self.key == UPCOMING:
-                self.observe(self.key, "", now, reading.received, first)
+            if self.spec.absent_is_baseline:
+                self.observe(self.key, self.spec.baseline, now, reading.received, first)
             elif not self._told_absent:
                 log.warning(
                     "%s does not exist on this VM; asking again every %.0f s",
@@ -115,7 +113,7 @@ class Watcher:
                 self._told_absent = True
             return self.config.absent_interval
         self._told_absent = False
-        self.observe(self.key, canonical(self.key, reading.value), now, reading.received, first)
+        self.observe(self.key, self.spec.canonical(reading.value), now, reading.received, first)
         if reading.etag is None:
             if not self._told_no_etag:  # once, not on every re-ask
                 log.warning(
@@ -148,7 +146,9 @@ class Watcher:
                 self.config.retry_cap,
             )
             self._classes_told.add(cls)
-        self.health.expect(self.key, self.config.retry_cap + self.config.poll_timeout + 10)
+        self.health.expect(
+            self.key, self.config.retry_cap + self.config.poll_timeout + CLIENT_SLACK
+        )
 
     def _recovered(self) -> None:
         if self._failures:

@@ -7,6 +7,10 @@ locals {
 
   notify_secret_id = coalesce(var.notify.webhook_secret_id, "${var.name}-chat-webhook")
 
+  # Every event kind the bridge emits (bridge/keys.py KINDS; tests/test_terraform.py holds them
+  # equal): what the functions' `kinds` settings may name.
+  kinds = ["maintenance.started", "maintenance.changed", "maintenance.ended", "preemption.started", "preemption.changed", "preemption.ended", "upcoming.scheduled", "upcoming.updated", "upcoming.cleared", "bridge.heartbeat"]
+
   # Attribute filters per function: kinds expand to full ce-type values. Applied inside the
   # function always (EVENT_FILTER) and, with function_delivery = "push", by Pub/Sub as well.
   filters = {

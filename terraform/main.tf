@@ -210,7 +210,7 @@ resource "google_storage_bucket" "functions_source" {
 # subscriber decodes exactly what the bridge encodes. The file list is functions/archive.json,
 # which tests/test_functions.py builds its zips from too: what is tested is what is deployed.
 data "archive_file" "function" {
-  for_each = local.functions
+  for_each = local.function_archives
 
   type             = "zip"
   output_path      = "${path.module}/.build/${each.key}.zip"
@@ -226,7 +226,7 @@ data "archive_file" "function" {
 }
 
 resource "google_storage_bucket_object" "function" {
-  for_each = local.functions
+  for_each = local.function_archives
 
   bucket = google_storage_bucket.functions_source[0].name
   name   = "${each.key}-${data.archive_file.function[each.key].output_md5}.zip"

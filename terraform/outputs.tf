@@ -43,6 +43,16 @@ output "functions" {
   }
 }
 
+output "board" {
+  description = "The fleet board (enable_board): function name, URL, service account and the command that opens it locally; null when disabled."
+  value = var.enable_board ? {
+    name            = google_cloudfunctions2_function.board[0].name
+    uri             = google_cloudfunctions2_function.board[0].service_config[0].uri
+    service_account = google_service_account.board[0].email
+    open            = "gcloud run services proxy ${google_cloudfunctions2_function.board[0].name} --project ${var.project_id} --region ${var.region} --port 8080"
+  } : null
+}
+
 output "publisher_service_accounts" {
   description = "Every service account allowed to publish to the topic (and only to it)."
   value       = values(local.publishers)
@@ -55,6 +65,7 @@ output "service_accounts" {
     invoker   = try(google_service_account.invoker[0].email, null)
     functions = { for fn, sa in google_service_account.function : fn => sa.email }
     build     = try(google_service_account.build[0].email, null)
+    board     = try(google_service_account.board[0].email, null)
   }
 }
 

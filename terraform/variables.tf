@@ -212,7 +212,7 @@ variable "notify" {
   default = {}
 
   validation {
-    condition     = alltrue([for k in var.notify.kinds : contains(["maintenance.started", "maintenance.changed", "maintenance.ended", "preemption.started", "preemption.changed", "preemption.ended", "upcoming.scheduled", "upcoming.updated", "upcoming.cleared", "bridge.heartbeat"], k)])
+    condition     = alltrue([for k in var.notify.kinds : contains(local.kinds, k)])
     error_message = "notify.kinds must list event kinds the bridge emits, e.g. maintenance.started."
   }
   validation {
@@ -248,7 +248,7 @@ variable "ledger" {
   default = {}
 
   validation {
-    condition     = alltrue([for k in var.ledger.kinds : contains(["maintenance.started", "maintenance.changed", "maintenance.ended", "preemption.started", "preemption.changed", "preemption.ended", "upcoming.scheduled", "upcoming.updated", "upcoming.cleared", "bridge.heartbeat"], k)])
+    condition     = alltrue([for k in var.ledger.kinds : contains(local.kinds, k)])
     error_message = "ledger.kinds must list event kinds the bridge emits, e.g. maintenance.started."
   }
   validation {
@@ -267,6 +267,23 @@ variable "ledger" {
   validation {
     condition     = var.ledger.max_instances >= 1 && var.ledger.max_instances <= 100
     error_message = "ledger.max_instances must be from 1 to 100."
+  }
+}
+
+variable "enable_board" {
+  description = "Deploy the fleet board (functions/board, docs/board.md): a private page over the ledger's collection. Needs ledger.enabled."
+  type        = bool
+  default     = false
+}
+
+variable "board_viewers" {
+  description = "Who may open the board (roles/run.invoker on it): IAM members such as user:sre@example.com, group:sre@example.com or serviceAccount:.... Never public."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for m in var.board_viewers : can(regex("^(user|group|serviceAccount|domain|principal|principalSet):.+$", m))])
+    error_message = "board_viewers must be IAM members (user:..., group:..., serviceAccount:..., domain:...): the board is private, never public."
   }
 }
 
@@ -293,7 +310,7 @@ variable "drain" {
   default = {}
 
   validation {
-    condition     = alltrue([for k in var.drain.kinds : contains(["maintenance.started", "maintenance.changed", "maintenance.ended", "preemption.started", "preemption.changed", "preemption.ended", "upcoming.scheduled", "upcoming.updated", "upcoming.cleared", "bridge.heartbeat"], k)])
+    condition     = alltrue([for k in var.drain.kinds : contains(local.kinds, k)])
     error_message = "drain.kinds must list event kinds the bridge emits, e.g. maintenance.started."
   }
   validation {

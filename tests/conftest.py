@@ -1,4 +1,5 @@
-"""Shared fixtures: a simulator per test, the official Pub/Sub emulator per session.
+"""Shared fixtures: a simulator per test, the official Pub/Sub emulator per session, seeded
+randomness.
 
 The run's header names the emulators found (path and version) and its summary the servers the
 tests actually ran against, so a green run says what it was green against.
@@ -6,8 +7,10 @@ tests actually ran against, so a green run says what it was green against.
 
 from __future__ import annotations
 
+import os
+import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,8 @@ from support.gcloud import USED, emulators_required, firestore_emulator, pubsub_
 from support.pubsub import PubSubServer, emulator_or_skip
 
 from bridge.simulator import Simulator
+
+_SEED = pytest.StashKey[int]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -55,3 +60,28 @@ def pubsub() -> Iterator[PubSubServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """From BRIDGE_TEST_SEED, else at random; a failed test's report shows it, for a replay."""
+    value = int(os.environ.get("BRIDGE_TEST_SEED") or random.SystemRandom().randrange(2**32))
+    request.node.stash[_SEED] = value
+    return value
+
+
+@pytest.fixture
+def rng(seed: int) -> random.Random:
+    """Randomness a failure can replay (see `seed`)."""
+    return random.Random(seed)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and _SEED in item.stash:
+        seed = item.stash[_SEED]
+        report.sections.append(("seed", f"BRIDGE_TEST_SEED={seed} replays its random choices"))
+    return report

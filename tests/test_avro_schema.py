@@ -36,7 +36,7 @@ from bridge.events import (
     decode_pubsub,
     dumps,
 )
-from bridge.simulator import SCENARIOS, Simulator
+from bridge.simulator import Simulator, sample_window
 
 ROOT = Path(__file__).resolve().parents[1]
 AVRO = ROOT / "schemas" / "v1" / "event-data.avsc"
@@ -191,8 +191,8 @@ def test_every_golden_passes_and_malformed_payloads_are_refused(
     assert len(api.pull_until(subscription, 1)) == 1
 
 
-WINDOW = SCENARIOS["upcoming"][1].value
-MOVED = SCENARIOS["upcoming"][2].value
+WINDOW = sample_window(15)
+MOVED = sample_window(20)
 STEPS: tuple[tuple[str, str | None, str], ...] = (
     (MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE", "maintenance.started"),
     (MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE", "maintenance.changed"),

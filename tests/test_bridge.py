@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -13,10 +12,12 @@ from pathlib import Path
 
 import pytest
 from support.bridge import REPO, BridgeProcess
+from support.harness import holds_for, wait_for
 from support.pubsub import PubSubServer, admin
 
 from bridge.events import MAINTENANCE, PREEMPTED, UPCOMING, decode_pubsub
-from bridge.simulator import SCENARIOS, Simulator
+from bridge.simulator import Simulator, sample_window
+from bridge.store import DB_NAME, read_status
 
 PREFIX = "io.github.maintenancebridge.gce.v1."
 SEQUENCE = [
@@ -76,23 +77,19 @@ def both_renderings(request: pytest.FixtureRequest) -> Iterator[Simulator]:
         yield simulator.start()
 
 
-def test_every_transition_once_in_order_within_50ms(server: Simulator, tmp_path: Path) -> None:
+def test_every_transition_once_in_order(server: Simulator, tmp_path: Path) -> None:
+    # How fast is bench/run.py's to measure (phase_latency, on a quiet machine); a wall-clock
+    # bound here would fail on a busy CI runner without telling anything about the bridge.
     sim = server
     bridge = BridgeProcess(sim.url, tmp_path / "state")
     try:
         _started(bridge, sim)
-        latencies, events = [], []
+        events = []
         for value in SEQUENCE:
-            changed = time.monotonic()
             sim.set_value(MAINTENANCE, value)
-            arrived, event = bridge.next_event(timeout=5)
-            latencies.append(arrived - changed)
-            events.append(event)
-        changed = time.monotonic()
+            events.append(bridge.next_event(timeout=10)[1])
         sim.set_value(PREEMPTED, "TRUE")
-        arrived, event = bridge.next_event(timeout=5)
-        latencies.append(arrived - changed)
-        events.append(event)
+        events.append(bridge.next_event(timeout=10)[1])
         assert bridge.no_more_events(0.3)
     finally:
         assert bridge.terminate() == 0
@@ -112,11 +109,6 @@ def test_every_transition_once_in_order_within_50ms(server: Simulator, tmp_path:
         assert set(scheduling.values()) == {""}
         assert len(warnings) == 1 and "instance/scheduling/" in warnings[0], warnings
         assert sim.stats()["instance/scheduling/"] == 1
-    print(
-        f"change-to-stdout latency: median {statistics.median(latencies) * 1000:.1f} ms, "
-        f"max {max(latencies) * 1000:.1f} ms over {len(latencies)} transitions"
-    )
-    assert max(latencies) < 0.050, latencies
     # The key itself is queried after every event, which keeps the 60 s warning armed.
     assert sim.stats()[MAINTENANCE] >= len(SEQUENCE) + 1
 
@@ -128,15 +120,16 @@ def test_kill_9_change_while_down_restart(both_renderings: Simulator, tmp_path: 
     _started(first, sim)
     sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
     _, started = first.next_event()
-    first.wait_for_log("maintenance.started")
-    time.sleep(0.3)  # let the outbox retire it, then die without any cleanup
-    first.kill()
+    wait_for("the outbox to retire it", lambda: read_status(state / DB_NAME)["outbox_depth"] == 0)
+    first.kill()  # then die without any cleanup
 
     sim.set_value(MAINTENANCE, "NONE")  # the migration ends while the bridge is down
     second = BridgeProcess(sim.url, state)
     try:
         _, ended = second.next_event()
-        assert second.no_more_events(1.0), "something was published twice"
+        # A retry may repeat an id (at least once); a retired event or a new id may not come.
+        again = {e["id"] for e in second.events_until_quiet(1.0)}
+        assert again <= {ended["id"]}, "something was published twice"
     finally:
         assert second.terminate() == 0
     assert started["type"].endswith("maintenance.started")
@@ -155,7 +148,7 @@ def test_first_start_with_every_key_on_then_a_restart(
     event, at_startup but not happened_while_down (nothing was ever stored). A restart that
     finds other values than the stored ones: happened_while_down too."""
     sim = both_renderings
-    window = SCENARIOS["upcoming"][1].value
+    window = sample_window()
     assert window is not None
     sim.set_value(MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE")
     sim.set_value(PREEMPTED, "TRUE")
@@ -223,8 +216,8 @@ def test_off_gce_one_line_then_keeps_retrying(unreachable: str, tmp_path: Path) 
     bridge = BridgeProcess(url, tmp_path / "state", "--retry-cap", "0.2", *args)
     try:
         line = bridge.wait_for_log("cannot be reached")["message"]
-        time.sleep(1.5)  # several more failed attempts, at most 0.2 s apart
-        assert bridge.proc.poll() is None, "the bridge gave up"
+        # Several more failed attempts, at most 0.2 s apart: it neither gives up nor says more.
+        holds_for("the bridge running", lambda: bridge.proc.poll() is None, 1.5)
         records = bridge.logs()
         assert "\n" not in line and "GCE_METADATA_HOST=" in line
         assert "maintenance-bridge simulate" in line and url in line
@@ -348,9 +341,11 @@ def test_publishes_to_the_pubsub_emulator_in_order(
         try:
             _started(bridge, sim)
             for value in SEQUENCE:
+                asked = sim.stats()[MAINTENANCE]
                 sim.set_value(MAINTENANCE, value)
-                time.sleep(0.05)
-            got = ps.pull_until(sub, len(SEQUENCE), timeout=20)
+                # The next long poll has begun: this value was read, the next one is a change.
+                wait_for("the value read", lambda n=asked: sim.stats()[MAINTENANCE] > n)
+            got = ps.pull_until(sub, len(SEQUENCE), 20, same=lambda m: m.attributes["ce-id"])
         finally:
             assert bridge.terminate() == 0
     events = [decode_pubsub(m.attributes, m.data) for m in got]

@@ -23,6 +23,8 @@ import pytest
 
 from bridge.events import KINDS, STRUCTURED_CONTENT_TYPE, dumps
 
+# npm and Go builds on a cold cache (each limited to 300 s).
+pytestmark = pytest.mark.timeout(900)
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "schemas" / "examples"
 NODE_DIR = ROOT / "examples" / "consumers" / "node"

@@ -38,11 +38,7 @@ from bridge import daemon
 from bridge.config import Config
 from bridge.events import (
     DATASCHEMA,
-    KINDS,
-    MAINTENANCE,
-    PREEMPTED,
     STRUCTURED_CONTENT_TYPE,
-    UPCOMING,
     DecodeError,
     Event,
     EventData,
@@ -55,7 +51,8 @@ from bridge.events import (
     decode_structured,
     dumps,
 )
-from bridge.simulator import SCENARIOS, Simulator
+from bridge.keys import KINDS, MAINTENANCE, PREEMPTED, UPCOMING
+from bridge.simulator import Simulator, sample_window
 from bridge.store import Store
 from bridge.transitions import canonical
 
@@ -165,8 +162,8 @@ def _watching(sim: Simulator) -> None:
     raise AssertionError(f"the bridge never watched every key: {sim.stats()}")
 
 
-WINDOW = SCENARIOS["upcoming"][1].value  # the simulator's window, 2030-01-15
-MOVED = SCENARIOS["upcoming"][2].value  # rescheduled to 2030-01-20
+WINDOW = sample_window(15)
+MOVED = sample_window(20)  # rescheduled
 STEPS: tuple[tuple[str, str | None, str], ...] = (
     (MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE", "maintenance.started"),
     (MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE", "maintenance.changed"),

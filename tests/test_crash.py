@@ -15,7 +15,8 @@ outbox). After the last round a clean run drains what is left, then:
   retirement); that count is reported, and every copy is identical.
 
 BRIDGE_CRASH_ROUNDS sets the number of rounds (CI default 20; the docs quote 100+);
-BRIDGE_CRASH_SEED replays a run (the seed is printed; the timing of a machine is not replayed).
+BRIDGE_TEST_SEED replays a run (a failure reports its seed; the timing of a machine is not
+replayed).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from typing import Any
 
 import pytest
 
-from bridge.events import BASELINE, MAINTENANCE, PREEMPTED, UPCOMING, Event, decode_structured
+from bridge.events import Event, decode_structured
+from bridge.keys import KEYS, MAINTENANCE, PREEMPTED, UPCOMING
 from bridge.simulator import Simulator
 from bridge.store import read_status
 from bridge.transitions import canonical
@@ -148,14 +150,11 @@ def killing(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
 
 def final_canonical(key: str, value: str | None) -> str:
     if value is None:
-        return BASELINE[key]
+        return KEYS[key].baseline
     return canonical(key, json.loads(value) if key == UPCOMING else value)
 
 
-def test_kill_minus_nine_at_random_points(tmp_path):
-    seed = int(os.environ.get("BRIDGE_CRASH_SEED") or random.SystemRandom().randrange(2**32))
-    print(f"BRIDGE_CRASH_SEED={seed} reproduces this run's kill times and changes")
-    rng = random.Random(seed)
+def test_kill_minus_nine_at_random_points(tmp_path, seed, rng):
     state, logs = tmp_path / "state", tmp_path / "logs"
     logs.mkdir()
     kills = {"during_startup": 0, "while_watching": 0}
@@ -192,7 +191,7 @@ def test_kill_minus_nine_at_random_points(tmp_path):
                     status = read_status(state / "bridge.sqlite3")
                     stored = {k: v["value"] for k, v in status["keys"].items()}
                     return status["outbox_depth"] == 0 and all(
-                        stored.get(k, BASELINE[k]) == v for k, v in wanted.items()
+                        stored.get(k, KEYS[k].baseline) == v for k, v in wanted.items()
                     )
                 return False
 
@@ -247,7 +246,7 @@ def test_kill_minus_nine_at_random_points(tmp_path):
     events = sorted(by_id.values(), key=lambda e: e.data.sequence)
     for key in VALUES:
         chain = [e for e in events if e.data.key == key]
-        previous = BASELINE[key]
+        previous = KEYS[key].baseline
         for event in chain:
             assert event.data.previous == previous, (key, event.data.sequence)
             assert event.data.current != previous

@@ -178,7 +178,8 @@ def truth() -> Truth:
         demo_topic=demo.DEMO_TOPIC.rsplit("/", 1)[1],
         kinds=events.KINDS,
         upcoming_fields=frozenset(f.name for f in dataclasses.fields(events.Upcoming)),
-        modules=frozenset(p.stem for p in (REPO / "bridge").glob("*.py")),
+        modules=frozenset(p.stem for p in (REPO / "bridge").glob("*.py"))
+        | {p.parent.name for p in (REPO / "bridge").glob("*/__init__.py")},  # packages
         hook_filter=hook_filter.group(1),
     )
 

@@ -35,19 +35,19 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from google.api_core import exceptions as gexc
+from support.harness import InProcessBridge, free_port, in_process, wait_for
+from support.memory_sink import MemorySink
 
 from bridge import simulator as simulator_module
 from bridge.config import Config
-from bridge.daemon import run
 from bridge.events import MAINTENANCE, PREEMPTED, UPCOMING, Event, decode_pubsub
 from bridge.simulator import Simulator
 from bridge.sinks import PubSubSink
@@ -86,107 +86,6 @@ def write_figures(name: str, figures: dict[str, Any]) -> None:
     (path / f"{name}.json").write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
 
 
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition", step=0.01
-) -> Any:
-    """Poll until `predicate()` is truthy; generous timeouts, the machine is shared."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ListSink:
-    """A sink that keeps what it is given; `fail` makes every send fail with that error."""
-
-    name = "list"
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.fail: BaseException | None = None
-        self.attempts = 0
-        self._lock = threading.Lock()
-
-    def send(self, event: Event) -> Future[str]:
-        future: Future[str] = Future()
-        with self._lock:
-            self.attempts += 1
-            if self.fail is not None:
-                future.set_exception(self.fail)
-            else:
-                self.events.append(event)
-                future.set_result(event.id)
-        return future
-
-    def recover(self, event: Event) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-    def snapshot(self) -> list[Event]:
-        with self._lock:
-            return list(self.events)
-
-    def of_key(self, key: str) -> list[Event]:
-        return [e for e in self.snapshot() if e.data.key == key]
-
-
-@dataclass
-class Bridge:
-    """An in-process `maintenance-bridge run` (bridge.daemon.run) on its own thread."""
-
-    config: Config
-    sink: Any
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-    result: list[int] = field(default_factory=list)
-    errors: list[BaseException] = field(default_factory=list)
-
-    def start(self) -> Bridge:
-        def main() -> None:
-            try:
-                self.result.append(run(self.config, self.stop, sink=self.sink))
-            except BaseException as exc:  # surfaced by the test, not swallowed
-                self.errors.append(exc)
-
-        self.thread = threading.Thread(target=main, name="bridge-under-test", daemon=True)
-        self.thread.start()
-        return self
-
-    def close(self) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join(timeout=30)
-            assert not self.thread.is_alive(), "the bridge did not stop within 30 s"
-
-    @property
-    def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
-
-    def get(self, route: str) -> requests.Response:
-        return requests.get(f"http://127.0.0.1:{self.config.http_port}{route}", timeout=5)
-
-    def metric(self, name: str, labels: str = "") -> float:
-        """One sample of /metrics, e.g. metric('maintenance_bridge_outbox_depth')."""
-        text = self.get("/metrics").text
-        wanted = f"{name}{{{labels}}}" if labels else name
-        for line in text.splitlines():
-            if line.startswith(wanted + " "):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"{wanted} not in /metrics")
-
-
 def make_config(sim: Simulator, state_dir: Path, **overrides: Any) -> Config:
     values: dict[str, Any] = {
         "metadata_url": sim.url,
@@ -201,17 +100,6 @@ def make_config(sim: Simulator, state_dir: Path, **overrides: Any) -> Config:
     values.update(overrides)
     state_dir.mkdir(parents=True, exist_ok=True)
     return Config(**values)
-
-
-@contextlib.contextmanager
-def running(config: Config, sink: Any) -> Iterator[Bridge]:
-    bridge = Bridge(config, sink).start()
-    try:
-        yield bridge
-    finally:
-        bridge.close()
-    assert not bridge.errors, bridge.errors
-    assert bridge.result == [0]
 
 
 @pytest.fixture
@@ -253,7 +141,7 @@ def lines(caplog: pytest.LogCaptureFixture, level: int, pattern: str) -> list[st
     ]
 
 
-def wait_ready(bridge: Bridge, sim: Simulator) -> None:
+def wait_ready(bridge: InProcessBridge, sim: Simulator) -> None:
     """Watching every key, each with a long poll in flight."""
 
     def ready() -> bool:
@@ -262,9 +150,9 @@ def wait_ready(bridge: Bridge, sim: Simulator) -> None:
         except requests.ConnectionError:  # not listening yet
             return False
 
-    wait_for(ready, what="/readyz 200")
+    wait_for("/readyz 200", ready)
     for key in bridge.config.keys:
-        wait_for(lambda key=key: sim.stats().get(key, 0) >= 2, what=f"a long poll on {key}")
+        wait_for(f"a long poll on {key}", lambda key=key: sim.stats().get(key, 0) >= 2)
 
 
 # -- metadata side -----------------------------------------------------------------------------
@@ -309,25 +197,25 @@ BURSTS: dict[str, tuple[list[tuple[str, int, dict[str, Any]]], list[str]]] = {
 def test_metadata_fault_burst(burst, sim, requests_seen, bridge_logs, tmp_path):
     faults, classes = BURSTS[burst]
     key = MAINTENANCE
-    sink = ListSink()
+    sink = MemorySink()
     config = make_config(sim, tmp_path / "state")
-    with running(config, sink) as bridge:
+    with in_process(config, sink) as bridge:
         wait_ready(bridge, sim)
         sim.set_value(key, MAINTENANCE_VALUES[0])  # seen before the faults
-        wait_for(lambda: len(sink.of_key(key)) == 1, what="the first event")
+        wait_for("the first event", lambda: len(sink.events(key)) == 1)
         before = sim.stats().get(key, 0)
         for kind, count, params in faults:
             sim.inject(kind, count, key, **params)
         # The long poll in flight ends within poll_timeout; the next request is faulted.
-        wait_for(lambda: sim.stats().get(key, 0) > before, what="a faulted request")
+        wait_for("a faulted request", lambda: sim.stats().get(key, 0) > before)
         sim.set_value(key, MAINTENANCE_VALUES[1])  # changes while the faults last
-        wait_for(lambda: len(sink.of_key(key)) == 2, timeout=40, what="the event made mid-burst")
+        wait_for("the event made mid-burst", lambda: len(sink.events(key)) == 2, timeout=40)
         wait_for(
+            "the recovery line",
             lambda: lines(bridge_logs, logging.INFO, f"metadata {key} answering again"),
-            what="the recovery line",
         )
         sim.set_value(key, "NONE")  # and the watch goes on after it
-        wait_for(lambda: len(sink.of_key(key)) == 3, what="the event after the burst")
+        wait_for("the event after the burst", lambda: len(sink.events(key)) == 3)
         assert bridge.alive
         assert bridge.get("/healthz").status_code == 200
         errors_total = sum(
@@ -335,7 +223,7 @@ def test_metadata_fault_burst(burst, sim, requests_seen, bridge_logs, tmp_path):
             for cls in classes
         )
 
-    events = sink.of_key(key)
+    events = sink.events(key)
     assert [(e.data.previous, e.data.current) for e in events] == [
         ("NONE", MAINTENANCE_VALUES[0]),
         (MAINTENANCE_VALUES[0], MAINTENANCE_VALUES[1]),
@@ -372,27 +260,24 @@ def test_metadata_fault_burst(burst, sim, requests_seen, bridge_logs, tmp_path):
 def test_metadata_without_etag_is_told_once(sim, bridge_logs, tmp_path):
     """A server that stops sending ETags is watched by re-asking, and said so once."""
     key = PREEMPTED
-    sink = ListSink()
-    with running(make_config(sim, tmp_path / "state"), sink) as bridge:
+    sink = MemorySink()
+    with in_process(make_config(sim, tmp_path / "state"), sink) as bridge:
         wait_ready(bridge, sim)
         sim.inject("no_etag", 4, key)
         sim.set_value(key, "TRUE")
-        wait_for(lambda: len(sink.of_key(key)) == 1, what="preemption.started")
-        wait_for(lambda: sim.stats().get(key, 0) >= 6, timeout=30, what="the faults used up")
+        wait_for("preemption.started", lambda: len(sink.events(key)) == 1)
+        wait_for("the faults used up", lambda: sim.stats().get(key, 0) >= 6, timeout=30)
         sim.set_value(key, "FALSE")
-        wait_for(lambda: len(sink.of_key(key)) == 2, what="preemption.ended")
+        wait_for("preemption.ended", lambda: len(sink.events(key)) == 2)
         assert bridge.get("/healthz").status_code == 200
     told = lines(bridge_logs, logging.WARNING, "without an ETag")
     assert len(told) == 1, told
-    assert [e.kind for e in sink.of_key(key)] == ["preemption.started", "preemption.ended"]
+    assert [e.kind for e in sink.events(key)] == ["preemption.started", "preemption.ended"]
     write_figures("metadata_no_etag", {"faults_injected": 4, "log_lines": len(told)})
 
 
-def test_transitions_on_every_key_survive_a_faulty_server(sim, bridge_logs, tmp_path):
+def test_transitions_on_every_key_survive_a_faulty_server(sim, bridge_logs, tmp_path, rng):
     """Random faults of every kind on every key while all three keys change: nothing missed."""
-    import random
-
-    rng = random.Random(7)
     kinds = [
         ("status", {"status": 503}),
         ("status", {"status": 500}),
@@ -405,12 +290,12 @@ def test_transitions_on_every_key_survive_a_faulty_server(sim, bridge_logs, tmp_
         ("redirect", {}),
         ("huge", {}),
     ]
-    sink = ListSink()
+    sink = MemorySink()
     expected: dict[str, list[str]] = {MAINTENANCE: [], PREEMPTED: [], UPCOMING: []}
     injected = 0
-    with running(make_config(sim, tmp_path / "state", retry_cap=0.1), sink) as bridge:
+    with in_process(make_config(sim, tmp_path / "state", retry_cap=0.1), sink) as bridge:
         wait_ready(bridge, sim)
-        wait_for(lambda: sink.of_key(UPCOMING), what="the window present at start")
+        wait_for("the window present at start", lambda: sink.events(UPCOMING))
         expected[UPCOMING].append(WINDOWS[0])
         values = {
             MAINTENANCE: ["MIGRATE_ON_HOST_MAINTENANCE", "NONE", "TERMINATE_ON_HOST_MAINTENANCE"],
@@ -428,26 +313,26 @@ def test_transitions_on_every_key_survive_a_faulty_server(sim, bridge_logs, tmp_
                 expected[key].append(value)
             # Each change is seen before the next one is made (else A -> B -> A can coalesce).
             wait_for(
-                lambda: all(len(sink.of_key(k)) == len(v) for k, v in expected.items()),
+                f"round {round_}",
+                lambda: all(len(sink.events(k)) == len(v) for k, v in expected.items()),
                 timeout=30,
-                what=f"round {round_}",
             )
         assert bridge.get("/healthz").status_code == 200
     for key, values_set in expected.items():
-        seen = [e.data.current for e in sink.of_key(key)]
+        seen = [e.data.current for e in sink.events(key)]
         if key == UPCOMING:
             seen = [json.dumps(json.loads(v), sort_keys=True) for v in seen]
             values_set = [json.dumps(json.loads(v), sort_keys=True) for v in values_set]
         assert seen == values_set
-    sequences = [e.data.sequence for e in sink.snapshot()]
+    sequences = [e.data.sequence for e in sink.events()]
     assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
     write_figures(
         "metadata_random",
         {
             "faults_injected": injected,
             "transitions_made": sum(map(len, expected.values())),
-            "events_published": len(sink.snapshot()),
-            "events_lost": sum(map(len, expected.values())) - len(sink.snapshot()),
+            "events_published": len(sink.events()),
+            "events_lost": sum(map(len, expected.values())) - len(sink.events()),
         },
     )
 
@@ -583,10 +468,10 @@ def make_transitions(sim: Simulator, bridge_logs: Any, n: int, start: int = 0) -
         sim.set_value(MAINTENANCE, value)
         rx = re.compile(rf"sequence {i + 1}\b")
         found = wait_for(
+            f"transition {i + 1} recorded",
             lambda rx=rx: [
                 m for m in lines(bridge_logs, logging.INFO, r"^maintenance\.") if rx.search(m)
             ],
-            what=f"transition {i + 1} recorded",
         )
         ids.append(re.search(r"event ([0-9a-f-]{36})", found[0]).group(1))
     return ids
@@ -614,15 +499,15 @@ def test_pubsub_killed_and_restarted(pubsub, gate, names, sim, bridge_logs, tmp_
 def _killed_and_restarted(pubsub, gate, names, sim, bridge_logs, config, sink, topic, sub):
     from support.pubsub import admin
 
-    with running(config, sink) as bridge:
+    with in_process(config, sink) as bridge:
         wait_ready(bridge, sim)
         before = make_transitions(sim, bridge_logs, 3)
-        wait_for(lambda: outbox_depth(config) == 0, what="the first events published")
+        wait_for("the first events published", lambda: outbox_depth(config) == 0)
         pubsub.kill()  # SIGKILL: the emulator and everything it held are gone
         during = make_transitions(sim, bridge_logs, 4, start=3)
         wait_for(
+            "the relay's own retry",
             lambda: lines(bridge_logs, logging.ERROR, "failed: unavailable"),
-            what="the relay's own retry",
         )
         assert outbox_depth(config) == 4, "events wait in the outbox while Pub/Sub is down"
         gate.shut()
@@ -633,7 +518,7 @@ def _killed_and_restarted(pubsub, gate, names, sim, bridge_logs, config, sink, t
         gate.open()
         with admin(pubsub) as adm:
             events = pulled_events(adm, sub, 4, timeout=90)
-        wait_for(lambda: outbox_depth(config) == 0, timeout=30, what="the outbox emptied")
+        wait_for("the outbox emptied", lambda: outbox_depth(config) == 0, timeout=30)
         after = make_transitions(sim, bridge_logs, 2, start=7)
         with admin(pubsub) as adm:
             events += pulled_events(adm, sub, 2)
@@ -667,15 +552,15 @@ def test_pubsub_topic_missing_then_created(
     topic = f"projects/{pubsub.project}/topics/{names[0]}"
     sink = pubsub_sink(topic, gate, monkeypatch)
     config = make_config(sim, tmp_path / "state", keys=(MAINTENANCE,), topic=topic, sink="pubsub")
-    with running(config, sink) as bridge:
+    with in_process(config, sink) as bridge:
         wait_ready(bridge, sim)
         ids = make_transitions(sim, bridge_logs, 3)
         wait_for(
+            "several failed attempts",
             lambda: (
                 bridge.metric("maintenance_bridge_publish_failures_total", 'reason="not_found"')
                 >= 4
             ),
-            what="several failed attempts",
         )
         assert outbox_depth(config) == 3
         told = lines(bridge_logs, logging.ERROR, "not_found")
@@ -689,7 +574,7 @@ def test_pubsub_topic_missing_then_created(
         gate.open()
         with admin(pubsub) as adm:
             events = pulled_events(adm, names[1], 3)
-        wait_for(lambda: outbox_depth(config) == 0, what="the outbox emptied")
+        wait_for("the outbox emptied", lambda: outbox_depth(config) == 0)
         attempts = bridge.metric("maintenance_bridge_publish_failures_total", 'reason="not_found"')
     assert [e.id for e in events] == ids
     told = lines(bridge_logs, logging.ERROR, "not_found")
@@ -742,15 +627,15 @@ def test_pubsub_permission_denied(pubsub, gate, names, sim, bridge_logs, tmp_pat
         adm.create_subscription(topic, names[1], ordering=True)
     sink = DenyingSink(pubsub_sink(topic, gate, monkeypatch))
     config = make_config(sim, tmp_path / "state", keys=(MAINTENANCE,), topic=topic, sink="pubsub")
-    with running(config, sink) as bridge:
+    with in_process(config, sink) as bridge:
         wait_ready(bridge, sim)
         ids = make_transitions(sim, bridge_logs, 3)
-        wait_for(lambda: sink.denied >= 4, what="several denied attempts")
+        wait_for("several denied attempts", lambda: sink.denied >= 4)
         assert outbox_depth(config) == 3
         sink.deny = False
         with admin(pubsub) as adm:
             events = pulled_events(adm, names[1], 3)
-        wait_for(lambda: outbox_depth(config) == 0, what="the outbox emptied")
+        wait_for("the outbox emptied", lambda: outbox_depth(config) == 0)
     assert [e.id for e in events] == ids
     told = lines(bridge_logs, logging.ERROR, "permission")
     assert len(told) == 1 and "roles/pubsub.publisher" in told[0], told
@@ -779,12 +664,12 @@ def test_pubsub_paused_ordering_key(pubsub, gate, names, sim, bridge_logs, tmp_p
     with pytest.raises(gexc.InvalidArgument):
         failed.result(timeout=30)
     config = make_config(sim, tmp_path / "state", keys=(MAINTENANCE,), topic=topic, sink="pubsub")
-    with running(config, sink) as bridge:
+    with in_process(config, sink) as bridge:
         wait_ready(bridge, sim)
         ids = make_transitions(sim, bridge_logs, 3)
         with admin(pubsub) as adm:
             events = pulled_events(adm, names[1], 3)
-        wait_for(lambda: outbox_depth(config) == 0, what="the outbox emptied")
+        wait_for("the outbox emptied", lambda: outbox_depth(config) == 0)
         paused = bridge.metric("maintenance_bridge_publish_failures_total", 'reason="paused"')
     assert [e.id for e in events] == ids
     assert paused >= 1
@@ -865,13 +750,13 @@ def _fill(directory: Path) -> Path:
 
 
 def _disk_round(sim, bridge_logs, state_dir, break_it, repair_it, how: str) -> None:
-    sink = ListSink()
+    sink = MemorySink()
     config = make_config(sim, state_dir)
 
     def published(key: str, n: int, what: str) -> None:
-        wait_for(lambda: len(sink.of_key(key)) == n, what=what)
+        wait_for(what, lambda: len(sink.events(key)) == n)
 
-    with running(config, sink) as bridge:
+    with in_process(config, sink) as bridge:
         wait_ready(bridge, sim)
         published(UPCOMING, 1, "the window present at start")
         sim.set_value(MAINTENANCE, MAINTENANCE_VALUES[0])
@@ -892,9 +777,9 @@ def _disk_round(sim, bridge_logs, state_dir, break_it, repair_it, how: str) -> N
         repair_it()
         sim.set_value(PREEMPTED, "FALSE")
         published(PREEMPTED, 2, "an event after the repair")
-        wait_for(lambda: bridge.get("/healthz").status_code == 200, what="/healthz green again")
+        wait_for("/healthz green again", lambda: bridge.get("/healthz").status_code == 200)
         store_errors = bridge.metric("maintenance_bridge_store_errors_total")
-    events = sink.snapshot()
+    events = sink.events()
     assert [e.data.sequence for e in events] == list(range(1, 9))
     assert lines(bridge_logs, logging.WARNING, "state store writable again")
     # Loud once, not once per event: the CRITICAL line, and at most one line from the relay.
@@ -976,7 +861,7 @@ def test_disk_read_only_at_start_is_refused(sim, tmp_path):
 
 @pytest.mark.parametrize("bound", ["count", "bytes", "tiny"])
 def test_outbox_bound_never_drops_a_maintenance_event(bound, sim, bridge_logs, tmp_path):
-    sink = ListSink()
+    sink = MemorySink()
     sink.fail = gexc.ServiceUnavailable("Pub/Sub is down")
     limits = {
         "count": {"outbox_max_events": 8},
@@ -985,7 +870,7 @@ def test_outbox_bound_never_drops_a_maintenance_event(bound, sim, bridge_logs, t
     }[bound]
     config = make_config(sim, tmp_path / "state", heartbeat_interval=0.05, **limits)
     made: list[tuple[str, str]] = []
-    with running(config, sink) as bridge:
+    with in_process(config, sink) as bridge:
         wait_ready(bridge, sim)
         plan = [
             (UPCOMING, WINDOWS[1]),
@@ -1003,8 +888,8 @@ def test_outbox_bound_never_drops_a_maintenance_event(bound, sim, bridge_logs, t
             sim.set_value(key, value)
             made.append((key, value))
             wait_for(
+                f"change {i} recorded",
                 lambda i=i: len(lines(bridge_logs, logging.INFO, r"\(event .*sequence")) == i + 1,
-                what=f"change {i} recorded",
             )
             time.sleep(0.15)  # heartbeats pile up too
         with sqlite3.connect(f"file:{config.db_path}?mode=ro", uri=True) as db:
@@ -1023,9 +908,9 @@ def test_outbox_bound_never_drops_a_maintenance_event(bound, sim, bridge_logs, t
         assert dropped > 0
         recorded = bridge.get("/metrics").text
         sink.fail = None
-        wait_for(lambda: bridge.metric("maintenance_bridge_outbox_depth") == 0, what="drained")
+        wait_for("drained", lambda: bridge.metric("maintenance_bridge_outbox_depth") == 0)
         bridge.stop.set()  # no more heartbeats while the result is read
-    events = sink.snapshot()
+    events = sink.events()
     sequences = [e.data.sequence for e in events]
     assert sequences == sorted(sequences)
     vital = [e for e in events if e.kind.startswith(("maintenance.", "preemption."))]

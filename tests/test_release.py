@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from support.harness import wait_for
 
+# Two reproducible builds and a start-up script installing the wheel (each limited to 600 s).
+pytestmark = pytest.mark.timeout(1200)
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "scripts" / "build-release"
 VM_INSTALL = REPO / "deploy" / "vm-install.sh"
@@ -196,6 +199,12 @@ def wait_http(url: str, deadline: float = 15) -> None:
             time.sleep(0.1)
 
 
+def polls(simulator: str) -> int:
+    """How often the simulator was asked for instance/maintenance-event."""
+    with urllib.request.urlopen(f"http://{simulator}/simulator/v1/stats", timeout=5) as resp:
+        return int(json.load(resp).get("instance/maintenance-event", 0))
+
+
 @pytest.fixture
 def simulator() -> Iterator[str]:
     """A metadata server whose default service account has a token, like a VM's."""
@@ -289,6 +298,7 @@ def test_start_up_script_installs_the_verified_wheel_and_the_bridge_runs(
 
     # The installed bridge watches the simulator and prints the change it sees.
     env = {**clean, "GCE_METADATA_HOST": simulator}
+    asked = polls(simulator)
     proc = subprocess.Popen(
         [str(exe), "run", "--sink", "stdout", "--state-dir", str(tmp_path / "state")],
         stdout=subprocess.PIPE,
@@ -302,9 +312,8 @@ def test_start_up_script_installs_the_verified_wheel_and_the_bridge_runs(
             data=b"MIGRATE_ON_HOST_MAINTENANCE",
             method="PUT",
         )
-        time.sleep(
-            1.5
-        )  # let it take the first values (a change before that is happened_while_down)
+        # First values taken, it long-polls again (a change before is happened_while_down).
+        wait_for("the bridge watching", lambda: polls(simulator) >= asked + 2, timeout=30)
         urllib.request.urlopen(put, timeout=5).close()
         lines: list[str] = []
         deadline = time.monotonic() + 20

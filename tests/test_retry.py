@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-import time
 from datetime import datetime
+
+from support.harness import wait_for
 
 from bridge.config import Config
 from bridge.events import MAINTENANCE
@@ -43,32 +44,34 @@ def test_publish_policy_backs_off_from_the_first_failure() -> None:
     assert [policy.delay(n, rand=0.0) for n in (1, 2, 3, 10)] == [0.1, 0.2, 0.4, 2.0]
 
 
-def test_a_change_inside_a_503_burst_is_seen_right_after_it(sim: Simulator, tmp_path) -> None:
-    """The watcher retries every few tens of milliseconds through a burst of 503s."""
-    seen: list[tuple[str, float]] = []
+def test_a_change_inside_a_503_burst_is_seen_once_it_ends(sim: Simulator, tmp_path) -> None:
+    """The watcher keeps retrying quickly through a long burst of 503s and reads the change made
+    during it. How soon after the burst is measured by bench/ (phase_recovery), not asserted on
+    a shared machine; the schedule itself is the pure tests' above."""
+    seen: list[str] = []
     got = threading.Event()
 
     def observe(key: str, value: str, at: datetime, when: float, first: bool) -> None:
-        seen.append((value, time.monotonic()))
+        seen.append(value)
         if value == "TERMINATE_ON_HOST_MAINTENANCE":
             got.set()
 
     stop = threading.Event()
-    config = Config(metadata_url=sim.url, state_dir=tmp_path, poll_timeout=5)
+    config = Config(metadata_url=sim.url, state_dir=tmp_path, poll_timeout=1)
     watcher = Watcher(MAINTENANCE, config, observe, stop, Health(max_outbox_age=30), Metrics())
     watcher.start()
     try:
-        assert watcher.answered.wait(5)
+        assert watcher.answered.wait(10)
+        before = sim.stats()[MAINTENANCE]
         sim.inject("status", 1_000_000, MAINTENANCE, status=503)
         sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")  # ends the hanging poll
-        time.sleep(1.0)
+        # 20 s for 40 failures: the quick phase needs 1-2 s, a back-off to the 2 s cap minutes.
+        wait_for("20 failed requests", lambda: sim.stats()[MAINTENANCE] >= before + 20)
         sim.set_value(MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE")
-        time.sleep(1.0)  # the old back-off would be waiting ~1 s by now
-        failed = sim.stats()[MAINTENANCE]
-        end = time.monotonic()
+        wait_for("20 more", lambda: sim.stats()[MAINTENANCE] >= before + 40)
         sim.clear_faults()
-        assert got.wait(5)
+        assert got.wait(10), "the change made during the burst was not seen after it"
     finally:
         stop.set()
-    assert seen[-1][1] - end < 0.3, "seen within tens of milliseconds of the burst's end"
-    assert 20 <= failed <= 100, "retried every 25-50 ms during the burst"
+        watcher.thread.join(10)
+    assert seen[-1] == "TERMINATE_ON_HOST_MAINTENANCE"

@@ -15,6 +15,7 @@ import time
 import pytest
 import requests
 
+from bridge.keys import MAINTENANCE as EVENT
 from bridge.simulator import (
     NO_NOTIFICATION,
     SCENARIOS,
@@ -25,7 +26,6 @@ from bridge.simulator import (
 )
 
 FLAVOR = {"Metadata-Flavor": "Google"}
-EVENT = "instance/maintenance-event"
 
 
 @pytest.fixture

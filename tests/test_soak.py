@@ -40,7 +40,8 @@ from bridge.events import (
 from bridge.simulator import Simulator
 from bridge.transitions import canonical
 
-pytestmark = pytest.mark.soak
+# Its length is BRIDGE_SOAK_TRANSITIONS's; every step has its own 60 s deadline instead.
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(0)]
 
 # CI defaults: 2,000 through stdout, 600 through Pub/Sub (each step waits for the emulator's
 # pull); BRIDGE_SOAK_TRANSITIONS sets both.

@@ -7,16 +7,15 @@ from datetime import datetime, timezone
 
 import pytest
 
+from bridge import keys
 from bridge.events import (
-    MAINTENANCE,
-    PREEMPTED,
-    UPCOMING,
     Instance,
     Scheduling,
     build_event,
     decode_pubsub,
     decode_structured,
 )
+from bridge.keys import KEYS, KINDS, MAINTENANCE, PREEMPTED, UPCOMING, Key
 from bridge.transitions import canonical, classify, notice_seconds
 
 INSTANCE = Instance(
@@ -83,6 +82,10 @@ def test_notice_windows() -> None:
     assert notice_seconds(classify(PREEMPTED, "FALSE", "TRUE")) == 30
     assert notice_seconds(classify(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE", "NONE")) is None
     assert notice_seconds(classify(MAINTENANCE, "NONE", "SOMETHING_NEW")) is None
+    # Preemption's 30 s hold for whatever value it starts with, and only when it starts.
+    assert notice_seconds(classify(PREEMPTED, "FALSE", "UNKNOWN")) == 30
+    assert notice_seconds(classify(PREEMPTED, "TRUE", "UNKNOWN")) is None
+    assert notice_seconds(classify(UPCOMING, "", '{"type":"SCHEDULED"}')) is None
 
 
 def _event(kind_values: tuple[str, str, str], **kw: object):
@@ -177,3 +180,38 @@ def test_pubsub_encodings_round_trip(mode: str) -> None:
 def test_upcoming_without_reasons_has_an_empty_list() -> None:
     event = _event((UPCOMING, "", canonical(UPCOMING, {"type": "SCHEDULED"})))
     assert event.to_structured()["data"]["upcoming"]["maintenance_reasons"] == []
+
+
+def test_registry_kinds_and_what_the_outbox_may_drop() -> None:
+    kinds, droppable = KINDS, keys.DROPPABLE_KINDS
+    assert kinds == (
+        "maintenance.started",
+        "maintenance.changed",
+        "maintenance.ended",
+        "preemption.started",
+        "preemption.changed",
+        "preemption.ended",
+        "upcoming.scheduled",
+        "upcoming.updated",
+        "upcoming.cleared",
+        "bridge.heartbeat",
+    )
+    # Over the outbox bound only the window and heartbeats may go: never a notice.
+    assert droppable == {kinds[-1], *kinds[6:9]}
+    assert [KEYS[k].alt for k in (MAINTENANCE, PREEMPTED, UPCOMING)] == [None, None, "json"]
+
+
+def test_a_new_key_is_one_declaration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transitions, notices and events follow the registry: no per-key code to touch."""
+    path = "instance/guest-attributes/hostEvents/state"
+    key = Key(path, "host", "IDLE", ("begun", "moved", "over"), notice={"DRAINING": 120},
+              notice_on=("begun",))  # fmt: skip
+    monkeypatch.setitem(KEYS, path, key)
+    begun = classify(path, "IDLE", "DRAINING")
+    assert begun is not None and begun.kind == "host.begun"
+    assert notice_seconds(begun) == 120
+    assert classify(path, "DRAINING", "IDLE").kind == "host.over"
+    assert classify(path, "DRAINING", "PAUSED").kind == "host.moved"
+    event = _event((path, "IDLE", "DRAINING"))
+    assert event.kind == "host.begun" and event.data.notice_seconds == 120
+    assert event.data.upcoming is None

@@ -31,17 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bridge.events import (
-    KINDS,
-    MAINTENANCE,
-    PREEMPTED,
-    UPCOMING,
-    Event,
-    Instance,
-    Scheduling,
-    Transition,
-    build_event,
-)
+from bridge.events import Event, Instance, Scheduling, Transition, build_event
+from bridge.keys import HEARTBEAT_KEY, KINDS, MAINTENANCE, PREEMPTED, UPCOMING, WATCHED_KEYS
 from bridge.recorder import HEARTBEAT
 from bridge.transitions import canonical, classify, notice_seconds
 
@@ -131,7 +122,7 @@ TIMELINE: tuple[Example, ...] = (
             "2030-01-08T09:00:00.125"),
     Example("upcoming.updated", UPCOMING, FIRST, MOVED, STANDARD_VM, STANDARD, 2,
             "2030-01-09T16:30:12.500"),
-    Example("bridge.heartbeat", "bridge/heartbeat", "", "", STANDARD_VM, STANDARD, 3,
+    Example("bridge.heartbeat", HEARTBEAT_KEY, "", "", STANDARD_VM, STANDARD, 3,
             "2030-01-10T00:00:00.000"),
     Example("maintenance.started", MAINTENANCE, "NONE", "MIGRATE_ON_HOST_MAINTENANCE",
             STANDARD_VM, STANDARD, 4, "2030-01-20T02:00:01.042"),
@@ -244,7 +235,7 @@ def render() -> dict[str, str]:
 def producer_schema(consumer: dict[str, Any]) -> dict[str, Any]:
     """The consumer schema made exact: no unknown field anywhere, every field this release
     always writes required, `sequence` a JSON number as the bridge writes it, `key` one of
-    the keys this release knows (the consumer schema's examples)."""
+    the keys this release knows (bridge/keys.py, which the consumer schema's examples list)."""
     strict = copy.deepcopy(consumer)
     strict["$id"] = consumer["$id"].replace("/event-data.json", "/event-data.producer.json")
     strict["title"] = "maintenance-bridge v1 event data, exactly as this release emits it"
@@ -255,7 +246,10 @@ def producer_schema(consumer: dict[str, Any]) -> dict[str, Any]:
     )
     strict["required"] = [*consumer["required"], "at_startup", "stream_id"]
     key = strict["properties"]["key"]
-    key["enum"] = key.pop("examples")
+    known = [*WATCHED_KEYS, HEARTBEAT_KEY]
+    if key.pop("examples") != known:
+        raise AssertionError(f"{CONSUMER_SCHEMA.name}: properties.key.examples must be {known}")
+    key["enum"] = known
     sequence = strict["properties"]["sequence"]
     sequence["type"] = "integer"
     del sequence["pattern"]

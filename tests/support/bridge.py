@@ -67,6 +67,15 @@ class BridgeProcess:
         deadline = time.monotonic() + timeout
         return [self.next_event(max(0.01, deadline - time.monotonic()))[1] for _ in range(n)]
 
+    def events_until_quiet(self, wait: float = 0.5) -> list[dict[str, Any]]:
+        """Every event that arrives until none has for `wait` seconds."""
+        got = []
+        while True:
+            try:
+                got.append(self.lines.get(timeout=wait)[1])
+            except queue.Empty:
+                return got
+
     def no_more_events(self, wait: float = 0.5) -> bool:
         try:
             self.lines.get(timeout=wait)

@@ -340,18 +340,33 @@ class PubSubAdmin:
             subscription=self.subscription_path(sub_path), ack_ids=ack_ids, timeout=10
         )
 
-    def pull_until(self, sub_path: str, n: int, timeout: float = 10.0) -> list[Received]:
-        """Pull and ack until n messages arrived (duplicates included), else TimeoutError."""
+    def pull_until(
+        self,
+        sub_path: str,
+        n: int,
+        timeout: float = 10.0,
+        same: Callable[[Received], str] | None = None,
+    ) -> list[Received]:
+        """Pull and ack until n messages arrived, else TimeoutError. Duplicates count, unless
+        `same` names what makes two messages one (an event id: at least once allows a retry to
+        publish it again); then the first copy of each is kept, in arrival order."""
         got: list[Received] = []
+        seen: set[str] = set()
         deadline = time.monotonic() + timeout
         while len(got) < n:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"{len(got)} of {n} messages in {timeout} s: {got}")
             try:
-                got += self.pull(sub_path, n - len(got), timeout=min(left, 2.0))
+                pulled = self.pull(sub_path, n - len(got), timeout=min(left, 2.0))
             except gexc.ServiceUnavailable:  # channel reconnecting after a restart
                 time.sleep(0.1)
+                continue
+            for message in pulled:
+                key = message.message_id if same is None else same(message)
+                if same is None or key not in seen:
+                    got.append(message)
+                seen.add(key)
         return got
 
     def close(self) -> None:

@@ -1,9 +1,10 @@
-"""Plumbing shared by the example subscribers: unwrap, filter, deduplicate, log.
+"""What every example subscriber needs: unwrap, filter, identify, deduplicate, log, retry.
 
-Terraform copies this file next to each function's `main.py` (and `bridge/events.py`, the
-project's one decoder) in the function's zip, so every subscriber treats the envelope the same
-way: a malformed message is logged and acknowledged, never raised (with retries on, a raise would
-loop), and only transient faults propagate so that Eventarc / Pub/Sub retries them.
+Terraform copies this file next to each function's `main.py` (with `bridge/events.py`, the
+project's one decoder, and `bridge/keys.py`; functions/archive.json lists them) in the function's
+zip, so every subscriber treats the envelope the same way: a malformed message is logged and
+acknowledged, never raised (with retries on, a raise would loop), and only a `TransientError`
+propagates so that Eventarc / Pub/Sub retries the delivery.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from typing import Any
 from bridge.events import DecodeError, Event, decode_message_published
 
 MESSAGE_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
+
+
+class TransientError(RuntimeError):
+    """Raised so that the trigger retries the delivery (network fault, 5xx, 429, IAM lag)."""
 
 
 def log(severity: str, message: str, **fields: Any) -> None:
@@ -57,8 +62,20 @@ class SeenIds:
 
 
 def event_key(event: Event) -> str:
-    """The identity of an inner event: CloudEvents makes `source` + `id` unique."""
+    """The identity of an inner event, the dedupe key: CloudEvents makes `source` + `id` unique."""
     return f"{event.source}\n{event.id}"
+
+
+def instance_key(event: Event) -> str:
+    """The VM an event is about, unique across projects and zones."""
+    inst = event.data.instance
+    return f"{inst.project_id}/{inst.zone}/{inst.id}"
+
+
+def stream_key(event: Event) -> str:
+    """The stream whose `data.sequence` orders the event: one bridge state store on one VM (a
+    bridge on a new state dir counts from 1 again, under a new `data.stream_id`)."""
+    return f"{instance_key(event)}/{event.data.stream_id}"
 
 
 def load_filter(raw: str | None = None) -> dict[str, frozenset[str]]:

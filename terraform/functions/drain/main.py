@@ -39,7 +39,7 @@ import google.auth
 import requests
 from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
-from subscriber import SeenIds, event_key, load_filter, log, unwrap
+from subscriber import SeenIds, TransientError, event_key, load_filter, log, stream_key, unwrap
 
 from bridge.events import Event
 
@@ -63,10 +63,6 @@ _NOOP_REASONS = frozenset(
     {"memberAlreadyExists", "alreadyExists", "resourceNotFound", "notFound", "memberNotFound"}
 )
 _NOOP_TEXT = ("already a member", "not a member", "already exists", "does not exist")
-
-
-class TransientError(RuntimeError):
-    """Raised so that the trigger retries the delivery."""
 
 
 @dataclass(frozen=True)
@@ -196,12 +192,12 @@ def handle(cloud_event) -> None:
         return
     key = event_key(event)
     inst = event.data.instance
-    stream_key = f"{inst.project_id}/{inst.zone}/{inst.id}/{event.data.stream_id}"
+    stream = stream_key(event)
     with _lock:
         if key in SEEN:
             log("INFO", "duplicate event skipped", event_id=event.id)
             return
-        if event.data.sequence < _last_sequence.get(stream_key, -1):
+        if event.data.sequence < _last_sequence.get(stream, -1):
             log(
                 "WARNING",
                 "older than the last event acted upon; ignored",
@@ -225,6 +221,4 @@ def handle(cloud_event) -> None:
         raise TransientError("; ".join(failures))
     with _lock:
         SEEN.add(key)
-        _last_sequence[stream_key] = max(
-            event.data.sequence, _last_sequence.get(stream_key, -1)
-        )
+        _last_sequence[stream] = max(event.data.sequence, _last_sequence.get(stream, -1))

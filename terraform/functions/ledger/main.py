@@ -38,13 +38,14 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import functions_framework
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
-from subscriber import load_filter, log, unwrap
+from subscriber import event_key, load_filter, log, unwrap
 
 from bridge.events import Event
 
@@ -194,7 +195,7 @@ def record(db: firestore.Client, event: Event, envelope: dict[str, Any]) -> str:
     if event.data.stream_id:
         marker = f"{event.data.stream_id}:{event.data.sequence}"
     else:  # a bridge older than stream_id: its sequence may restart, its ids never repeat
-        marker = hashlib.sha256(f"{event.source}\n{event.id}".encode()).hexdigest()
+        marker = hashlib.sha256(event_key(event).encode()).hexdigest()
     marker_ref = instance_ref.collection("events").document(marker)
     entry = _entry(event, envelope)
 
@@ -210,14 +211,7 @@ def record(db: firestore.Client, event: Event, envelope: dict[str, Any]) -> str:
         history.sort(key=lambda e: (e.get("observed_at", ""), e.get("sequence", 0)))
         outcome = "history-only"
         update: dict[str, Any] = {
-            "instance": {
-                "id": event.data.instance.id,
-                "name": event.data.instance.name,
-                "zone": event.data.instance.zone,
-                "project_id": event.data.instance.project_id,
-                "project_number": event.data.instance.project_number,
-                "hostname": event.data.instance.hostname,
-            },
+            "instance": asdict(event.data.instance),
             "history": history[-HISTORY_LIMIT:],
             "updated_at": firestore.SERVER_TIMESTAMP,
         }

@@ -25,7 +25,7 @@ import functions_framework
 import google.auth
 import requests
 from google.auth.transport.requests import AuthorizedSession
-from subscriber import SeenIds, event_key, load_filter, log, unwrap
+from subscriber import SeenIds, TransientError, event_key, instance_key, load_filter, log, unwrap
 
 from bridge.events import Event
 
@@ -39,10 +39,6 @@ SEEN = SeenIds(int(os.environ.get("DEDUPE_SIZE", "10000")))
 
 if CHAT_FORMAT not in ("google_chat", "slack"):
     raise ValueError(f"CHAT_FORMAT must be google_chat or slack, not {CHAT_FORMAT!r}")
-
-
-class TransientError(RuntimeError):
-    """Raised so that the trigger retries the delivery (network fault, 5xx, 429)."""
 
 
 _cache_lock = threading.Lock()
@@ -136,8 +132,7 @@ def payload(event: Event, fmt: str = CHAT_FORMAT) -> dict:
                 {"type": "context", "elements": [{"type": "mrkdwn", "text": footer}]},
             ],
         }
-    thread = f"{event.data.instance.project_id}/{event.data.instance.zone}/{event.data.instance.id}"
-    return {"text": f"*{text}*\n{footer}", "thread": {"threadKey": thread}}
+    return {"text": f"*{text}*\n{footer}", "thread": {"threadKey": instance_key(event)}}
 
 
 def _target(url: str) -> str:

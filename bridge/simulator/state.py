@@ -1,0 +1,335 @@
+"""The simulator's state model: values, faults, stats, scenarios playing, and the rendering of
+a metadata GET (long polls included) from that state; the HTTP side is in `handler`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from types import TracebackType
+from typing import Any
+
+from bridge.keys import KEYS, UPCOMING
+from bridge.simulator.handler import Server
+from bridge.simulator.scenarios import Step
+from bridge.simulator.wire import (
+    JSON,
+    NO_NOTIFICATION,
+    TEXT,
+    V1,
+    Query,
+    Reply,
+    camel,
+    container_of,
+    etag_of,
+    metadata_key,
+)
+
+log = logging.getLogger("bridge.simulator")
+
+SCHEDULING = "instance/scheduling/"
+PLAIN_ALT_JSON = ("string", "raw")  # how a plain value reads under alt=json: "NONE" or NONE
+SCHEDULING_MODES = ("json", "text", "404", "broken")  # what scheduling/?recursive=true answers
+
+DEFAULT_IDENTITY: dict[str, str] = {
+    # A watched key with a baseline holds it; one without (the window) starts absent.
+    **{key.path: key.baseline for key in KEYS.values() if key.baseline},
+    "instance/id": "4520031799277579481",
+    "instance/name": "demo-vm",
+    "instance/hostname": "demo-vm.us-central1-a.c.demo-project.internal",
+    "instance/zone": "projects/123456789012/zones/us-central1-a",
+    "project/project-id": "demo-project",
+    "project/numeric-project-id": "123456789012",
+    "instance/scheduling/on-host-maintenance": "MIGRATE",
+    "instance/scheduling/automatic-restart": "TRUE",
+    "instance/scheduling/preemptible": "FALSE",
+    "instance/scheduling/provisioning-model": "STANDARD",
+}
+
+
+# Fault kind -> the parameters it accepts.
+FAULT_PARAMS: dict[str, frozenset[str]] = {
+    "status": frozenset({"status", "body"}),
+    "delay": frozenset({"seconds"}),
+    **dict.fromkeys(
+        ("drop", "reset", "no_flavor", "redirect", "malformed", "no_etag", "huge", "invalid_utf8"),
+        frozenset(),
+    ),
+}
+
+
+@dataclass
+class _Fault:
+    kind: str
+    remaining: int
+    prefix: str
+    params: dict[str, Any]
+
+
+class Simulator:
+    """A metadata server on a daemon thread; every method is thread-safe."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        identity: Mapping[str, str] | None = None,
+        *,
+        max_wait: float = 300.0,
+        quiet: bool = True,
+        plain_alt_json: str = "string",
+        scheduling: str = "json",
+    ) -> None:
+        """Bind at once so that ``port`` is known before ``start``.
+
+        ``max_wait`` caps a hanging GET (the real cap is undocumented); ``quiet=False``
+        logs every request to stderr; ``plain_alt_json`` and ``scheduling`` pick among the
+        undocumented or broken renderings (see the module docstring).
+        """
+        if plain_alt_json not in PLAIN_ALT_JSON:
+            raise ValueError(f"plain_alt_json must be one of {PLAIN_ALT_JSON}")
+        if scheduling not in SCHEDULING_MODES:
+            raise ValueError(f"scheduling must be one of {SCHEDULING_MODES}")
+        self.plain_alt_json = plain_alt_json
+        self.scheduling = scheduling
+        self._values = dict(DEFAULT_IDENTITY)
+        self._cond = threading.Condition()
+        for key, value in (identity or {}).items():
+            self.set_value(key, value)
+        self._lock = threading.Lock()  # faults and stats
+        self._faults: list[_Fault] = []
+        self._counts: Counter[str] = Counter()
+        self._stopping = threading.Event()
+        self._scenario_stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.max_wait = max_wait
+        self.quiet = quiet
+        self._server = Server((host, port), self)
+        self.host = host
+        self.port: int = self._server.server_address[1]
+
+    @property
+    def host_port(self) -> str:
+        """What ``GCE_METADATA_HOST`` takes."""
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host_port}{V1}"
+
+    def start(self) -> Simulator:
+        # Where stop() cannot wake the accept loop, the poll interval bounds its wait.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.1,), name="simulator", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and drop every open connection, hanging polls included."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._scenario_stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._server.drop_connections()
+        if self._thread is not None:
+            with contextlib.suppress(OSError):  # wakes the accept loop at once on Linux
+                self._server.socket.shutdown(socket.SHUT_RDWR)
+            self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> Simulator:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- values ---------------------------------------------------------------------
+
+    def set_value(self, path: str, value: str) -> None:
+        key = metadata_key(path)
+        if not isinstance(value, str):
+            raise TypeError(f"metadata values are strings, got {type(value).__name__}")
+        with self._cond:
+            parents = {key[: i + 1] for i, c in enumerate(key) if c == "/"}
+            if any(k.startswith(key + "/") or k + "/" in parents for k in self._values):
+                raise ValueError(f"{key!r} would clash with a directory of the same name")
+            if self._values.get(key) != value:
+                self._values[key] = value
+                self._cond.notify_all()
+
+    def delete_value(self, path: str) -> None:
+        """Remove a key: it then answers 404 (``upcoming-maintenance``: the 503)."""
+        with self._cond:
+            if self._values.pop(metadata_key(path), None) is not None:
+                self._cond.notify_all()
+
+    def get_value(self, path: str) -> str | None:
+        with self._cond:
+            return self._values.get(metadata_key(path))
+
+    # -- faults and stats ------------------------------------------------------------
+
+    def inject(self, kind: str, count: int = 1, path: str | None = None, **params: Any) -> None:
+        """Misbehave on the next ``count`` metadata requests under ``path`` (any if None).
+
+        Kinds: status (status=503, body), delay (seconds=5), drop, reset, no_flavor,
+        redirect, malformed, no_etag, huge, invalid_utf8. Faults queue up in order.
+        """
+        if kind not in FAULT_PARAMS:
+            raise ValueError(f"unknown fault kind {kind!r}; one of {sorted(FAULT_PARAMS)}")
+        if unknown := set(params) - FAULT_PARAMS[kind]:
+            raise ValueError(f"fault {kind!r} takes no {sorted(unknown)}")
+        if not isinstance(count, int) or count < 1:
+            raise ValueError("count must be a positive integer")
+        if kind == "status":
+            params["status"] = HTTPStatus(int(params.get("status", 503)))
+            params.setdefault("body", params["status"].phrase)
+        if kind == "delay" and float(params.setdefault("seconds", 5.0)) < 0:
+            raise ValueError("seconds must be >= 0")
+        prefix = "" if path is None else path.lstrip("/").removeprefix(V1.lstrip("/"))
+        with self._lock:
+            self._faults.append(_Fault(kind, count, prefix, params))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Requests per metadata path (relative to v1, faulted ones too) plus ``total``."""
+        with self._lock:
+            return {"total": sum(self._counts.values()), **self._counts}
+
+    def _begin(self, key: str) -> _Fault | None:
+        """Count a metadata request and take the first fault that applies to it."""
+        with self._lock:
+            self._counts[key] += 1
+            for fault in self._faults:
+                if key.startswith(fault.prefix):
+                    fault.remaining -= 1
+                    if not fault.remaining:
+                        self._faults.remove(fault)
+                    return fault
+        return None
+
+    # -- scenarios --------------------------------------------------------------------
+
+    def play(
+        self, steps: Sequence[Step], speed: float = 1.0, stop_event: threading.Event | None = None
+    ) -> None:
+        """Apply ``steps`` on their schedule (divided by ``speed``); blocks until done.
+
+        Returns early when ``stop_event`` (default: the simulator stopping) is set.
+        """
+        if speed <= 0:
+            raise ValueError("speed must be > 0")
+        stop = stop_event if stop_event is not None else self._stopping
+        start = time.monotonic()
+        for step in sorted(steps, key=lambda s: s.at):
+            if stop.wait(max(0.0, start + step.at / speed - time.monotonic())):
+                return
+            if step.value is None:
+                self.delete_value(step.path)
+            else:
+                self.set_value(step.path, step.value)
+            log.info("t=%.3fs %s = %s", time.monotonic() - start, step.path, step.value)
+
+    def _play_background(self, steps: Sequence[Step], speed: float) -> None:
+        """Control API: a new scenario replaces the one playing."""
+        if speed <= 0:
+            raise ValueError("speed must be > 0")
+        self._scenario_stop.set()
+        self._scenario_stop = stop = threading.Event()
+        threading.Thread(
+            target=self.play, args=(steps, speed, stop), name="simulator-scenario", daemon=True
+        ).start()
+
+    # -- rendering ----------------------------------------------------------------------
+
+    def _respond(self, rel: str, q: Query) -> Reply:
+        """Answer a metadata GET, hanging first if it is a long poll on the current ETag."""
+        is_dir = rel == "" or rel.endswith("/")
+        if q.wait and is_dir and not q.recursive:
+            return Reply(400, b"wait_for_change needs recursive=true on a directory")
+        limit = self.max_wait if q.timeout is None else min(q.timeout, self.max_wait)
+        deadline = time.monotonic() + limit
+        with self._cond:
+            while True:
+                reply = self._render(rel, q)
+                if (
+                    not q.wait
+                    or reply.status != 200
+                    or reply.etag != q.last_etag
+                    or self._stopping.is_set()
+                ):
+                    return reply
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return reply
+                self._cond.wait(remaining)
+
+    def _render(self, rel: str, q: Query) -> Reply:
+        with self._cond:
+            if rel == "" or rel.endswith("/"):
+                return self._render_dir(rel, q)
+            value = self._values.get(rel)
+        if value is None:
+            if rel == UPCOMING:
+                return Reply(503, NO_NOTIFICATION, JSON)
+            return Reply(404, b"Not Found")
+        etag = etag_of(value.encode())
+        is_json = container_of(value) is not None
+        if q.alt == "json":
+            raw = is_json or self.plain_alt_json == "raw"
+            return Reply(200, (value if raw else json.dumps(value)).encode(), JSON, etag)
+        return Reply(200, value.encode(), JSON if is_json and q.alt != "text" else TEXT, etag)
+
+    def _render_dir(self, rel: str, q: Query) -> Reply:
+        keys = sorted(k for k in self._values if k.startswith(rel))
+        odd = self.scheduling if rel == SCHEDULING and q.recursive else "json"
+        if not keys or odd == "404":
+            return Reply(404, b"Not Found")
+        if q.recursive and odd != "text":
+            tree: dict[str, Any] = {}
+            for key in keys:
+                *dirs, leaf = key[len(rel) :].split("/")
+                node = tree
+                for d in dirs:
+                    node = node.setdefault(camel(d), {})
+                # User-chosen attribute names are not camelCased by the real server.
+                name = leaf if dirs[-1:] == ["attributes"] else camel(leaf)
+                value = self._values[key]
+                node[name] = value if (parsed := container_of(value)) is None else parsed
+            body, ctype = json.dumps(tree, separators=(",", ":")).encode(), JSON
+            if odd == "broken":
+                body = body[: len(body) // 2]
+        else:
+            depth = rel.count("/")
+            children = sorted(
+                k[len(rel) :].split("/")[0] + ("/" if k.count("/") > depth else "") for k in keys
+            )
+            children = list(dict.fromkeys(children))
+            if q.alt == "json" and odd != "text":
+                body, ctype = json.dumps(children).encode(), JSON
+            else:
+                body, ctype = "".join(c + "\n" for c in children).encode(), TEXT
+        return Reply(200, body, ctype, etag_of(body))
+
+    def _is_dir(self, rel: str) -> bool:
+        with self._cond:
+            return any(k.startswith(rel + "/") for k in self._values)

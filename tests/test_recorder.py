@@ -1,0 +1,171 @@
+"""The recorder on its own: observations in, numbered events recorded and handed to the relay.
+
+A real state store in a temporary directory and the relay on an in-memory sink; no metadata
+server. What users rely on: one id and one sequence number per transition, the value and its
+event stored together before anything is sent, sequence numbers total across keys and sent in
+that order, the first send made by the recording thread when the relay is idle, restarts
+telling a change that happened while the bridge was down, and a broken disk costing the
+store, not the events.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from support.harness import INSTANCE, SCHEDULING
+from support.memory_sink import MemorySink
+
+from bridge.config import Config
+from bridge.events import MAINTENANCE, PREEMPTED, UPCOMING, Event
+from bridge.health import Health
+from bridge.hooks import Hooks
+from bridge.metrics import Metrics
+from bridge.recorder import Recorder
+from bridge.relay import Relay
+from bridge.store import Store
+
+WINDOW = (
+    '{"type":"SCHEDULED","maintenance_status":"PENDING",'
+    '"window_start_time":"2030-01-15T02:00:00Z","window_end_time":"2030-01-15T06:00:00Z"}'
+)
+
+
+@dataclass
+class Rig:
+    recorder: Recorder
+    store: Store
+    relay: Relay
+    sink: MemorySink
+    health: Health
+
+    def observe(self, key: str, value: str, *, first: bool = False) -> None:
+        self.recorder.observe(key, value, datetime.now(timezone.utc), time.monotonic(), first)
+
+    def published(self) -> list[Event]:
+        assert self.relay.drain(timeout=10), "the outbox did not empty"
+        return list(self.sink.acked)
+
+    def close(self) -> None:
+        self.relay.drain(timeout=1)
+        self.store.close()
+
+
+def rig(state_dir: Path, sink: MemorySink | None = None) -> Rig:
+    """A recorder resuming from the store in `state_dir`, as the daemon builds it."""
+    config = Config(state_dir=state_dir)
+    metrics, health, sink = Metrics(), Health(), sink or MemorySink()
+    store = Store(state_dir / "bridge.sqlite3")
+    relay = Relay(sink, store, metrics, retry_cap=0.2)
+    relay.start()
+    hooks = Hooks((), timeout=5, metrics=metrics, environ={})
+    recorder = Recorder(
+        config, store, store.load(), INSTANCE, SCHEDULING, relay, hooks, health, metrics
+    )
+    return Rig(recorder, store, relay, sink, health)
+
+
+@pytest.fixture
+def bridge(tmp_path: Path) -> Iterator[Rig]:
+    r = rig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_a_transition_is_stored_with_its_value_and_sent_once(bridge):
+    bridge.observe(MAINTENANCE, "NONE", first=True)  # the documented default: no event
+    assert bridge.store.load().pending == []
+    bridge.sink.hold = True
+    bridge.observe(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+    # Value and event in the store together, before the sink has acknowledged anything.
+    snapshot = bridge.store.load()
+    assert snapshot.values[MAINTENANCE] == "MIGRATE_ON_HOST_MAINTENANCE"
+    [(seq, stored, _)] = snapshot.pending
+    assert (seq, stored.kind) == (1, "maintenance.started")
+    bridge.sink.hold = False
+    bridge.sink.ack()
+    [event] = bridge.published()
+    assert event.id == stored.id
+    assert bridge.store.load().pending == []
+    bridge.observe(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")  # the same value again
+    assert bridge.published() == [event]
+
+
+def test_sequence_numbers_are_total_across_keys_and_sent_in_that_order(bridge):
+    values = {
+        MAINTENANCE: ["MIGRATE_ON_HOST_MAINTENANCE", "NONE"] * 25,
+        PREEMPTED: ["TRUE", "FALSE"] * 25,
+        UPCOMING: [WINDOW, ""] * 25,
+    }
+
+    def watch(key: str) -> None:  # one thread per key, as the watchers are
+        for value in values[key]:
+            bridge.observe(key, value)
+
+    threads = [threading.Thread(target=watch, args=(key,)) for key in values]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    events = bridge.published()
+    assert [e.data.sequence for e in events] == list(range(1, 151))
+    assert len({e.id for e in events}) == 150
+    for key, expected in values.items():  # and each key's own changes in the order they came
+        assert [e.data.current for e in events if e.data.key == key] == expected
+
+
+def test_the_recording_thread_sends_at_once_when_the_relay_is_idle(bridge):
+    bridge.observe(PREEMPTED, "TRUE")
+    # Sent before observe returned, by the thread that recorded it.
+    [send] = bridge.sink.sends
+    assert send.thread == threading.current_thread().name
+    assert send.event.kind == "preemption.started"
+    assert [e.id for e in bridge.published()] == [send.event.id]
+    assert len(bridge.sink.sends) == 1
+
+
+def test_a_restart_tells_what_changed_while_the_bridge_was_down(tmp_path):
+    first = rig(tmp_path)
+    first.observe(MAINTENANCE, "NONE", first=True)
+    first.observe(PREEMPTED, "FALSE", first=True)
+    before = first.published()
+    first.close()
+    assert before == []
+
+    second = rig(tmp_path)  # maintenance began while it was not running
+    try:
+        second.observe(MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE", first=True)
+        second.observe(PREEMPTED, "FALSE", first=True)
+        [event] = second.published()
+    finally:
+        second.close()
+    assert event.kind == "maintenance.started"
+    assert (event.data.at_startup, event.data.happened_while_down) == (True, True)
+    assert event.data.sequence == 1
+
+
+def test_a_notice_already_on_at_a_first_start_was_not_seen_to_change(bridge):
+    bridge.observe(PREEMPTED, "TRUE", first=True)
+    [event] = bridge.published()
+    assert (event.data.at_startup, event.data.happened_while_down) == (True, False)
+
+
+def test_a_broken_store_costs_durability_not_events(bridge, caplog):
+    caplog.set_level(logging.WARNING, logger="bridge.recorder")
+    bridge.store.close()  # every write now raises sqlite3.ProgrammingError
+    bridge.observe(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+    bridge.observe(MAINTENANCE, "NONE")
+    events = bridge.published()
+    assert [e.kind for e in events] == ["maintenance.started", "maintenance.ended"]
+    assert [e.data.sequence for e in events] == [1, 2]
+    assert bridge.health.store_error
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(critical) == 1, "the broken store was not said once"

@@ -1,0 +1,201 @@
+"""The outbox relay on its own: an in-memory sink, a real state store, no emulator.
+
+What users rely on: events reach the sink in sequence order, the first one of a quiet
+moment is sent by the recording thread itself, an event leaves the outbox only once the sink
+has it, a failing sink is retried with back-off under the same id, and an outage is logged
+once per failure class with one recovery line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from google.api_core import exceptions as gexc
+from support.harness import event_for, holds_for, wait_for
+from support.memory_sink import MemorySink
+
+from bridge.events import MAINTENANCE, PREEMPTED, Event
+from bridge.metrics import Metrics
+from bridge.relay import Relay
+from bridge.store import Store
+
+RETRY_CAP = 0.2
+
+# A run of transitions alternating between two keys, as the recorder would number them.
+STEPS = [
+    (MAINTENANCE, "NONE", "MIGRATE_ON_HOST_MAINTENANCE"),
+    (PREEMPTED, "FALSE", "TRUE"),
+    (MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE", "NONE"),
+    (PREEMPTED, "TRUE", "FALSE"),
+]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store(tmp_path / "bridge.sqlite3")
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def start_relay(sink: MemorySink, store: Store, *, start: bool = True) -> Relay:
+    relay = Relay(sink, store, Metrics(), retry_cap=RETRY_CAP)
+    if start:
+        relay.start()
+    return relay
+
+
+def record(relay: Relay, store: Store, events: list[Event]) -> None:
+    """What the recorder does: the outbox row first, then the relay's queue."""
+    for event in events:
+        store.record(event)
+        relay.enqueue(event.data.sequence, event, None, [])
+
+
+def pending(store: Store) -> list[int]:
+    return [seq for seq, _, _ in store.load().pending]
+
+
+def numbered(n: int, first: int = 1) -> list[Event]:
+    return [event_for(*STEPS[i % len(STEPS)], sequence=first + i) for i in range(n)]
+
+
+def relay_lines(caplog: pytest.LogCaptureFixture, level: int, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "bridge.relay" and r.levelno == level and text in r.getMessage()
+    ]
+
+
+def test_events_reach_the_sink_in_sequence_order_and_each_once(store):
+    sink = MemorySink()
+    relay = start_relay(sink, store)
+    events = numbered(250)  # more than one send window
+    record(relay, store, events)
+    assert relay.drain(timeout=20), "the outbox did not empty"
+    assert sink.acked_ids() == [e.id for e in events]
+    assert sink.sent_ids() == [e.id for e in events], "a healthy sink got a duplicate"
+    assert pending(store) == []
+
+
+def test_the_recording_thread_sends_at_once_when_the_relay_is_idle(store):
+    sink = MemorySink(hold=True)
+    relay = start_relay(sink, store)
+    try:
+        first, second = numbered(2)
+        record(relay, store, [first])
+        # Sent before enqueue returned, from the caller's thread: no wait for the relay thread.
+        assert [(s.event.id, s.thread) for s in sink.sends] == [
+            (first.id, threading.current_thread().name)
+        ]
+        # With an event in flight the relay is busy: the next one is the relay thread's to send.
+        record(relay, store, [second])
+        sink.ack()
+        sink.wait("the second send", lambda s: len(s.sends) == 2)
+        assert sink.sends[1].event.id == second.id
+        assert sink.sends[1].thread != threading.current_thread().name
+        sink.wait("the second ack", lambda s: s.acked_ids() or None)
+    finally:
+        sink.hold = False
+        sink.ack()
+        assert relay.drain(timeout=10)
+    assert sink.sent_ids() == [first.id, second.id], "an early send was sent again"
+
+
+def test_an_event_leaves_the_outbox_only_once_the_sink_has_it(store):
+    sink = MemorySink(hold=True)
+    relay = start_relay(sink, store, start=False)
+    try:
+        events = numbered(3)
+        record(relay, store, events)  # queued together: one window, all three in flight
+        relay.start()
+        sink.wait("three sends", lambda s: len(s.sends) == 3)
+        assert pending(store) == [1, 2, 3]
+        # Later events acknowledged first: nothing retires past the unacknowledged first one.
+        sink.ack(2, 3)
+        holds_for("all three in the outbox", lambda: pending(store) == [1, 2, 3], 0.3)
+        assert relay.depth() == 3
+        sink.ack(1)
+        wait_for("all three retired", lambda: pending(store) == [], timeout=10)
+        assert relay.depth() == 0
+        assert store.report()["last_publish"]["event_id"] == events[-1].id
+    finally:
+        sink.hold = False
+        sink.ack()
+        relay.drain(timeout=10)
+
+
+def test_a_failing_sink_is_retried_with_back_off_under_the_same_id(store, caplog):
+    caplog.set_level(logging.INFO, logger="bridge.relay")
+    sink = MemorySink()
+    sink.fail = gexc.ServiceUnavailable("the sink is down")
+    relay = start_relay(sink, store)
+    (event,) = numbered(1)
+    record(relay, store, [event])
+    sink.wait("eight attempts", lambda s: len(s.sends) >= 8, timeout=30)
+    assert pending(store) == [1], "a refused event left the outbox"
+    sink.fail = None
+    sink.wait("the retry that gets through", lambda s: s.acked_ids() == [event.id], timeout=10)
+    assert relay.drain(timeout=10)
+    assert set(sink.sent_ids()) == {event.id}, "a retry changed the id"
+    assert sink.recovered, "the sink was never asked to recover"
+    # Back-off, not a tight loop: no retry sooner than the policy's shortest delay (100 ms
+    # halved by jitter), and once backed off, none sooner than half the cap.
+    times = [s.at for s in sink.sends]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.05 - 0.005, gaps
+    assert min(gaps[3:]) >= RETRY_CAP / 2 - 0.005, gaps
+    assert pending(store) == []
+
+
+def fail_for(
+    sink: MemorySink, error: Exception, then: Callable[[], None] = lambda: None, attempts: int = 3
+) -> None:
+    """Make the sink fail with `error`, call `then`, and wait for that many failed attempts."""
+    before = len(sink.sends)
+    sink.fail = error
+    then()
+    sink.wait(
+        f"{attempts} attempts failing with {error!r}",
+        lambda s: len(s.sends) >= before + attempts,
+        timeout=30,
+    )
+
+
+def test_an_outage_is_logged_once_per_failure_class_and_its_end_once(store, caplog):
+    caplog.set_level(logging.INFO, logger="bridge.relay")
+    sink = MemorySink()
+    relay = start_relay(sink, store)
+    events = numbered(3)
+    fail_for(sink, gexc.ServiceUnavailable("down"), lambda: record(relay, store, events[:1]))
+    fail_for(sink, gexc.PermissionDenied("no role"))
+    fail_for(sink, gexc.ServiceUnavailable("down again"))
+    sink.fail = None
+    wait_for("the recovery line", lambda: relay_lines(caplog, logging.INFO, "accepting again"))
+    assert len(relay_lines(caplog, logging.ERROR, "unavailable")) == 1
+    assert len(relay_lines(caplog, logging.ERROR, "permission")) == 1
+    assert len(relay_lines(caplog, logging.INFO, "accepting again")) == 1
+    # A second outage is news again: one more line, one more recovery.
+    fail_for(
+        sink,
+        gexc.ServiceUnavailable("down once more"),
+        lambda: record(relay, store, events[1:2]),
+        1,
+    )
+    sink.fail = None
+    record(relay, store, events[2:])
+    assert relay.drain(timeout=10)
+    wait_for(
+        "the second recovery line",
+        lambda: len(relay_lines(caplog, logging.INFO, "accepting again")) == 2,
+    )
+    assert len(relay_lines(caplog, logging.ERROR, "unavailable")) == 2
+    assert len(relay_lines(caplog, logging.INFO, "accepting again")) == 2
+    assert sink.acked_ids() == [e.id for e in events]

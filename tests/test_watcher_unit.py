@@ -1,0 +1,160 @@
+"""One key's watcher on its own, against the simulator in the test process.
+
+What users rely on: every value the server gives is passed on in the order it came (the first
+one flagged), failures are retried and logged once per failure class per outage with one
+recovery line, a key that does not exist is asked again at its pace rather than in a tight
+loop, and setting `stop` ends the watch even in the middle of a retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from support.harness import wait_for
+
+from bridge.config import Config
+from bridge.events import MAINTENANCE, PREEMPTED
+from bridge.health import Health
+from bridge.metrics import Metrics
+from bridge.simulator import Simulator
+from bridge.watcher import Watcher
+
+ABSENT_INTERVAL = 0.2
+
+
+class Observed:
+    """The watcher's observer: every (value, first) it was given, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str, value: str, at: datetime, seen: float, first: bool) -> None:
+        with self._lock:
+            self.calls.append((value, first))
+
+    def values(self) -> list[str]:
+        with self._lock:
+            return [value for value, _ in self.calls]
+
+
+class Watch:
+    def __init__(self, sim: Simulator, key: str, state_dir: Path) -> None:
+        self.sim, self.key = sim, key
+        self.metrics = Metrics()
+        self.observed = Observed()
+        self.stop = threading.Event()
+        config = Config(
+            metadata_url=sim.url,
+            state_dir=state_dir,
+            poll_timeout=1,
+            retry_cap=0.2,
+            absent_interval=ABSENT_INTERVAL,
+        )
+        self.watcher = Watcher(key, config, self.observed, self.stop, Health(), self.metrics)
+
+    def errors(self, cls: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "maintenance_bridge_metadata_errors_total", {"class": cls}
+        )
+        return float(value or 0)
+
+    def requests(self) -> int:
+        return self.sim.stats().get(self.key, 0)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.stop.set()
+        self.watcher.thread.join(timeout)
+        assert not self.watcher.thread.is_alive(), f"the watcher did not stop within {timeout} s"
+
+
+@pytest.fixture
+def watch(sim: Simulator, tmp_path: Path) -> Iterator[Watch]:
+    w = Watch(sim, MAINTENANCE, tmp_path)
+    w.watcher.start()
+    assert w.watcher.answered.wait(10), "no first answer"
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def lines(caplog: pytest.LogCaptureFixture, level: int, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "bridge.watcher" and r.levelno == level and text in r.getMessage()
+    ]
+
+
+def test_values_are_passed_on_in_order_and_only_the_first_is_flagged(watch, sim):
+    changes = ["MIGRATE_ON_HOST_MAINTENANCE", "NONE", "TERMINATE_ON_HOST_MAINTENANCE", "NONE"]
+    for n, value in enumerate(changes, start=2):
+        sim.set_value(MAINTENANCE, value)
+        wait_for(f"{value} observed", lambda n=n: len(watch.observed.values()) >= n)
+    assert watch.observed.calls == [("NONE", True)] + [(v, False) for v in changes]
+
+
+def test_an_outage_is_logged_once_per_class_and_its_end_once(watch, sim, caplog):
+    caplog.set_level(logging.INFO, logger="bridge.watcher")
+    for outage in (1, 2):  # each outage is news
+        sim.inject("status", 4, MAINTENANCE, status=503)
+        sim.inject("reset", 3, MAINTENANCE)
+        sim.inject("status", 2, MAINTENANCE, status=500)
+        # The poll in flight ends within poll_timeout; the requests after it fail.
+        wait_for(
+            "the faults used up",
+            lambda n=outage: watch.errors("http_5xx") + watch.errors("connection") == 9 * n,
+        )
+        value = ("MIGRATE_ON_HOST_MAINTENANCE", "NONE")[outage - 1]
+        sim.set_value(MAINTENANCE, value)
+        wait_for(f"{value} observed", lambda v=value: watch.observed.values()[-1] == v)
+        wait_for(
+            "the recovery line",
+            lambda n=outage: len(lines(caplog, logging.INFO, "answering again")) == n,
+        )
+    assert len(lines(caplog, logging.WARNING, "metadata http_5xx")) == 2
+    assert len(lines(caplog, logging.WARNING, "metadata connection")) == 2
+    assert len(lines(caplog, logging.INFO, "answering again")) == 2
+    assert (watch.errors("http_5xx"), watch.errors("connection")) == (12, 6)
+
+
+def test_a_rate_limit_is_retried_and_told_as_such(watch, sim, caplog):
+    caplog.set_level(logging.INFO, logger="bridge.watcher")
+    sim.inject("status", 3, MAINTENANCE, status=429)
+    wait_for("the faults used up", lambda: watch.errors("http_429") == 3)
+    sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+    wait_for("the change", lambda: watch.observed.values()[-1] == "MIGRATE_ON_HOST_MAINTENANCE")
+    assert len(lines(caplog, logging.WARNING, "metadata http_429")) == 1
+    assert watch.errors("http_429") == 3
+    assert len(lines(caplog, logging.INFO, "answering again")) == 1
+
+
+def test_an_absent_key_is_asked_again_at_its_pace_and_told_once(sim, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bridge.watcher")
+    sim.delete_value(PREEMPTED)
+    w = Watch(sim, PREEMPTED, tmp_path)
+    started = time.monotonic()
+    w.watcher.start()
+    try:
+        wait_for("five requests", lambda: w.requests() >= 5)
+        elapsed = time.monotonic() - started
+        sim.set_value(PREEMPTED, "TRUE")
+        wait_for("the key once it exists", lambda: w.observed.values() == ["TRUE"])
+    finally:
+        w.close()
+    # Four pauses of absent_interval between five requests: never a tight loop.
+    assert elapsed >= 4 * ABSENT_INTERVAL
+    assert len(lines(caplog, logging.WARNING, "does not exist")) == 1
+
+
+def test_stop_ends_the_watch_in_the_middle_of_retrying(watch, sim):
+    sim.inject("status", 1_000_000, MAINTENANCE, status=503)
+    wait_for("a few failed requests", lambda: watch.errors("http_5xx") >= 3)
+    watch.close(timeout=5)  # well under poll_timeout + the first back-off steps
