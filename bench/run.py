@@ -14,6 +14,10 @@ Timing: every moment is `time.monotonic()` (CLOCK_MONOTONIC, one clock for every
 Linux) taken where it happens: the simulator host stamps each change right before applying it,
 this driver stamps each stdout line as it arrives on the pipe (one selector thread), the
 stamped bridge stamps the publish future's resolution, the subscriber its callback.
+
+Layout: bench/plan.py (what is measured, targets, statistics), bench/harness.py (processes,
+simulated VMs, matching), bench/phases.py and bench/phases_load.py (the phases),
+bench/report.py (docs/benchmarks.md); this file runs them in order and draws the plot.
 """
 
 from __future__ import annotations

@@ -282,7 +282,7 @@ variable "board_viewers" {
   default     = []
 
   validation {
-    condition     = alltrue([for m in var.board_viewers : can(regex("^(user|group|serviceAccount|domain|principal|principalSet):.+$", m))])
+    condition     = alltrue([for m in var.board_viewers : can(regex("^(user|group|serviceAccount|domain):.+$", m))])
     error_message = "board_viewers must be IAM members (user:..., group:..., serviceAccount:..., domain:...): the board is private, never public."
   }
 }

@@ -222,7 +222,9 @@ def test_the_bridge_publishes_every_kind_through_the_avro_topic(
     events: list[Event] = []
 
     def until(kind: str) -> None:
+        deadline = time.monotonic() + 30  # heartbeats keep coming: pulling alone never ends
         while kind not in {e.kind for e in events}:
+            assert time.monotonic() < deadline, f"no {kind} in 30 s: {[e.kind for e in events]}"
             got = api.pull_until(subscription, 1, timeout=15)
             events.extend(decode_pubsub(m.attributes, m.data) for m in got)
 

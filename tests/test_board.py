@@ -171,6 +171,13 @@ def test_hostile_values_are_shown_as_text_and_run_nowhere() -> None:
     assert row["name"] == HOSTILE and row["expired"]["reason"] == HOSTILE
 
 
+def test_a_forged_notice_beyond_the_calendar_leaves_the_page_up() -> None:
+    forged = entry("maintenance.started", MIGRATE, NOW, notice_seconds=10**20)
+    result = view([("p_1", doc(maintenance_entry=forged)), ("p_2", doc("vm-2"))])
+    assert [r["deadline"] for r in result["instances"]] == [None, None]
+    assert "vm-2" in board.render_page(result, NOW)
+
+
 def test_long_values_are_cut_on_the_page_and_whole_in_the_json() -> None:
     name = "v" * 5000
     result = view([("p_1", doc(name))])
@@ -504,3 +511,41 @@ def test_end_to_end_simulator_to_board(stack: Any, pubsub: Any, tmp_path: Path) 
     )
     assert shot.stat().st_size > 10_000
     print(f"\nscreenshot: {shot}", file=sys.stderr)
+
+
+# --- Terraform ---------------------------------------------------------------------------------
+
+
+def test_terraform_deploys_the_board_private_and_read_only(tmp_path: Path) -> None:
+    from test_terraform import MODULE, _console, block, load
+
+    source = (MODULE / "board.tf").read_text()
+    found = {
+        rtype: named for b in load(MODULE / "board.tf")["resource"] for rtype, named in b.items()
+    }
+    fn = found["google_cloudfunctions2_function"]["board"]
+    assert block(fn, "build_config")["entry_point"] == "board"
+    assert "event_trigger" not in fn and "dynamic" not in fn  # HTTP, not a subscriber
+    service = block(fn, "service_config")
+    assert service["service_account_email"] == "${google_service_account.board[0].email}"
+    assert service["environment_variables"]["LEDGER_COLLECTION"] == "${var.ledger.collection}"
+    viewers = found["google_cloud_run_v2_service_iam_member"]["board_viewers"]
+    assert viewers["role"] == "roles/run.invoker" and viewers["member"] == "${each.value}"
+    assert "var.board_viewers" in viewers["for_each"]
+    reader = found["google_project_iam_member"]["board"]
+    assert reader["role"] == "roles/datastore.viewer"
+    assert "/databases/${var.ledger.database}" in block(reader, "condition")["expression"]
+    assert "allUsers" not in source and "allAuthenticatedUsers" not in source
+    console = _console(tmp_path, with_repo_files=True)
+    board_locals = re.search(r"^locals \{\n.*?^\}\n", source, re.S | re.M)
+    assert board_locals
+    (console.dir / "board_locals.tf").write_text(board_locals.group(0))
+    zips = "local.function_archives"
+    assert set(console.eval(zips, enable_board=True)) == {"notify", "ledger", "drain", "board"}
+    assert "board" not in console.eval(zips)
+    assert "board" not in console.eval(zips, enable_board=True, ledger={"enabled": False})
+    for public in ("allUsers", "allAuthenticatedUsers", "sre@example.com"):
+        assert "Invalid value for variable" in console.run("1", board_viewers=[public]).stderr
+    assert console.eval("var.board_viewers", board_viewers=["group:sre@example.com"]) == [
+        "group:sre@example.com"
+    ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from support.bridge import REPO, BridgeProcess
-from support.harness import holds_for, wait_for
+from support.harness import free_port, holds_for, wait_for
 from support.pubsub import PubSubServer, admin
 
 from bridge.events import MAINTENANCE, PREEMPTED, UPCOMING, decode_pubsub
@@ -200,15 +199,9 @@ def test_first_start_with_every_key_on_then_a_restart(
     assert (live["data"]["at_startup"], live["data"]["happened_while_down"]) == (False, False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("unreachable", ["refused", "no such host"])
 def test_off_gce_one_line_then_keeps_retrying(unreachable: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     if unreachable == "refused":
         url, args = f"http://127.0.0.1:{port}/computeMetadata/v1/", ()
     else:  # .invalid never resolves (RFC 2606)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.harness import wait_for_text
 
 from bridge.events import Event, decode_structured
 from bridge.keys import KEYS, MAINTENANCE, PREEMPTED, UPCOMING
@@ -129,15 +130,6 @@ def spawn(sim: Simulator, state: Path, out: Path, err: Path) -> subprocess.Popen
         )
 
 
-def wait_for_text(path: Path, needle: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and needle in path.read_text(errors="replace"):
-            return True
-        time.sleep(0.005)
-    return False
-
-
 @contextlib.contextmanager
 def killing(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
     try:
@@ -170,7 +162,7 @@ def test_kill_minus_nine_at_random_points(tmp_path, seed, rng):
                         time.sleep(rng.uniform(0.0, 0.6))
                         kills["during_startup"] += 1
                     else:
-                        assert wait_for_text(err, "watching", 30), err.read_text()
+                        wait_for_text(err, "watching")
                         time.sleep(rng.uniform(0.0, 0.5))
                         kills["while_watching"] += 1
                     assert proc.poll() is None, f"round {n}: the bridge exited by itself"
@@ -195,7 +187,7 @@ def test_kill_minus_nine_at_random_points(tmp_path, seed, rng):
                     )
                 return False
 
-            assert wait_for_text(err, "watching", 30), err.read_text()  # handlers installed
+            wait_for_text(err, "watching")  # handlers installed
             while not settled():
                 assert time.monotonic() < deadline, "the final run did not catch up"
                 assert proc.poll() is None, err.read_text()

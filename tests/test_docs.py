@@ -302,7 +302,7 @@ def check_ports(text: str, t: Truth) -> list[str]:
                     f"{_line(text, m.start())}: port {m.group(1)} for the HTTP endpoint; "
                     f"the bridge's is {t.metrics_port}"
                 )
-    for m in re.finditer(r"\bport (\d{2,5})\b", text):
+    for m in re.finditer(r"(?<!-)\bport (\d{2,5})\b", text):  # prose, not another tool's --port
         if int(m.group(1)) not in (t.metrics_port, t.simulator_port):
             problems.append(
                 f"{_line(text, m.start())}: port {m.group(1)} is neither the metrics port "

@@ -49,24 +49,13 @@ from support.memory_sink import MemorySink
 from bridge import simulator as simulator_module
 from bridge.config import Config
 from bridge.events import MAINTENANCE, PREEMPTED, UPCOMING, Event, decode_pubsub
-from bridge.simulator import Simulator
+from bridge.simulator import Simulator, sample_window
 from bridge.sinks import PubSubSink
 from bridge.store import Store, read_status
 
 pytestmark = pytest.mark.faults
 
-WINDOWS = [
-    json.dumps(
-        {
-            "type": "SCHEDULED",
-            "can_reschedule": "true",
-            "window_start_time": f"2030-01-{day:02d}T02:00:00Z",
-            "window_end_time": f"2030-01-{day:02d}T06:00:00Z",
-            "maintenance_status": "PENDING",
-        }
-    )
-    for day in range(1, 29)
-]
+WINDOWS = [sample_window(day) for day in range(1, 29)]
 MAINTENANCE_VALUES = ["MIGRATE_ON_HOST_MAINTENANCE", "TERMINATE_ON_HOST_MAINTENANCE"]
 
 

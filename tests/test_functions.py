@@ -42,7 +42,7 @@ from typing import Any
 import pytest
 import requests
 from support.gcloud import firestore_emulator
-from support.harness import holds_for
+from support.harness import free_port, holds_for
 
 from bridge.events import DEFAULT_TYPE_PREFIX, Instance, Scheduling, Transition, build_event
 from bridge.keys import KEYS, MAINTENANCE
@@ -288,12 +288,6 @@ class ComputeHandler(_Handler):
                 return
             members.update(who) if adding else members.difference_update(who)
         self._reply(200, {"kind": "compute#operation", "name": f"operation-{uuid.uuid4().hex}"})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, log: Path, deadline: float) -> None:

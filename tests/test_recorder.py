@@ -29,12 +29,10 @@ from bridge.hooks import Hooks
 from bridge.metrics import Metrics
 from bridge.recorder import Recorder
 from bridge.relay import Relay
+from bridge.simulator import sample_window
 from bridge.store import Store
 
-WINDOW = (
-    '{"type":"SCHEDULED","maintenance_status":"PENDING",'
-    '"window_start_time":"2030-01-15T02:00:00Z","window_end_time":"2030-01-15T06:00:00Z"}'
-)
+WINDOW = sample_window()
 
 
 @dataclass
@@ -130,6 +128,19 @@ def test_the_recording_thread_sends_at_once_when_the_relay_is_idle(bridge):
     assert send.event.kind == "preemption.started"
     assert [e.id for e in bridge.published()] == [send.event.id]
     assert len(bridge.sink.sends) == 1
+
+
+def test_a_heartbeat_is_numbered_in_the_same_stream_and_changes_no_value(bridge):
+    bridge.observe(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+    bridge.recorder.heartbeat(datetime.now(timezone.utc), time.monotonic())
+    bridge.observe(MAINTENANCE, "NONE")
+    events = bridge.published()
+    assert [(e.kind, e.data.sequence) for e in events] == [
+        ("maintenance.started", 1),
+        ("bridge.heartbeat", 2),
+        ("maintenance.ended", 3),
+    ]
+    assert bridge.store.load().values == {MAINTENANCE: "NONE"}
 
 
 def test_a_restart_tells_what_changed_while_the_bridge_was_down(tmp_path):

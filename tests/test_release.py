@@ -15,7 +15,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from support.harness import wait_for
+from support.harness import free_port, wait_for
 
 # Two reproducible builds and a start-up script installing the wheel (each limited to 600 s).
 pytestmark = pytest.mark.timeout(1200)
@@ -40,12 +39,6 @@ BUCKET = "test-bucket"
 
 def run(cmd: list[str], timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sha256(path: Path) -> str:

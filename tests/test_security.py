@@ -29,6 +29,7 @@ import pytest
 import urllib3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.harness import wait_for_text
 
 from bridge.cli import main as cli_main
 from bridge.config import RUN_OPTIONS, Config, ConfigError, build
@@ -159,13 +160,6 @@ FORBIDDEN = [
 ]
 
 
-def _wait_for_text(path: Path, needle: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while needle not in path.read_text(errors="replace"):
-        assert time.monotonic() < deadline, f"{needle!r} not in {path.read_text()[-3000:]}"
-        time.sleep(0.02)
-
-
 def test_no_credentials_in_logs_of_a_full_run(tmp_path, pubsub):
     from support.pubsub import admin
 
@@ -242,7 +236,7 @@ def test_no_credentials_in_logs_of_a_full_run(tmp_path, pubsub):
                     stderr=stderr,
                 )
             try:
-                _wait_for_text(err, "watching")
+                wait_for_text(err, "watching")
                 steps = [
                     (MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE", "maintenance.started"),
                     (MAINTENANCE, "NONE", "maintenance.ended"),
@@ -250,10 +244,10 @@ def test_no_credentials_in_logs_of_a_full_run(tmp_path, pubsub):
                 ]
                 for key, value, kind in steps:
                     sim.set_value(key, value)
-                    _wait_for_text(err, kind)
-                _wait_for_text(err, "hook")
+                    wait_for_text(err, kind)
+                wait_for_text(err, "hook")
                 sim.set_value("instance/preempted", "FALSE")  # reset for the next run
-                _wait_for_text(err, "preemption.ended")
+                wait_for_text(err, "preemption.ended")
             finally:
                 proc.terminate()
                 try:

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -55,6 +56,19 @@ def holds_for(what: str, predicate: Callable[[], Any], seconds: float, step: flo
     while time.monotonic() < deadline:
         assert predicate(), f"{what} stopped holding"
         time.sleep(step)
+
+
+def wait_for_text(path: Path, needle: str, timeout: float = 30.0) -> str:
+    """Wait until `needle` is in the file at `path` (a log being written); its text."""
+
+    def text() -> str:
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    try:
+        wait_for(f"{needle!r} in {path.name}", lambda: needle in text(), timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; it ends with:\n{text()[-3000:]}") from None
+    return text()
 
 
 def free_port() -> int:

@@ -20,7 +20,6 @@ says `_on_fake` then.
 from __future__ import annotations
 
 import atexit
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransp
 
 from .fake_pubsub import FakePubSub
 from .gcloud import pubsub_emulator
+from .harness import free_port
 
 START_TIMEOUT_S = 30.0
 _LIVE: set[PubSubServer] = set()
@@ -145,7 +145,7 @@ def start_pubsub(
         data_dir = data_dir or Path(tempfile.mkdtemp(prefix="pubsub-emulator-"))
         data_dir.mkdir(parents=True, exist_ok=True)
         log_path = data_dir / "emulator.log"
-        port = _free_port()
+        port = free_port()
         server = PubSubServer(f"127.0.0.1:{port}", "emulator", project, log_path)
         server._proc = _spawn_emulator(port, log_path)
         what = f"using the official emulator ({emulator_version()})"
@@ -157,12 +157,6 @@ def start_pubsub(
     _LIVE.add(server)
     print(f"pubsub: {what} on {server.host_port}", file=sys.stderr)
     return server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # Linux: SIGKILL the JVM if the thread that started it dies (pytest killed hard); the setting

@@ -145,8 +145,12 @@ def _deadline(entry: dict[str, Any]) -> dict[str, Any] | None:
     at, notice = _parse_time(entry.get("observed_at")), entry.get("notice_seconds")
     if at is None or not isinstance(notice, (int, float)):
         return None
+    try:  # a forged notice of 10**20 s must not take the page down
+        deadline = at + timedelta(seconds=notice)
+    except OverflowError:
+        return None
     return {
-        "at": _iso(at + timedelta(seconds=notice)),
+        "at": _iso(deadline),
         "at_the_latest": bool(entry.get("at_startup") or entry.get("happened_while_down")),
     }
 

@@ -100,6 +100,7 @@ def _entry(event: Event, envelope: dict[str, Any]) -> dict[str, Any]:
         "stream_id": d.stream_id,
         "observed_at": d.observed_at,
         "happened_while_down": d.happened_while_down,
+        "at_startup": d.at_startup,
         "notice_seconds": d.notice_seconds,
         "subscription": envelope.get("subscription"),
         "message_id": envelope.get("message_id"),
