@@ -12,24 +12,19 @@ import math
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bridge import sinks
 from bridge.events import DEFAULT_TYPE_PREFIX
 from bridge.keys import WATCHED_KEYS
+from bridge.options import ConfigError, Option, boolean, positive
 
 DEFAULT_METADATA_HOST = "metadata.google.internal"
 METADATA_PATH = "/computeMetadata/v1/"
-_TOPIC = re.compile(
-    r"^projects/(?P<project>[a-z][-a-z0-9.:]{4,62}[a-z0-9])/topics/(?P<topic>[A-Za-z][\w.~+%-]{2,254})$"
-)
 _TYPE_PREFIX = re.compile(r"^[a-z0-9]+(\.[a-z0-9-]+)+$")
-
-
-class ConfigError(ValueError):
-    """Bad configuration: the CLI prints the message as one line and exits 2."""
 
 
 def default_state_dir(environ: Mapping[str, str]) -> str:
@@ -38,54 +33,12 @@ def default_state_dir(environ: Mapping[str, str]) -> str:
     return "/var/lib/maintenance-bridge"
 
 
-@dataclass(frozen=True)
-class Option:
-    """One run option: its flag, its BRIDGE_* variable, its parser and its help; its default is
-    the `Config` field of the same name."""
-
-    name: str
-    help: str
-    parse: Any = str
-    choices: tuple[str, ...] | None = None
-    repeat: bool = False
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return "BRIDGE_" + self.name.upper()
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
-def _positive(parse: Any) -> Any:
-    def check(text: str) -> Any:
-        value = parse(text)
-        if value <= 0:
-            raise ValueError(f"must be positive: {text!r}")
-        return value
-
-    check.__name__ = parse.__name__
-    return check
-
-
-RUN_OPTIONS: tuple[Option, ...] = (
-    Option("topic", "Pub/Sub topic, projects/P/topics/T (selects the pubsub sink)"),
+GENERAL_OPTIONS: tuple[Option, ...] = (
     Option(
         "sink",
-        "where events go (default: pubsub with a topic, else stdout)",
-        choices=("pubsub", "stdout"),
+        f"where events go (default: the sink an option of its own selects, else {sinks.DEFAULT})",
+        choices=sinks.names(),
     ),
-    Option("content_mode", "CloudEvents content mode on Pub/Sub", choices=("binary", "structured")),
     Option("state_dir", "directory of the SQLite state store and outbox"),
     Option(
         "metadata_url",
@@ -95,53 +48,53 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option(
         "allow_metadata_host",
         "accept a metadata URL outside link-local, loopback and metadata.google.internal",
-        parse=_bool,
+        parse=boolean,
     ),
     Option("keys", "comma-separated metadata keys to watch"),
     Option("type_prefix", "CloudEvents type prefix (reverse-DNS, versioned)"),
-    Option("poll_timeout", "timeout_sec of each long-poll, seconds", parse=_positive(int)),
+    Option("poll_timeout", "timeout_sec of each long-poll, seconds", parse=positive(int)),
     Option(
         "absent_interval",
         "seconds between asks of a key that answers at once (404, or 503 'no notifications')",
-        parse=_positive(float),
+        parse=positive(float),
     ),
     Option(
         "retry_cap",
-        "cap of the retry back-off after a metadata or publishing error, seconds",
-        parse=_positive(float),
+        "cap of the retry back-off after a metadata error (once its quick retries are spent) "
+        "or a publishing error, seconds",
+        parse=positive(float),
     ),
     Option("drain_timeout", "seconds to flush the outbox on SIGTERM", parse=float),
-    Option("publish_latency", "Pub/Sub batch max_latency, seconds", parse=float),
-    Option("outbox_max_events", "outbox bound by count", parse=_positive(int)),
-    Option("outbox_max_bytes", "outbox bound by bytes", parse=_positive(int)),
+    Option("outbox_max_events", "outbox bound by count", parse=positive(int)),
+    Option("outbox_max_bytes", "outbox bound by bytes", parse=positive(int)),
     Option(
         "exec",
         "command run for each event (CloudEvent JSON on stdin); "
         "KIND_PREFIX=CMD limits it to events whose kind starts with KIND_PREFIX; repeatable",
         repeat=True,
     ),
-    Option("exec_timeout", "seconds before a hook is killed", parse=_positive(float)),
+    Option("exec_timeout", "seconds before a hook is killed", parse=positive(float)),
     Option("http_port", "port of /healthz, /readyz and /metrics (0: off)", parse=int),
     Option("http_host", "address the HTTP endpoint binds"),
     Option(
         "ready_max_outbox_age",
         "/readyz answers 503 while an event waits longer than this for the sink, seconds",
-        parse=_positive(float),
+        parse=positive(float),
     ),
     Option("heartbeat_interval", "seconds between heartbeat events (0: off)", parse=float),
     Option("log_format", "log format on stderr", choices=("json", "text")),
     Option("log_level", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
 )
+# The sinks' own options (bridge/sinks/): flags and variables like the rest, `Config` fields.
+RUN_OPTIONS: tuple[Option, ...] = GENERAL_OPTIONS + sinks.options()
 
 
 @dataclass(frozen=True)
-class Config:
-    """Everything `maintenance-bridge run` needs, validated; the defaults of every run option."""
+class GeneralConfig:
+    """The general run options and their defaults; `Config` adds the sinks' options."""
 
-    topic: str = ""
-    sink: str = "stdout"
-    content_mode: str = "binary"
-    state_dir: Path = Path("/var/lib/maintenance-bridge")
+    sink: str = sinks.DEFAULT
+    state_dir: Path = Path(default_state_dir({}))
     metadata_url: str = f"http://{DEFAULT_METADATA_HOST}{METADATA_PATH}"
     allow_metadata_host: bool = False
     keys: tuple[str, ...] = WATCHED_KEYS
@@ -150,8 +103,6 @@ class Config:
     absent_interval: float = 60.0
     retry_cap: float = 2.0
     drain_timeout: float = 5.0
-    # 0: commit each publish at once (batches still form behind one in flight, per ordering key).
-    publish_latency: float = 0.0
     outbox_max_events: int = 10000
     outbox_max_bytes: int = 16 * 1024 * 1024
     exec: tuple[str, ...] = ()
@@ -166,6 +117,20 @@ class Config:
     @property
     def db_path(self) -> Path:
         return self.state_dir / "bridge.sqlite3"
+
+
+# Everything `maintenance-bridge run` needs, validated: a field per run option, the sinks' own
+# (`config.topic`) declared with their defaults in their modules rather than here.
+Config = make_dataclass(
+    "Config",
+    [(opt.name, Any, field(default=opt.default)) for opt in sinks.options()],
+    bases=(GeneralConfig,),
+    frozen=True,
+    namespace={
+        "__module__": __name__,
+        "__doc__": "Everything `maintenance-bridge run` needs, validated; each option's default.",
+    },
+)
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -204,7 +169,7 @@ def build(
         values["keys"] = tuple(k.strip() for k in str(values["keys"]).split(",") if k.strip())
     values["metadata_url"] = _metadata_url(values.get("metadata_url", ""), environ)
     if not values.get("sink"):
-        values["sink"] = "pubsub" if values.get("topic") else "stdout"
+        values["sink"] = sinks.chosen(values)
     config = Config(**values)
     _validate(config)
     if check_dirs:
@@ -250,12 +215,8 @@ def _validate(config: Config) -> None:
         value = getattr(config, opt.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{opt.flag} / {opt.env}: {value} is not a finite number")
-    if config.topic and not _TOPIC.match(config.topic):
-        raise ConfigError(
-            f"--topic: {config.topic!r} is not a topic path like projects/PROJECT/topics/TOPIC"
-        )
-    if config.sink == "pubsub" and not config.topic:
-        raise ConfigError("--sink pubsub needs --topic projects/P/topics/T")
+    for name in sinks.names():
+        sinks.sink_type(name).check(config)
     parts = urlsplit(config.metadata_url)
     if parts.scheme != "http" or not parts.hostname:
         raise ConfigError(f"--metadata-url: {config.metadata_url!r} is not an http:// URL")
@@ -279,8 +240,8 @@ def _validate(config: Config) -> None:
             raise ConfigError("--exec: empty command")
     if not 0 <= config.http_port <= 65535:
         raise ConfigError(f"--http-port: {config.http_port} is not a port number")
-    if config.drain_timeout < 0 or config.heartbeat_interval < 0 or config.publish_latency < 0:
-        raise ConfigError("--drain-timeout, --heartbeat-interval, --publish-latency: must be >= 0")
+    if config.drain_timeout < 0 or config.heartbeat_interval < 0:
+        raise ConfigError("--drain-timeout, --heartbeat-interval: must be >= 0")
 
 
 def check_state_dir(path: Path) -> None:

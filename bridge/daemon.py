@@ -29,7 +29,7 @@ from bridge import __version__
 from bridge.config import Config, ConfigError
 from bridge.events import MAINTENANCE, Instance, Scheduling, rfc3339
 from bridge.metadata import MetadataClient, MetadataError, Reading
-from bridge.sinks import Sink, make_sink
+from bridge.sinks import Sink, failures, make_sink, target
 from bridge.store import Store
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def run(
         sink = make_sink(config)
     connect = _deferred_connect(sink)
     metrics, health = Metrics(), Health(max_outbox_age=config.ready_max_outbox_age)
-    relay = Relay(sink, store, metrics, retry_cap=config.retry_cap)
+    relay = Relay(sink, store, metrics, retry_cap=config.retry_cap, failures=failures(config))
     health.outbox = relay
     for seq, event, recorded_at in snapshot.pending:
         # No change time to measure latency from, but the outbox age counts from the recording.
@@ -89,7 +89,7 @@ def run(
     record = daemon_record(
         version=__version__,
         sink=sink.name,
-        topic=config.topic if sink.name == "pubsub" else "",
+        topic=target(config),
         started_at=rfc3339(datetime.now(timezone.utc)),
         endpoint=(config.http_host, server.server_address[1]) if server else None,
     )
@@ -222,6 +222,7 @@ def _identity(
 ) -> tuple[Instance, Scheduling] | None:
     """Read who we are: what names the event source is retried as the watchers retry (nothing
     can be published without it); the rest is read once, best effort. None if stopped first."""
+    from bridge.outage import Outage
     from bridge.retry import metadata_policy
 
     client = MetadataClient(config.metadata_url)
@@ -230,12 +231,14 @@ def _identity(
         if stop.wait(seconds):
             raise InterruptedError
 
+    outage = Outage(log, f"reading identity from {config.metadata_url} succeeded")
+
     def warn(state: tenacity.RetryCallState) -> None:
-        if state.attempt_number != 1 or state.outcome is None:
-            return
-        exc = state.outcome.exception()
-        if getattr(exc, "failure_class", "") == "connection":  # off GCE, most likely
-            log.warning(
+        exc = state.outcome.exception() if state.outcome else None
+        cls = getattr(exc, "failure_class", "other")
+        if cls == "connection":  # off GCE, most likely
+            outage.failed(
+                cls,
                 "the metadata server %s cannot be reached (%s): not on Compute Engine? To try "
                 "the bridge elsewhere run `maintenance-bridge simulate` and set "
                 "GCE_METADATA_HOST=127.0.0.1:8089 (retrying)",
@@ -243,11 +246,14 @@ def _identity(
                 exc,
             )
         else:
-            log.warning("reading identity from %s failed: %s (retrying)", config.metadata_url, exc)
+            outage.failed(
+                cls, "reading identity from %s failed: %s (retrying)", config.metadata_url, exc
+            )
 
     health.expect("identity", 30.0)
     try:
         instance = metadata_policy(config.retry_cap).retrying(sleep, warn)(client.identity)
+        outage.recovered()
         hostname, scheduling, problems = client.enrichment()
     except InterruptedError:
         return None
@@ -266,11 +272,26 @@ def _heartbeats(recorder: Recorder, interval: float, stop: threading.Event) -> N
         recorder.heartbeat(datetime.now(timezone.utc), time.monotonic())
 
 
-def install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM and SIGINT (and SIGBREAK on Windows) stop the bridge; main thread only."""
+def on_stop_signals(handler: Callable[[int, Any], None]) -> Callable[[], None]:
+    """SIGTERM and SIGINT (and SIGBREAK on Windows) call `handler`: what systemd, `timeout`,
+    kill and Ctrl+C send. Main thread only (elsewhere nothing changes); returns what puts the
+    previous handlers back."""
+    previous: dict[int, Any] = {}
     for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
         sig = getattr(signal, name, None)
         if sig is not None:
             # ValueError/OSError: not the main thread, or not settable on this platform.
             with contextlib.suppress(ValueError, OSError):
-                signal.signal(sig, lambda *_: stop.set())
+                previous[sig] = signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            if old is not None:
+                signal.signal(sig, old)
+
+    return restore
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """The stop signals stop the bridge, for the rest of the process."""
+    on_stop_signals(lambda *_: stop.set())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import sys
 import time
 import uuid
@@ -58,27 +57,24 @@ def listen(
         assert subscription is not None
         pull(subscription, count=count, timeout=timeout, as_json=as_json, ack=ack)
         return 0
-    with _sigterm_as_interrupt(), temporary_subscription(topic) as own:
+    with _stop_signals_interrupt(), temporary_subscription(topic) as own:
         pull(own, count=count, timeout=timeout, as_json=as_json, ack=True)  # nobody else's
     return 0
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def _stop_signals_interrupt() -> Iterator[None]:
     """`timeout`, systemd and kill stop a process with SIGTERM: clean up as on Ctrl+C."""
+    from bridge.daemon import on_stop_signals
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
+    restore = on_stop_signals(interrupt)
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        restore()
 
 
 @contextlib.contextmanager

@@ -24,8 +24,9 @@ from prometheus_client import (
 from bridge import __version__
 from bridge.events import KINDS
 from bridge.metadata import FAILURE_CLASSES
+from bridge.sinks import failure_classes
 
-PUBLISH_FAILURE_CLASSES = ("not_found", "permission", "paused", "unavailable", "other")
+PUBLISH_FAILURE_CLASSES = failure_classes()  # what the registered sinks declare, and `other`
 HOOK_RESULTS = ("ok", "failed", "timeout", "error", "dropped")
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 

@@ -18,8 +18,9 @@ from typing import Any
 
 from bridge.events import Event, rfc3339
 from bridge.metrics import Metrics
+from bridge.outage import Outage
 from bridge.retry import publish_policy
-from bridge.sinks import Sink, failure_class
+from bridge.sinks import UNCLASSIFIED, Failures, Sink
 from bridge.store import Store
 
 log = logging.getLogger("bridge.relay")
@@ -28,27 +29,33 @@ ACK_TIMEOUT = 60.0
 
 
 class Relay:
-    """Owns the in-memory copy of the outbox; runs in its own thread."""
+    """Owns the in-memory copy of the outbox; runs in its own thread. `failures`: how the
+    sink's failures are classified and explained (bridge/sinks/)."""
 
     def __init__(
-        self, sink: Sink, store: Store | None, metrics: Metrics, *, retry_cap: float = 2.0
+        self,
+        sink: Sink,
+        store: Store,
+        metrics: Metrics,
+        *,
+        retry_cap: float = 2.0,
+        failures: Failures = UNCLASSIFIED,
     ) -> None:
         self.sink = sink
         self.store = store
         self.metrics = metrics
+        self.failures = failures
         self.retry = publish_policy(retry_cap)
         # (seq, event, monotonic time the change was seen, or None when restored from disk)
         self._queue: deque[tuple[int, Event, float | None]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._failures = 0
-        self._told: set[str] = set()  # failure classes logged during the current outage
-        self._told_full = False  # "outbox full" said once per outage, then counted
-        self._told_ack_error = False  # likewise a store that cannot retire events
+        self._publishing = Outage(log, f"sink {sink.name} accepting again", logging.ERROR)
+        self._full = Outage(log, level=logging.ERROR)  # ends with the publishing outage
+        self._retiring = Outage(log, level=logging.ERROR)  # a store that cannot retire events
         self._busy = False  # the relay thread is sending a batch
         self._early: tuple[int, Any] | None = None  # (seq, future) sent by enqueue itself
         self._since: dict[int, float] = {}  # seq -> monotonic time it entered the outbox
-        self.last_publish = 0.0
         self.last_failure = ""  # why the sink refused, for /readyz; "" while it accepts
         self._clear_error = True  # the store may hold an error from an earlier run or outage
         self.thread = threading.Thread(target=self._run, name="relay", daemon=True)
@@ -76,20 +83,19 @@ class Relay:
                 self._queue.clear()
                 self._queue.extend(kept)
                 self.metrics.dropped.inc(len(dropped))
-                if not self._told_full:
-                    log.error(
-                        "outbox full: dropped %d lower-priority events, oldest first; further "
-                        "drops are counted in maintenance_bridge_outbox_dropped_total",
-                        len(dropped),
-                    )
-                    self._told_full = True
+                self._full.failed(
+                    "full",
+                    "outbox full: dropped %d lower-priority events, oldest first; further "
+                    "drops are counted in maintenance_bridge_outbox_dropped_total",
+                    len(dropped),
+                )
             if seq not in set(dropped):
                 # Nothing queued or in flight: send it from this thread right away rather than
                 # wait for the relay thread to be scheduled (~0.7 ms on a busy machine); the
                 # relay still awaits the acknowledgement and retires the event, in order.
                 idle = not self._queue and not self._busy and self._early is None
                 self._queue.append((seq, event, seen))
-                if idle and not self._failures and not self._stopping:
+                if idle and not self._publishing.failures and not self._stopping:
                     try:
                         self._early = (seq, self.sink.send(event))
                     except Exception:  # the relay sends it again and handles the failure
@@ -162,7 +168,6 @@ class Relay:
         if seen is not None:
             self.metrics.latency.observe(now - seen)
         self.metrics.published.inc()
-        self.last_publish = now
         with self._cond:
             if self._queue and self._queue[0][0] == seq:
                 self._queue.popleft()
@@ -183,60 +188,50 @@ class Relay:
                 "latency_ms": None if start is None else round((now - start) * 1000, 1),
             },
         )
-        if self._failures:
-            log.info(
-                "sink %s accepting again after %d failed attempts", self.sink.name, self._failures
-            )
-            self._failures = 0
-            self._told = set()
-            self._told_full = False
+        if self._publishing.recovered():
+            self._full.recovered()
             self.last_failure = ""
             self._clear_error = True
-        if self.store is not None:
-            try:
-                self.store.ack(
-                    seq,
-                    event.id,
-                    rfc3339(datetime.now(timezone.utc)),
-                    clear_error=self._clear_error,
-                )
-            except Exception as exc:  # already published: a later restart may send it again
-                if not self._told_ack_error:  # once until it works again, not once per event
-                    log.error("could not retire event %s from the outbox: %s", event.id, exc)
-                    self._told_ack_error = True
-            else:
-                self._told_ack_error = False
-                self._clear_error = False
+        try:
+            self.store.ack(
+                seq, event.id, rfc3339(datetime.now(timezone.utc)), clear_error=self._clear_error
+            )
+        except Exception as exc:  # already published: a later restart may send it again
+            self._retiring.failed(
+                "store", "could not retire event %s from the outbox: %s", event.id, exc
+            )
+        else:
+            self._retiring.recovered()
+            self._clear_error = False
 
     def _failed(self, event: Event, exc: BaseException) -> None:
-        cls = failure_class(exc)
+        cls = self.failures.class_of(exc)
         self.metrics.publish_failures.labels(cls).inc()
-        self._failures += 1
         self.last_failure = f"publish {cls}: {exc}"[:500]
-        # One line per cause and outage: a paused key (or a sequencer stopped by the error) is
-        # the consequence of a failure already logged, not news.
-        if cls not in self._told and not (cls == "paused" and self._told):
-            topic = getattr(self.sink, "topic", "")  # name it: the line must say what to fix
-            where = f" {topic}" if topic else ""
-            hint = {
-                "not_found": f" (does the topic{where} exist? events wait in the outbox)",
-                "permission": f" (grant roles/pubsub.publisher on the topic{where}; events wait)",
-                "paused": " (ordering key paused by an earlier failure; resumed, events wait)",
-            }.get(cls, "")
-            log.error("publish of %s failed: %s: %s%s", event.id, cls, exc, hint)
-            self._told.add(cls)
-            if self.store is not None:
-                try:
-                    self.store.note_error(self.last_failure, rfc3339(datetime.now(timezone.utc)))
-                except Exception:
-                    log.debug("could not note the error in the store", exc_info=True)
+        # One line per cause and outage; a follow-up (a paused ordering key) of a failure
+        # already logged is not news.
+        news = not (cls in self.failures.follow_ups and self._publishing.told)
+        told = self._publishing.failed(
+            cls,
+            "publish of %s failed: %s: %s%s",
+            event.id,
+            cls,
+            exc,
+            self.failures.hint(cls),
+            news=news,
+        )
+        if told:
+            try:
+                self.store.note_error(self.last_failure, rfc3339(datetime.now(timezone.utc)))
+            except Exception:
+                log.debug("could not note the error in the store", exc_info=True)
         try:
             self.sink.recover(event)
         except Exception as rexc:
             log.warning("sink recovery failed: %s", rexc)
 
     def _backoff(self) -> None:
-        delay = self.retry.delay(self._failures)
+        delay = self.retry.delay(self._publishing.failures)
         with self._cond:
             if not self._stopping:
                 self._cond.wait(delay)

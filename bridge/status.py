@@ -109,6 +109,11 @@ def _print_text(report: dict[str, Any]) -> None:
             f"{report['outbox_depth']} waiting"
             + (f", oldest {age:.1f} s" if age is not None else ""),
         ),
+        ("parked", _describe_parked(report.get("parked_count", 0))),
+        *(
+            ("", f"{p['event_id']} {p['kind']} parked {p['parked_at']}: {p['reason'][:100]}")
+            for p in report.get("parked", [])
+        ),
         ("last publish", f"{publish['at']} {publish['event_id']}" if publish else "-"),
         ("last error", f"{error['at']} {error['message']}" if error else "-"),
         ("next sequence", str(report["next_sequence"])),
@@ -116,6 +121,12 @@ def _print_text(report: dict[str, Any]) -> None:
     width = max(len(label) for label, _ in rows) + 2  # one column, whatever the keys
     for label, text in rows:
         print(f"{label:<{width}}{text}")
+
+
+def _describe_parked(count: int) -> str:
+    if not count:
+        return "0"
+    return f"{count} refused for good by the sink (send again: maintenance-bridge redrive)"
 
 
 def _describe_daemon(daemon: dict[str, Any]) -> str:

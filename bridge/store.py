@@ -29,7 +29,8 @@ from bridge.events import Event, decode_structured, dumps
 from bridge.keys import DROPPABLE_KINDS
 
 DB_NAME = "bridge.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the parked table (dead letters)
+PARKED_SHOWN = 20  # parked events listed by `status`, newest first
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (
     key TEXT PRIMARY KEY, value TEXT NOT NULL, observed_at TEXT NOT NULL);
@@ -37,6 +38,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
     body BLOB NOT NULL, recorded_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS parked (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
+    body BLOB NOT NULL, recorded_at REAL NOT NULL, parked_at TEXT NOT NULL,
+    status INTEGER, reason TEXT NOT NULL, redrive INTEGER NOT NULL DEFAULT 0);
 """
 # Version 0 (before versioning) kept "TIME ID" and "TIME TEXT" in one meta row each.
 _SPLIT_V0 = (
@@ -127,6 +132,7 @@ class Store:
             self._db.close()
 
     def load(self) -> Snapshot:
+        self.take_redrives()  # asked for while no daemon ran: they go out with the rest
         with self._lock:
             values = dict(self._db.execute("SELECT key, value FROM state").fetchall())
             row = self._db.execute("SELECT value FROM meta WHERE name='next_sequence'").fetchone()
@@ -166,6 +172,60 @@ class Store:
             self._set("last_publish_id", event_id)
             if clear_error:
                 self._db.execute("DELETE FROM meta WHERE name IN ('last_error', 'last_error_at')")
+
+    def park(self, seq: int, status: int | None, reason: str, at: str) -> None:
+        """The sink refused the event for good: out of the outbox, into the parked table (one
+        transaction), so that the queue goes on and `redrive` can send it again later."""
+        with self._lock, self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO parked(seq, id, kind, body, recorded_at, parked_at, "
+                "status, reason) SELECT seq, id, kind, body, recorded_at, ?, ?, ? FROM outbox "
+                "WHERE seq=?",
+                (at, status, reason, seq),
+            )
+            self._db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+
+    def request_redrive(self, ids: list[str] | None = None) -> list[str]:
+        """Mark parked events (all, or those ids) to go back into the outbox; returns the ids
+        marked. The daemon owns the outbox's order and its in-memory queue: it moves them
+        (`take_redrives`) within a second, or at its next start."""
+        with self._lock, self._transaction():
+            if ids is None:
+                rows = self._db.execute("SELECT id FROM parked ORDER BY seq").fetchall()
+            else:
+                marks = ",".join("?" * len(ids))
+                rows = self._db.execute(
+                    f"SELECT id FROM parked WHERE id IN ({marks}) ORDER BY seq", ids
+                ).fetchall()
+            marked = [row[0] for row in rows]
+            self._db.executemany("UPDATE parked SET redrive=1 WHERE id=?", rows)
+            return marked
+
+    def take_redrives(self) -> list[tuple[int, Event, float]]:
+        """Move the parked events marked for redrive back into the outbox, under their own
+        seq and id; returns them as `Snapshot.pending` entries (their wait counts from now)."""
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM parked WHERE redrive=1 LIMIT 1").fetchone() is None:
+                return []
+            now = time.time()
+            with self._transaction():
+                rows = self._db.execute(
+                    "SELECT seq, body FROM parked WHERE redrive=1 ORDER BY seq"
+                ).fetchall()
+                self._db.execute(
+                    "INSERT OR IGNORE INTO outbox(seq, id, kind, body, recorded_at) "
+                    "SELECT seq, id, kind, body, ? FROM parked WHERE redrive=1",
+                    (now,),
+                )
+                self._db.execute("DELETE FROM parked WHERE redrive=1")
+                (stream,) = self._db.execute(
+                    "SELECT value FROM meta WHERE name='stream_id'"
+                ).fetchone()
+        return [(seq, _in_stream(json.loads(body), stream), now) for seq, body in rows]
+
+    def parked_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM parked").fetchone()[0])
 
     def note_error(self, text: str, at: str) -> None:
         with self._lock, self._transaction():
@@ -292,4 +352,12 @@ def _report(db: sqlite3.Connection) -> dict[str, Any]:
             else None
         ),
         "next_sequence": int(meta.get("next_sequence", "1")),
+        "parked_count": db.execute("SELECT COUNT(*) FROM parked").fetchone()[0],
+        "parked": [
+            {"event_id": i, "kind": k, "parked_at": at, "status": st, "reason": why}
+            for i, k, at, st, why in db.execute(
+                "SELECT id, kind, parked_at, status, reason FROM parked ORDER BY seq DESC LIMIT ?",
+                (PARKED_SHOWN,),
+            )
+        ],
     }

@@ -22,6 +22,7 @@ from bridge.health import Health
 from bridge.keys import KEYS
 from bridge.metadata import CLIENT_SLACK, MetadataClient, Reading
 from bridge.metrics import Metrics
+from bridge.outage import Outage
 from bridge.retry import metadata_policy
 
 log = logging.getLogger("bridge.watcher")
@@ -59,12 +60,14 @@ class Watcher:
         self.metrics = metrics
         self.thread = threading.Thread(target=self._run, name=f"watch {key}", daemon=True)
         self.answered = threading.Event()  # the first round is done: the watch is armed
-        self._failures = 0
-        self._classes_told: set[str] = set()  # failure classes logged during this outage
-        self._told_absent = False
-        self._told_no_etag = False
+        self._outage = Outage(log, f"metadata {key} answering again")
+        self._absent = Outage(log)  # said once while the key is missing, again if it returns
+        self._no_etag = Outage(log)
         self._retrying = metadata_policy(config.retry_cap).retrying(self._sleep, self._on_failure)
         self._first = first
+        # How long a round may take before health calls the watcher stuck: the long-poll, the
+        # client's slack over it, and the longest back-off before the next try.
+        self._patience = config.poll_timeout + CLIENT_SLACK + config.retry_cap
 
     def start(self) -> None:
         self.thread.start()
@@ -76,12 +79,12 @@ class Watcher:
         try:
             while not self.stop.is_set():
                 timeout = self.config.poll_timeout
-                self.health.expect(self.key, timeout + CLIENT_SLACK + self.config.retry_cap)
+                self.health.expect(self.key, self._patience)
                 reading, self._first = self._first, None
                 if reading is None:
                     reading = self._retrying(client.watch, self.key, etag, timeout, self.spec.alt)
                 self.metrics.last_poll.labels(self.key).set_to_current_time()
-                self._recovered()
+                self._outage.recovered()
                 pause = self._handle(reading, first)
                 self.answered.set()
                 first = False
@@ -104,26 +107,25 @@ class Watcher:
         if reading.absent:
             if self.spec.absent_is_baseline:
                 self.observe(self.key, self.spec.baseline, now, reading.received, first)
-            elif not self._told_absent:
-                log.warning(
+            else:
+                self._absent.failed(
+                    "absent",
                     "%s does not exist on this VM; asking again every %.0f s",
                     self.key,
                     self.config.absent_interval,
                 )
-                self._told_absent = True
             return self.config.absent_interval
-        self._told_absent = False
+        self._absent.recovered()
         self.observe(self.key, self.spec.canonical(reading.value), now, reading.received, first)
         if reading.etag is None:
-            if not self._told_no_etag:  # once, not on every re-ask
-                log.warning(
-                    "%s answered without an ETag; asking again every %.0f s",
-                    self.key,
-                    NO_ETAG_PAUSE,
-                )
-                self._told_no_etag = True
+            self._no_etag.failed(
+                "no_etag",
+                "%s answered without an ETag; asking again every %.0f s",
+                self.key,
+                NO_ETAG_PAUSE,
+            )
             return NO_ETAG_PAUSE
-        self._told_no_etag = False
+        self._no_etag.recovered()
         return 0.0
 
     def _sleep(self, seconds: float) -> None:
@@ -136,24 +138,12 @@ class Watcher:
         exc = state.outcome.exception() if state.outcome else None
         cls = getattr(exc, "failure_class", "other")
         self.metrics.metadata_errors.labels(cls).inc()
-        self._failures += 1
-        if cls not in self._classes_told:  # one line per failure class, not one per retry
-            log.warning(
-                "metadata %s on %s: %s (retrying at once, then backing off to %.1f s)",
-                cls,
-                self.key,
-                exc,
-                self.config.retry_cap,
-            )
-            self._classes_told.add(cls)
-        self.health.expect(
-            self.key, self.config.retry_cap + self.config.poll_timeout + CLIENT_SLACK
+        self._outage.failed(
+            cls,
+            "metadata %s on %s: %s (retrying at once, then backing off to %.1f s)",
+            cls,
+            self.key,
+            exc,
+            self.config.retry_cap,
         )
-
-    def _recovered(self) -> None:
-        if self._failures:
-            log.info(
-                "metadata %s answering again after %d failed attempts", self.key, self._failures
-            )
-            self._failures = 0
-            self._classes_told.clear()
+        self.health.expect(self.key, self._patience)

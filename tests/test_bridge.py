@@ -42,14 +42,15 @@ EXPECTED = [
 def _started(bridge: BridgeProcess, sim: Simulator, before: dict[str, int] | None = None) -> None:
     """Wait until every watcher hangs on its key (each key asked at least once), counting only
     the requests made since `before` (the simulator's stats when this bridge started)."""
-    deadline = time.monotonic() + 10
     base = before or {}
-    while time.monotonic() < deadline:
+
+    def polling() -> bool:
         stats = sim.stats()
-        if all(stats.get(k, 0) - base.get(k, 0) >= 2 for k in (MAINTENANCE, PREEMPTED)):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"bridge never long-polled: {sim.stats()} {bridge.logs()[-5:]}")
+        return all(stats.get(k, 0) - base.get(k, 0) >= 2 for k in (MAINTENANCE, PREEMPTED))
+
+    wait_for(
+        "long polls on every key", polling, 10, detail=lambda: (sim.stats(), bridge.logs()[-5:])
+    )
 
 
 # Metadata servers that differ where the real one is undocumented or can misbehave: how a plain

@@ -116,3 +116,29 @@ def test_readme_documents_every_option() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for opt in RUN_OPTIONS:
         assert f"| `{opt.flag}` | `{opt.env}`" in readme, opt.flag
+
+
+def test_a_sinks_options_are_run_options_like_the_rest(tmp_path: Path) -> None:
+    """Declared in the sink's module, they are flags, BRIDGE_* variables and `Config` fields
+    with the sink's defaults; `--sink` offers every registered sink."""
+    import dataclasses
+
+    from bridge import sinks
+    from bridge.config import RUN_OPTIONS, Config
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    assert sinks.options(), "no sink declares an option"
+    for opt in sinks.options():
+        assert opt in RUN_OPTIONS and defaults[opt.name] == opt.default, opt.name
+    config = _build(
+        ["--publish-latency", "0.5"],
+        {"BRIDGE_CONTENT_MODE": "structured", "BRIDGE_TOPIC": "projects/my-proj/topics/maint"},
+        tmp_path,
+    )
+    assert (config.sink, config.content_mode, config.publish_latency) == (
+        "pubsub",
+        "structured",
+        0.5,
+    )
+    (sink,) = (o for o in RUN_OPTIONS if o.name == "sink")
+    assert sink.choices == sinks.names() and {"pubsub", "stdout"} <= set(sinks.names())

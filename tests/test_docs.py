@@ -407,6 +407,33 @@ def problems(text: str, t: Truth) -> list[str]:
     return [p for check in CHECKS for p in check(text, t)]
 
 
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading ids: lower case, punctuation dropped, spaces to hyphens."""
+    without_code = FENCE.sub("", markdown)
+    return {
+        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#{1,6} (.+)$", without_code, re.M)
+    }
+
+
+def broken_links(text: str, doc: Path) -> list[str]:
+    """Relative links whose file, or whose #anchor in that file, does not exist."""
+    problems = []
+    for m in re.finditer(r"\]\(([^)\s]+)\)", FENCE.sub("", text)):
+        target = m.group(1)
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (doc.parent / path).resolve() if path else doc
+        if not linked.exists():
+            problems.append(f"link {target}: no such file")
+        elif anchor and linked.suffix == ".md":
+            linked_text = text if not path else linked.read_text()
+            if anchor not in _anchors(linked_text):
+                problems.append(f"link {target}: no such heading")
+    return problems
+
+
 def readme_config_table_misses(readme: str) -> list[str]:
     """Run options without their `| --flag | BRIDGE_VAR` row in the README's table."""
     return [
@@ -441,6 +468,18 @@ STALE_GENERATED = pytest.mark.xfail(
 )
 def test_doc_agrees_with_the_code(doc: Path) -> None:
     assert problems(doc.read_text(), truth()) == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_and_anchors_resolve(doc: Path) -> None:
+    assert broken_links(doc.read_text(), doc) == []
+
+
+def test_a_broken_link_is_reported() -> None:
+    doc = REPO / "docs" / "runbooks.md"
+    text = "## Log queries\n[a](operations.md#no-such) [b](nowhere.md) [c](#log-queries)"
+    found = broken_links(text, doc)
+    assert found == ["link operations.md#no-such: no such heading", "link nowhere.md: no such file"]
 
 
 def test_readme_lists_every_event_kind() -> None:

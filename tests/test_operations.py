@@ -45,6 +45,7 @@ from support.harness import (
     holds_for,
     in_process,
     wait_for,
+    wait_for_text,
 )
 from support.pubsub import PubSubAdmin, PubSubServer, Received, admin
 
@@ -1366,21 +1367,30 @@ def test_listen_topic_reads_through_its_own_subscription_and_deletes_it(
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_listen_topic_deletes_its_subscription_when_interrupted(sig, emulator, adm):
+def test_listen_topic_deletes_its_subscription_when_interrupted(sig, emulator, adm, tmp_path):
     topic, _ = topic_and_sub(adm)
     env = {**os.environ, **emulator.env()}
-    listener = subprocess.Popen(
-        [CLI, "listen", "--topic", topic], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    err = tmp_path / "listen.err"
+    with err.open("wb") as stderr:
+        listener = subprocess.Popen(
+            [CLI, "listen", "--topic", topic], env=env, stdout=subprocess.DEVNULL, stderr=stderr
+        )
     try:
         wait_for("its temporary subscription", lambda: temporary_subscriptions(adm, topic))
+        # Interrupted while listening: a foreign message it says it skipped shows it pulls.
+        publisher = adm.publisher()
+        try:
+            publisher.publish(topic, b"hello", ordering_key="someone-else").result(timeout=10)
+        finally:
+            publisher.stop()
+        wait_for_text(err, "skipped")
         listener.send_signal(sig)
-        _, err = listener.communicate(timeout=30)
+        listener.wait(timeout=30)
     finally:
         if listener.poll() is None:
             listener.kill()
             listener.wait()
-    assert listener.returncode == 0, err
+    assert listener.returncode == 0, err.read_text()
     assert temporary_subscriptions(adm, topic) == []
 
 

@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from google.api_core import exceptions as gexc
 from support.harness import event_for, holds_for, wait_for
-from support.memory_sink import MemorySink
+from support.memory_sink import DENIED_HINT, FAILURES, MemorySink, SinkDenied, SinkDown, SinkPaused
 
 from bridge.events import MAINTENANCE, PREEMPTED, Event
 from bridge.metrics import Metrics
 from bridge.relay import Relay
+from bridge.retry import publish_policy
 from bridge.store import Store
 
 RETRY_CAP = 0.2
@@ -45,7 +45,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def start_relay(sink: MemorySink, store: Store, *, start: bool = True) -> Relay:
-    relay = Relay(sink, store, Metrics(), retry_cap=RETRY_CAP)
+    relay = Relay(sink, store, Metrics(), retry_cap=RETRY_CAP, failures=FAILURES)
     if start:
         relay.start()
     return relay
@@ -134,7 +134,7 @@ def test_an_event_leaves_the_outbox_only_once_the_sink_has_it(store):
 def test_a_failing_sink_is_retried_with_back_off_under_the_same_id(store, caplog):
     caplog.set_level(logging.INFO, logger="bridge.relay")
     sink = MemorySink()
-    sink.fail = gexc.ServiceUnavailable("the sink is down")
+    sink.fail = SinkDown("the sink is down")
     relay = start_relay(sink, store)
     (event,) = numbered(1)
     record(relay, store, [event])
@@ -145,12 +145,12 @@ def test_a_failing_sink_is_retried_with_back_off_under_the_same_id(store, caplog
     assert relay.drain(timeout=10)
     assert set(sink.sent_ids()) == {event.id}, "a retry changed the id"
     assert sink.recovered, "the sink was never asked to recover"
-    # Back-off, not a tight loop: no retry sooner than the policy's shortest delay (100 ms
-    # halved by jitter), and once backed off, none sooner than half the cap.
+    # Back-off, not a tight loop: the n-th retry waits at least the policy's shortest draw.
+    policy = publish_policy(RETRY_CAP)
     times = [s.at for s in sink.sends]
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert min(gaps) >= 0.05 - 0.005, gaps
-    assert min(gaps[3:]) >= RETRY_CAP / 2 - 0.005, gaps
+    shortest = [policy.delay(n, rand=1.0) for n in range(1, len(gaps) + 1)]
+    assert all(gap >= least - 0.002 for gap, least in zip(gaps, shortest, strict=True)), gaps
     assert pending(store) == []
 
 
@@ -173,18 +173,21 @@ def test_an_outage_is_logged_once_per_failure_class_and_its_end_once(store, capl
     sink = MemorySink()
     relay = start_relay(sink, store)
     events = numbered(3)
-    fail_for(sink, gexc.ServiceUnavailable("down"), lambda: record(relay, store, events[:1]))
-    fail_for(sink, gexc.PermissionDenied("no role"))
-    fail_for(sink, gexc.ServiceUnavailable("down again"))
+    fail_for(sink, SinkDown("down"), lambda: record(relay, store, events[:1]))
+    fail_for(sink, SinkDenied("no role"))
+    fail_for(sink, SinkPaused("paused after the failure"))  # a follow-up: not news
+    fail_for(sink, SinkDown("down again"))
     sink.fail = None
     wait_for("the recovery line", lambda: relay_lines(caplog, logging.INFO, "accepting again"))
     assert len(relay_lines(caplog, logging.ERROR, "unavailable")) == 1
-    assert len(relay_lines(caplog, logging.ERROR, "permission")) == 1
+    [denied] = relay_lines(caplog, logging.ERROR, "permission")
+    assert denied.endswith(DENIED_HINT), "the sink's hint says what to fix"
+    assert relay_lines(caplog, logging.ERROR, "paused") == []
     assert len(relay_lines(caplog, logging.INFO, "accepting again")) == 1
     # A second outage is news again: one more line, one more recovery.
     fail_for(
         sink,
-        gexc.ServiceUnavailable("down once more"),
+        SinkDown("down once more"),
         lambda: record(relay, store, events[1:2]),
         1,
     )
@@ -198,3 +201,54 @@ def test_an_outage_is_logged_once_per_failure_class_and_its_end_once(store, capl
     assert len(relay_lines(caplog, logging.ERROR, "unavailable")) == 2
     assert len(relay_lines(caplog, logging.INFO, "accepting again")) == 2
     assert sink.acked_ids() == [e.id for e in events]
+
+
+def test_a_follow_up_failure_is_told_when_it_is_the_first_of_its_outage(store, caplog):
+    caplog.set_level(logging.INFO, logger="bridge.relay")
+    sink = MemorySink()
+    relay = start_relay(sink, store)
+    events = numbered(1)
+    fail_for(sink, SinkPaused("paused since the last run"), lambda: record(relay, store, events))
+    sink.fail = None
+    assert relay.drain(timeout=10)
+    assert len(relay_lines(caplog, logging.ERROR, "paused")) == 1
+    assert sink.acked_ids() == [events[0].id]
+
+
+def test_pubsub_failures_are_classified_by_type_not_by_name():
+    from google.api_core import exceptions as gexc
+    from google.cloud.pubsub_v1.publisher.exceptions import PublishToPausedOrderingKeyException
+
+    from bridge.config import Config
+    from bridge.sinks import sink_type
+
+    class NotFound(Exception):  # the library's class name, not its type
+        pass
+
+    class TopicGone(gexc.NotFound):  # a subclass is still a not-found
+        pass
+
+    topic = "projects/test-project/topics/maintenance"
+    failures = sink_type("pubsub").failures(Config(sink="pubsub", topic=topic))
+    assert failures.class_of(TopicGone("gone")) == "not_found"
+    assert failures.class_of(NotFound("gone")) == "other"
+    assert failures.class_of(gexc.Forbidden("no")) == "permission"
+    assert failures.class_of(PublishToPausedOrderingKeyException("key")) == "paused"
+    assert failures.class_of(gexc.DeadlineExceeded("slow")) == "unavailable"
+    assert topic in failures.hint("permission"), "the hint names what to fix"
+    assert "paused" in failures.follow_ups
+
+
+def test_a_sink_without_classes_counts_every_failure_as_other(store, caplog):
+    caplog.set_level(logging.INFO, logger="bridge.relay")
+    sink = MemorySink()
+    metrics = Metrics()
+    relay = Relay(sink, store, metrics, retry_cap=RETRY_CAP)  # no failures: nothing classified
+    relay.start()
+    (event,) = numbered(1)
+    fail_for(sink, SinkDown("down"), lambda: record(relay, store, [event]), 2)
+    sink.fail = None
+    assert relay.drain(timeout=10)
+    assert metrics.publish_failures.labels("other")._value.get() >= 2
+    assert metrics.publish_failures.labels("unavailable")._value.get() == 0
+    assert len(relay_lines(caplog, logging.ERROR, "publish of")) == 1

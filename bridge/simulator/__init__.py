@@ -4,7 +4,8 @@ Compute Engine has no offline way to rehearse a host-maintenance notice, so this
 serves the metadata API the way the real server behaves (header rules, content-derived
 ETags, ``wait_for_change`` long polls, ``recursive``/``alt`` rendering, the 503 of an
 empty ``upcoming-maintenance``) and adds what the real one cannot: a control API to
-change values, inject faults and play scenarios. Stdlib only, so it runs anywhere.
+change values, inject faults and play scenarios. Stdlib only, so it runs anywhere (the
+identity endpoint signs its tokens with google-auth, a dependency of the bridge anyway).
 
 Where the real server's behaviour is undocumented, a switch picks the variant so that a client
 can be tested against each: ``plain_alt_json`` renders a plain value under ``alt=json`` as a
@@ -15,7 +16,10 @@ truncated JSON body.
 Point a client at it with ``GCE_METADATA_HOST=<Simulator.host_port>``. The control API
 lives on the same port under ``/simulator/v1/`` (no ``Metadata-Flavor`` needed):
 ``PUT|GET|DELETE values/<path>``, ``POST|DELETE faults``, ``GET stats``,
-``POST scenario`` with ``{"name": ..., "speed": ...}`` or ``{"steps": [...]}``.
+``POST scenario`` with ``{"name": ..., "speed": ...}`` or ``{"steps": [...]}``,
+``GET identity/certs`` (the key that signs the ID tokens of
+``instance/service-accounts/default/identity``, see `identity`), ``POST identity`` with
+``{"lifetime": seconds}``.
 
 Scenarios (times in seconds at speed 1; ``speed`` divides them). Each first sets the
 state it starts from at t=0 so that it can loop:
@@ -32,7 +36,8 @@ state it starts from at t=0 so that it can loop:
   2030-01-20 at 5, and is gone again (503) at 10.
 
 The package: `state` (the state model and how it renders a GET), `handler` (HTTP), `wire`
-(paths, bodies, replies), `scenarios` and `serve` (the foreground command).
+(paths, bodies, replies), `identity` (ID tokens), `scenarios` and `serve` (the foreground
+command).
 """
 
 from bridge.simulator.handler import _Handler

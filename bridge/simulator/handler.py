@@ -126,6 +126,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path == "/computeMetadata/":
             return Reply(200, b"v1/\n")
         rel = path.removeprefix(V1)
+        if path.startswith(V1) and sim.identity.handles(rel):
+            return sim._identity_token(rel, query)
         if path + "/" == V1 or (path.startswith(V1) and rel and sim._is_dir(rel)):
             location = f"http://{sim.host_port}{path}/" + (f"?{query}" if query else "")
             return Reply(301, headers=(("Location", location),))
@@ -159,6 +161,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return Reply(204)
             if route == "stats" and method == "GET":
                 return Reply(200, json.dumps(sim.stats()).encode(), JSON)
+            if route == "identity/certs" and method == "GET":
+                return sim.identity.certs_reply()
+            if route == "identity" and method == "POST":
+                sim.identity.configure(**json.loads(body or b"{}"))
+                return Reply(204)
             if route == "scenario" and method == "POST":
                 spec = json.loads(body or b"{}")
                 if "steps" in spec:

@@ -18,6 +18,7 @@ from typing import Any
 
 from bridge.keys import KEYS, UPCOMING
 from bridge.simulator.handler import Server
+from bridge.simulator.identity import Identity
 from bridge.simulator.scenarios import Step
 from bridge.simulator.wire import (
     JSON,
@@ -111,6 +112,7 @@ class Simulator:
         self._thread: threading.Thread | None = None
         self.max_wait = max_wait
         self.quiet = quiet
+        self.identity = Identity()
         self._server = Server((host, port), self)
         self.host = host
         self.port: int = self._server.server_address[1]
@@ -282,6 +284,11 @@ class Simulator:
                 if remaining <= 0:
                     return reply
                 self._cond.wait(remaining)
+
+    def _identity_token(self, rel: str, query: str) -> Reply:
+        with self._cond:
+            values = dict(self._values)
+        return self.identity.reply(rel, query, values)
 
     def _render(self, rel: str, q: Query) -> Reply:
         with self._cond:

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .harness import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -114,10 +116,14 @@ class BridgeProcess:
         return out
 
     def wait_for_log(self, text: str, timeout: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for record in self.logs():
-                if text in record.get("message", ""):
-                    return record
-            time.sleep(0.05)
-        raise AssertionError(f"no log line containing {text!r}; logs: {self.logs()[-10:]}")
+
+        def found() -> dict[str, Any] | None:
+            return next((r for r in self.logs() if text in r.get("message", "")), None)
+
+        return wait_for(
+            f"a log line containing {text!r}",
+            found,
+            timeout,
+            0.05,
+            detail=lambda: self.logs()[-10:],
+        )

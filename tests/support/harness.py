@@ -35,17 +35,22 @@ SCHEDULING = Scheduling(on_host_maintenance="TERMINATE", automatic_restart="TRUE
 
 
 def wait_for(
-    what: str, predicate: Callable[[], Any], timeout: float = 20.0, step: float = 0.01
+    what: str,
+    predicate: Callable[[], Any],
+    timeout: float = 20.0,
+    step: float = 0.01,
+    detail: Callable[[], object] | None = None,
 ) -> Any:
     """Poll `predicate` until it is truthy and return its value; AssertionError naming `what`
-    after `timeout` (generous: the machine is shared)."""
+    (and `detail()`, e.g. the logs) after `timeout` (generous: the machine is shared)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            more = "" if detail is None else f": {detail()}"
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{more}")
         time.sleep(step)
 
 
@@ -64,10 +69,12 @@ def wait_for_text(path: Path, needle: str, timeout: float = 30.0) -> str:
     def text() -> str:
         return path.read_text(errors="replace") if path.exists() else ""
 
-    try:
-        wait_for(f"{needle!r} in {path.name}", lambda: needle in text(), timeout)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; it ends with:\n{text()[-3000:]}") from None
+    wait_for(
+        f"{needle!r} in {path.name}",
+        lambda: needle in text(),
+        timeout,
+        detail=lambda: "it ends with:\n" + text()[-3000:],
+    )
     return text()
 
 

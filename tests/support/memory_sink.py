@@ -3,6 +3,9 @@
 It acknowledges at once by default; `hold=True` keeps every future open until the test calls
 `ack`, which is how a test sees what the relay does while events are in flight. `fail` makes
 every send fail with that exception (a sink outage) until it is set back to None.
+
+Like every sink it owns its failure classification (`FAILURES`, given to the relay): its own
+exception types, nothing of Pub/Sub, so a test shows that the relay needs nothing more.
 """
 
 from __future__ import annotations
@@ -15,6 +18,40 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.events import Event
+from bridge.sinks import OTHER, Failures
+
+
+class SinkDown(Exception):
+    """The sink cannot be reached: class `unavailable`."""
+
+
+class SinkDenied(Exception):
+    """The sink refuses this bridge: class `permission`, with a hint saying what to fix."""
+
+
+class SinkPaused(Exception):
+    """The sink refuses until it recovers from an earlier failure: class `paused`, a
+    follow-up (not news when another failure of the same outage was already told)."""
+
+
+_CLASSES = {SinkDown: "unavailable", SinkDenied: "permission", SinkPaused: "paused"}
+DENIED_HINT = " (grant the bridge access; events wait in the outbox)"
+
+
+def _classify(exc: BaseException) -> str:
+    return next((cls for kind, cls in _CLASSES.items() if isinstance(exc, kind)), OTHER)
+
+
+def _hint(failure_class: str) -> str:
+    return DENIED_HINT if failure_class == "permission" else ""
+
+
+FAILURES = Failures(
+    classes=(*_CLASSES.values(), OTHER),
+    classify=_classify,
+    hint=_hint,
+    follow_ups=frozenset({"paused"}),
+)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Start a local Pub/Sub (the official emulator, or the in-repo fake by name) and talk to it.
 
+Shared by the tests and bench/ (which imports it as `tests.support.pubsub`).
+
 The emulator's Java process is started directly (the launcher script execs java, so the pid
 we hold is the JVM's) and killed by that pid: `gcloud beta emulators pubsub start` would leave
 the JVM behind when gcloud is killed. As a last resort the JVM also dies with the process

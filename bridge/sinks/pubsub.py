@@ -1,62 +1,44 @@
-"""Where events go: Pub/Sub (binary or structured content mode) or stdout (JSON lines).
+"""The Pub/Sub sink: google-cloud-pubsub, binary or structured content mode, message ordering
+on with one ordering key per instance.
 
-A sink's `send` returns a future that resolves once the event is acknowledged (by Pub/Sub,
-or written and flushed); only then does the event leave the outbox.
+Its options (`--topic`, `--content-mode`, `--publish-latency`), failure classes and operator
+hints live here; the library is imported only when the client is created or a failure is
+classified, never at start-up (see `PubSubSink`).
 """
 
 from __future__ import annotations
 
-import sys
+import re
 import threading
 from concurrent.futures import Future
-from typing import IO, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from bridge.config import Config
-from bridge.events import Event, dumps
+from bridge.events import Event
+from bridge.options import ConfigError, Option
+from bridge.sinks import SinkType, register
 
+if TYPE_CHECKING:
+    from bridge.config import Config
 
-class Sink(Protocol):
-    name: str
+_TOPIC = re.compile(
+    r"^projects/(?P<project>[a-z][-a-z0-9.:]{4,62}[a-z0-9])/topics/(?P<topic>[A-Za-z][\w.~+%-]{2,254})$"
+)
 
-    def send(self, event: Event) -> Any:
-        """A future whose `result(timeout)` returns once the event is acknowledged."""
-
-    def recover(self, event: Event) -> None:
-        """Make the sink accept `event` again after a failure (e.g. resume an ordering key)."""
-
-    def close(self) -> None: ...
-
-
-class StdoutSink:
-    """One structured-mode CloudEvent per line, flushed at once; logs go to stderr."""
-
-    name = "stdout"
-
-    def __init__(self, stream: IO[str] | None = None) -> None:
-        self.stream = stream or sys.stdout
-
-    def send(self, event: Event) -> Future[str]:
-        future: Future[str] = Future()
-        try:
-            self.stream.write(dumps(event.to_structured()).decode() + "\n")
-            self.stream.flush()
-        except (OSError, ValueError) as exc:  # closed or broken pipe: keep it in the outbox
-            future.set_exception(exc)
-        else:
-            future.set_result(event.id)
-        return future
-
-    def recover(self, event: Event) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
+OPTIONS = (
+    Option("topic", "Pub/Sub topic, projects/P/topics/T (selects the pubsub sink)", default=""),
+    Option(
+        "content_mode",
+        "CloudEvents content mode on Pub/Sub",
+        choices=("binary", "structured"),
+        default="binary",
+    ),
+    # 0: commit each publish at once (batches still form behind one in flight, per ordering key).
+    Option("publish_latency", "Pub/Sub batch max_latency, seconds", parse=float, default=0.0),
+)
 
 
 class PubSubSink:
-    """google-cloud-pubsub with message ordering on, one ordering key per instance.
-
-    The client is created on first use: importing the library and building the client cost
+    """The client is created on first use: importing the library and building the client cost
     about 0.2 s, which must not delay the first long-poll. The daemon calls `connect` in the
     background once the watch is armed; an event sent meanwhile waits for the client (and in
     the outbox) as it would during an outage. `PUBSUB_EMULATOR_HOST` is honoured by the library.
@@ -158,30 +140,83 @@ def _chain(source: Any, target: Future[str]) -> None:
     source.add_done_callback(done)
 
 
-def make_sink(config: Config) -> Sink:
-    return PubSubSink(config) if config.sink == "pubsub" else StdoutSink()
+FAILURE_CLASSES = ("not_found", "permission", "paused", "unavailable")
 
 
-def failure_class(exc: BaseException) -> str:
-    """Publish failures sorted into the fixed set of metric labels."""
-    name = type(exc).__name__
-    if name == "NotFound":
+def classify(exc: BaseException) -> str:
+    """Publish failures by the library's exception types (imported here, after a failure:
+    never on the start-up path)."""
+    import concurrent.futures
+
+    from google.api_core import exceptions as api
+    from google.cloud.pubsub_v1.publisher.exceptions import PublishToPausedOrderingKeyException
+
+    if isinstance(exc, api.NotFound):
         return "not_found"
-    if name in ("PermissionDenied", "Forbidden", "Unauthenticated", "Unauthorized"):
+    if isinstance(
+        exc, (api.PermissionDenied, api.Forbidden, api.Unauthenticated, api.Unauthorized)
+    ):
         return "permission"
-    if name == "PublishToPausedOrderingKeyException":
+    if isinstance(exc, PublishToPausedOrderingKeyException):
         return "paused"
-    if name == "RuntimeError" and "publish error" in str(exc):  # ordered sequencer after an error
+    # The ordered sequencer stopped by an earlier failure raises a bare RuntimeError.
+    if isinstance(exc, RuntimeError) and "publish error" in str(exc):
         return "paused"
-    if name in (
-        "ServiceUnavailable",
-        "DeadlineExceeded",
-        "RetryError",
-        "TimeoutError",
-        "InternalServerError",
-        "Aborted",
-        "ResourceExhausted",
-        "Cancelled",
+    if isinstance(
+        exc,
+        (
+            api.ServiceUnavailable,
+            api.DeadlineExceeded,
+            api.GatewayTimeout,
+            api.InternalServerError,
+            api.Aborted,
+            api.ResourceExhausted,
+            api.Cancelled,
+            api.RetryError,
+            TimeoutError,
+            concurrent.futures.TimeoutError,  # not TimeoutError before Python 3.11
+        ),
     ):
         return "unavailable"
     return "other"
+
+
+def hint(failure_class: str, config: Config) -> str:
+    """What to check, naming the topic: the log line must say what to fix."""
+    return {
+        "not_found": f" (does the topic {config.topic} exist? events wait in the outbox)",
+        "permission": f" (grant roles/pubsub.publisher on the topic {config.topic}; events wait)",
+        "paused": " (ordering key paused by an earlier failure; resumed, events wait)",
+    }.get(failure_class, "")
+
+
+def check(config: Config) -> None:
+    if config.topic and not _TOPIC.match(config.topic):
+        raise ConfigError(
+            f"--topic: {config.topic!r} is not a topic path like projects/PROJECT/topics/TOPIC"
+        )
+    if config.sink == PubSubSink.name and not config.topic:
+        raise ConfigError("--sink pubsub needs --topic projects/P/topics/T")
+    if config.publish_latency < 0:
+        raise ConfigError("--publish-latency: must be >= 0")
+
+
+def _topic(config: Config) -> str:
+    return str(config.topic)
+
+
+register(
+    SinkType(
+        name=PubSubSink.name,
+        factory=PubSubSink,
+        options=OPTIONS,
+        selected_by="topic",
+        check=check,
+        failure_classes=FAILURE_CLASSES,
+        classify=classify,
+        hint=hint,
+        # A paused key (or a sequencer stopped by the error) follows a failure already told.
+        follow_ups=frozenset({"paused"}),
+        target=_topic,
+    )
+)

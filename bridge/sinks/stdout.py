@@ -1,0 +1,46 @@
+"""The stdout sink: one structured-mode CloudEvent per line (JSON lines); logs go to stderr."""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import Future
+from typing import IO, TYPE_CHECKING
+
+from bridge.events import Event, dumps
+from bridge.sinks import SinkType, register
+
+if TYPE_CHECKING:
+    from bridge.config import Config
+
+
+class StdoutSink:
+    """Written and flushed at once: the future is already resolved when `send` returns."""
+
+    name = "stdout"
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stdout
+
+    def send(self, event: Event) -> Future[str]:
+        future: Future[str] = Future()
+        try:
+            self.stream.write(dumps(event.to_structured()).decode() + "\n")
+            self.stream.flush()
+        except (OSError, ValueError) as exc:  # closed or broken pipe: keep it in the outbox
+            future.set_exception(exc)
+        else:
+            future.set_result(event.id)
+        return future
+
+    def recover(self, event: Event) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _make(config: Config) -> StdoutSink:
+    return StdoutSink()
+
+
+register(SinkType(name=StdoutSink.name, factory=_make))

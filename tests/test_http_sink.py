@@ -1,0 +1,512 @@
+"""`--sink http`: CloudEvents POSTed to real receivers, durably, with a Google-signed identity.
+
+The bridge runs as a real subprocess against the simulator, whose identity endpoint signs ID
+tokens with a test key. Two receivers: the `cloudevents` SDK's `from_http` behind a plain HTTP
+server in this process (its answers are steered per test: an outage, a refusal, a redirect, a
+rate limit), and functions-framework running tests/fixtures/ce-receiver as a CloudEvent
+function. Both verify the token (signature against the simulator's certificate, audience,
+expiry) with google-auth, and both parse binary and structured content mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from cloudevents.http import from_http
+from google.auth import exceptions as auth_exceptions
+from google.auth import jwt
+from support.bridge import BridgeProcess
+from support.harness import free_port, wait_for
+
+from bridge.keys import MAINTENANCE
+from bridge.simulator import Simulator
+
+REPO = Path(__file__).resolve().parents[1]
+FUNCTION = REPO / "tests" / "fixtures" / "ce-receiver" / "main.py"
+FRAMEWORK = Path(sys.executable).with_name("functions-framework")
+AUDIENCE = "https://receiver.example.run.app"
+SECRET = "header-value-that-must-never-be-logged"
+MIGRATE = "MIGRATE_ON_HOST_MAINTENANCE"
+PREFIX = "io.github.maintenancebridge.gce.v1."
+SA_EMAIL = "123456789012-compute@developer.gserviceaccount.com"
+
+
+# --- the plain receiver (cloudevents SDK) -----------------------------------------------------
+
+
+class Receiver:
+    """A CloudEvents receiver; `answer(event) -> (status, headers, body) | None` steers it
+    (None: accept with 200). Every request is recorded, accepted or not."""
+
+    def __init__(self, sim: Simulator, audience: str | None = AUDIENCE) -> None:
+        self.sim = sim
+        self.audience = audience
+        self.answer: Callable[[Any], tuple[int, dict[str, str], bytes] | None] = lambda e: None
+        self.requests: list[dict[str, Any]] = []
+        self.accepted: list[Any] = []  # CloudEvents, in arrival order (duplicates kept)
+        self.peers: set[tuple[str, int]] = set()
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                status, headers, reply = receiver.handle(self, body)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def handle(
+        self, request: BaseHTTPRequestHandler, body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        headers = dict(request.headers.items())
+        with self.lock:
+            self.peers.add(request.client_address)
+            self.requests.append({"path": request.path, "headers": headers, "at": time.monotonic()})
+        if self.audience:
+            try:
+                self.claims(headers)
+            except (ValueError, auth_exceptions.GoogleAuthError) as exc:
+                return 401, {}, f"token refused: {exc}".encode()
+        event = from_http(headers, body)
+        steered = self.answer(event)
+        if steered is not None:
+            return steered
+        with self.lock:
+            self.accepted.append(event)
+        return 200, {}, b""
+
+    def claims(self, headers: dict[str, str]) -> dict[str, Any]:
+        """Signature (the simulator's certificate), audience and expiry, by google-auth."""
+        scheme, _, token = headers.get("Authorization", "").partition(" ")
+        if scheme != "Bearer":
+            raise ValueError("no bearer token")
+        return dict(jwt.decode(token, certs=self.sim.identity.certs(), audience=self.audience))
+
+    def ids(self) -> set[str]:
+        with self.lock:
+            return {event["id"] for event in self.accepted}
+
+    def sequences(self) -> dict[int, set[str]]:
+        """Accepted ids by data.sequence: deduplicated on id, as a receiver must."""
+        out: dict[int, set[str]] = {}
+        with self.lock:
+            for event in self.accepted:
+                out.setdefault(event.get_data()["sequence"], set()).add(event["id"])
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver(sim: Simulator) -> Iterator[Receiver]:
+    rx = Receiver(sim)
+    yield rx
+    rx.close()
+
+
+def start_bridge(
+    sim: Simulator, state_dir: Path, url: str, *args: str, env: dict[str, str] | None = None
+) -> BridgeProcess:
+    """A bridge on the http sink; google-auth finds the simulator through GCE_METADATA_HOST."""
+    return BridgeProcess(
+        sim.url,
+        state_dir,
+        "--sink",
+        "http",
+        "--http-url",
+        url,
+        "--retry-cap",
+        "0.2",
+        *args,
+        env={"GCE_METADATA_HOST": sim.host_port, **(env or {})},
+    )
+
+
+def flip(sim: Simulator, value: str, bridge: BridgeProcess, sequence: int) -> None:
+    """Change maintenance-event and wait until the bridge has recorded it as `sequence`."""
+    sim.set_value(MAINTENANCE, value)
+    recorded = re.compile(rf"\(event [0-9a-f-]{{36}}, sequence {sequence}\b")
+    wait_for(
+        f"event {sequence} recorded",
+        lambda: any(recorded.search(r.get("message", "")) for r in bridge.logs()),
+        detail=lambda: bridge.logs()[-5:],
+    )
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def status_of(state_dir: Path) -> dict[str, Any]:
+    result = run_cli("status", "--state-dir", str(state_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def no_secret_logged(bridge: BridgeProcess, *secrets: str) -> None:
+    text = bridge.log_path.read_text(errors="replace")
+    for secret in secrets:
+        assert secret not in text, "a header value or token reached the bridge's log"
+
+
+# --- the token path, offline ------------------------------------------------------------------
+
+
+def test_simulator_identity_tokens_verify_with_google_auth(sim: Simulator) -> None:
+    """The token google-auth fetches from the simulator passes `verify_token` with the served
+    certificates for its audience only, and not once expired."""
+    from google.auth.transport.requests import Request
+    from google.oauth2 import id_token
+
+    session = requests.Session()
+    ask = f"{sim.url}instance/service-accounts/default/identity"
+    flavor = {"Metadata-Flavor": "Google"}
+    assert session.get(ask, headers=flavor, timeout=5).status_code == 400  # no audience
+    token = session.get(
+        ask, params={"audience": AUDIENCE, "format": "full"}, headers=flavor, timeout=5
+    ).text
+    certs = f"http://{sim.host_port}/simulator/v1/identity/certs"
+    claims = id_token.verify_token(token, Request(session), audience=AUDIENCE, certs_url=certs)
+    assert claims["email"] == SA_EMAIL
+    assert claims["google"]["compute_engine"]["instance_name"] == "demo-vm"
+    with pytest.raises(ValueError, match="audience"):
+        id_token.verify_token(token, Request(session), audience="https://other", certs_url=certs)
+    sim.identity.configure(lifetime=-60)
+    expired = session.get(ask, params={"audience": AUDIENCE}, headers=flavor, timeout=5).text
+    with pytest.raises(ValueError, match="expired"):
+        id_token.verify_token(expired, Request(session), audience=AUDIENCE, certs_url=certs)
+
+
+# --- delivery to real receivers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_sdk_receiver_gets_events_in_order_with_a_verified_token(
+    sim: Simulator, receiver: Receiver, tmp_path: Path, mode: str
+) -> None:
+    bridge = start_bridge(
+        sim,
+        tmp_path / "state",
+        receiver.url,
+        "--content-mode",
+        mode,
+        "--http-audience",
+        AUDIENCE,
+        "--http-header",
+        "X-Api-Key=env:RECEIVER_KEY",
+        "--log-level",
+        "DEBUG",
+        env={"RECEIVER_KEY": SECRET},
+    )
+    try:
+        for sequence, value in enumerate([MIGRATE, "NONE", MIGRATE, "NONE"], start=1):
+            flip(sim, value, bridge, sequence)
+        wait_for("4 events accepted", lambda: len(receiver.ids()) == 4)
+    finally:
+        assert bridge.terminate() == 0
+    events = receiver.accepted
+    assert [e.get_data()["sequence"] for e in events] == [1, 2, 3, 4]  # in order
+    assert [e["type"].removeprefix(PREFIX) for e in events] == [
+        "maintenance.started",
+        "maintenance.ended",
+    ] * 2
+    assert events[0]["source"].endswith("/instances/demo-vm")
+    first = receiver.requests[0]["headers"]
+    if mode == "binary":
+        assert first["Content-Type"] == "application/json"
+        assert first["ce-id"] == events[0]["id"] and first["ce-specversion"] == "1.0"
+    else:
+        assert first["Content-Type"].startswith("application/cloudevents+json")
+        assert not any(name.lower().startswith("ce-") for name in first)
+    assert first["X-Api-Key"] == SECRET
+    claims = receiver.claims(first)
+    assert claims["email"] == SA_EMAIL and claims["aud"] == AUDIENCE
+    assert claims["exp"] > time.time() + 600
+    tokens = {r["headers"]["Authorization"] for r in receiver.requests}
+    assert sim.stats()["instance/service-accounts/default/identity"] == 1, "one token, cached"
+    assert len(receiver.peers) == 1, "one keep-alive connection"
+    no_secret_logged(bridge, SECRET, *(t.split(" ", 1)[1] for t in tokens))
+
+
+@pytest.mark.skipif(not FRAMEWORK.exists(), reason="functions-framework is not installed")
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_functions_framework_cloudevent_function_receives_both_modes(
+    sim: Simulator, tmp_path: Path, mode: str
+) -> None:
+    certs = tmp_path / "certs.json"
+    certs.write_text(json.dumps(sim.identity.certs()))
+    log = tmp_path / "received.jsonl"
+    port = free_port()
+    env = {
+        **os.environ,
+        "RECEIVER_LOG": str(log),
+        "RECEIVER_AUDIENCE": AUDIENCE,
+        "RECEIVER_CERTS": str(certs),
+    }
+    function = subprocess.Popen(
+        [
+            str(FRAMEWORK),
+            "--target=receive",
+            "--signature-type=cloudevent",
+            f"--source={FUNCTION}",
+            "--host=127.0.0.1",
+            f"--port={port}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    bridge = None
+    try:
+        wait_for("functions-framework listening", lambda: _listening(port), timeout=60)
+        bridge = start_bridge(
+            sim, tmp_path / "state", url, "--content-mode", mode, "--http-audience", AUDIENCE
+        )
+        flip(sim, MIGRATE, bridge, 1)
+        flip(sim, "NONE", bridge, 2)
+        lines = wait_for(
+            "2 events written by the function",
+            lambda: (got := _lines(log)) and len(got) == 2 and got,
+        )
+    finally:
+        if bridge is not None:
+            assert bridge.terminate() == 0
+        function.terminate()
+        function.wait(10)
+    assert [line["type"].removeprefix(PREFIX) for line in lines] == [
+        "maintenance.started",
+        "maintenance.ended",
+    ]
+    assert [line["data"]["sequence"] for line in lines] == [1, 2]
+    assert all(line["caller"] == SA_EMAIL for line in lines), "token verified by the function"
+    wanted = "application/json" if mode == "binary" else "application/cloudevents+json"
+    assert all(line["content_type"].startswith(wanted) for line in lines)
+
+
+def _listening(port: int) -> bool:
+    try:
+        requests.get(f"http://127.0.0.1:{port}/", timeout=1)
+    except requests.ConnectionError:
+        return False
+    return True
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- durability -------------------------------------------------------------------------------
+
+
+def test_receiver_outage_and_kill_9_lose_nothing(
+    sim: Simulator, receiver: Receiver, tmp_path: Path
+) -> None:
+    """While the receiver answers 503 the bridge records, retries and is SIGKILLed; a change
+    happens while it is down; after the restart and the receiver's return every sequence number
+    arrives, each accepted under one id."""
+    state = tmp_path / "state"
+    receiver.answer = lambda event: (503, {}, b"down for maintenance")
+    bridge = start_bridge(sim, state, receiver.url, "--http-audience", AUDIENCE)
+    for sequence, value in enumerate([MIGRATE, "NONE", MIGRATE], start=1):
+        flip(sim, value, bridge, sequence)
+    wait_for("a retried delivery", lambda: len(receiver.requests) >= 3)
+    bridge.kill()
+    sim.set_value(MAINTENANCE, "NONE")  # seen at the restart, flagged happened_while_down
+    receiver.answer = lambda event: None
+    bridge = start_bridge(sim, state, receiver.url, "--http-audience", AUDIENCE)
+    try:
+        bridge.wait_for_log("sequence 4")
+        flip(sim, MIGRATE, bridge, 5)
+        flip(sim, "NONE", bridge, 6)
+        wait_for("sequences 1..6", lambda: sorted(receiver.sequences()) == [1, 2, 3, 4, 5, 6])
+    finally:
+        assert bridge.terminate() == 0
+    by_sequence = receiver.sequences()
+    assert all(len(ids) == 1 for ids in by_sequence.values()), by_sequence  # never renamed
+    assert len(receiver.ids()) == 6
+    fourth = next(e for e in receiver.accepted if e.get_data()["sequence"] == 4)
+    assert fourth.get_data()["happened_while_down"] is True
+    assert status_of(state)["outbox_depth"] == 0
+
+
+def test_a_400_parks_that_event_the_next_arrives_and_redrive_delivers_it(
+    sim: Simulator, receiver: Receiver, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    started = PREFIX + "maintenance.started"
+    refusal = (400, {}, b"bad event " + b"x" * 4000)
+    receiver.answer = lambda event: refusal if event["type"] == started else None
+    port = free_port()
+    bridge = start_bridge(sim, state, receiver.url, "--http-port", str(port))
+    try:
+        flip(sim, MIGRATE, bridge, 1)
+        flip(sim, "NONE", bridge, 2)
+        wait_for("the next event", lambda: len(receiver.ids()) == 1)
+        (refused,) = [r for r in receiver.requests if r["headers"]["ce-type"] == started]
+        parked_id = refused["headers"]["ce-id"]
+        report = status_of(state)
+        assert report["parked_count"] == 1
+        (parked,) = report["parked"]
+        assert parked["event_id"] == parked_id and parked["status"] == 400
+        assert "bad event" in parked["reason"] and len(parked["reason"]) < 1200  # first KiB
+        bridge.wait_for_log(f"parked event {parked_id}")
+        metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert "maintenance_bridge_parked_events 1.0" in metrics
+        text = run_cli("status", "--state-dir", str(state)).stdout
+        assert "1 refused for good" in text and parked_id in text
+
+        receiver.answer = lambda event: None
+        result = run_cli("redrive", "--state-dir", str(state))
+        assert result.returncode == 0 and parked_id in result.stdout, result.stderr
+        wait_for("the parked event, redriven", lambda: parked_id in receiver.ids())
+        wait_for("nothing parked", lambda: status_of(state)["parked_count"] == 0)
+    finally:
+        assert bridge.terminate() == 0
+    assert [e["id"] for e in receiver.accepted].count(parked_id) == 1
+    assert run_cli("redrive", "--state-dir", str(state), "--id", "no-such-id").returncode == 1
+
+
+# --- failures on the wire ---------------------------------------------------------------------
+
+
+def test_429_retry_after_is_honoured_under_the_same_id(
+    sim: Simulator, receiver: Receiver, tmp_path: Path
+) -> None:
+    answers = iter([(429, {"Retry-After": "2"}, b"slow down")])
+    receiver.answer = lambda event: next(answers, None)
+    bridge = start_bridge(sim, tmp_path / "state", receiver.url, "--http-audience", AUDIENCE)
+    try:
+        flip(sim, MIGRATE, bridge, 1)
+        wait_for("the event, after the 429", lambda: len(receiver.ids()) == 1)
+    finally:
+        assert bridge.terminate() == 0
+    first, *rest = receiver.requests
+    assert rest[0]["at"] - first["at"] >= 1.9, "sent again before Retry-After"
+    assert {r["headers"]["ce-id"] for r in receiver.requests} == receiver.ids()
+
+
+def test_a_redirect_is_not_followed_and_is_named_once(
+    sim: Simulator, receiver: Receiver, tmp_path: Path
+) -> None:
+    elsewhere = receiver.url.replace("/events", "/moved")
+    receiver.answer = lambda event: (307, {"Location": elsewhere}, b"")
+    bridge = start_bridge(sim, tmp_path / "state", receiver.url, "--http-audience", AUDIENCE)
+    try:
+        flip(sim, MIGRATE, bridge, 1)
+        wait_for("retries", lambda: len(receiver.requests) >= 3)
+        line = bridge.wait_for_log("not followed")
+    finally:
+        assert bridge.terminate() == 0
+    assert elsewhere in line["message"]
+    assert all(r["path"] == "/events" for r in receiver.requests), "the redirect was followed"
+    assert sum("not followed" in r.get("message", "") for r in bridge.logs()) == 1
+
+
+def test_a_short_lived_token_is_fetched_again_before_it_expires(
+    sim: Simulator, receiver: Receiver, tmp_path: Path
+) -> None:
+    """google-auth refreshes minutes before expiry: a 60 s token is never reused."""
+    sim.identity.configure(lifetime=60)
+    bridge = start_bridge(sim, tmp_path / "state", receiver.url, "--http-audience", AUDIENCE)
+    try:
+        flip(sim, MIGRATE, bridge, 1)
+        flip(sim, "NONE", bridge, 2)
+        wait_for("2 events", lambda: len(receiver.ids()) == 2)
+    finally:
+        assert bridge.terminate() == 0
+    assert sim.stats()["instance/service-accounts/default/identity"] == 2
+    assert len({r["headers"]["Authorization"] for r in receiver.requests}) == 2
+
+
+def test_keep_alive_without_a_nagle_stall(sim: Simulator, receiver: Receiver) -> None:
+    """Many POSTs over one connection, each far below the 40 ms a delayed ACK would add."""
+    from support.harness import event_for
+
+    from bridge.cli import parser
+    from bridge.config import build
+    from bridge.sinks import make_sink
+
+    receiver.audience = None
+    args = parser().parse_args(["run", "--sink", "http", "--http-url", receiver.url])
+    config = build(args, {}, check_dirs=False)
+    sink = make_sink(config)
+    times = []
+    try:
+        for sequence in range(1, 41):
+            event = event_for(MAINTENANCE, "NONE", MIGRATE, sequence)
+            start = time.perf_counter()
+            sink.send(event).result(timeout=5)
+            times.append(time.perf_counter() - start)
+    finally:
+        sink.close()
+    assert len(receiver.peers) == 1, "one keep-alive connection"
+    times.sort()
+    assert times[len(times) // 2] < 0.02, f"median {times[len(times) // 2] * 1000:.1f} ms"
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--sink", "http"], "--http-url"),
+        (["--http-url", "http://203.0.113.9/events"], "https://"),
+        (["--http-url", "ftp://10.0.0.1/x"], "--http-url"),
+        (["--http-url", "https://rx.example", "--http-header", "NoValue"], "NAME=VALUE"),
+        (["--http-url", "https://rx.example", "--http-header", "Bad Name=x"], "NAME=VALUE"),
+        (
+            ["--http-url", "https://rx.example", "--http-header", "X-Key=env:NOT_SET_ANYWHERE"],
+            "NOT_SET_ANYWHERE",
+        ),
+        (["--http-url", "https://rx.example", "--http-header", "ce-id=x"], "ce-id"),
+    ],
+)
+def test_bad_http_flags_exit_2_with_one_line(tmp_path: Path, args: list[str], says: str) -> None:
+    result = run_cli(
+        "run", "--state-dir", str(tmp_path / "state"), *args, "--http-header", f"X-Other={SECRET}"
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], result.stderr
+    assert SECRET not in result.stderr
