@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bridge import metadata, relay, store
 from bridge.config import add_run_options, build
-from bridge.daemon import install_signal_handlers, run
+from bridge.daemon import run
 from bridge.events import Event
 from bridge.logs import configure
+from bridge.signals import install_signal_handlers
 from bridge.sinks import Sink, make_sink
 
 _out_lock = threading.Lock()

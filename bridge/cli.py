@@ -1,4 +1,4 @@
-"""The `maintenance-bridge` command: run, simulate, demo, status, listen.
+"""The `maintenance-bridge` command: run, simulate, demo, status, redrive, listen.
 
 Bad configuration is one line on stderr and exit code 2, before anything starts.
 """
@@ -79,6 +79,12 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--state-dir", default=None, help="[BRIDGE_STATE_DIR]")
     status.add_argument("--json", action="store_true")
 
+    redrive = sub.add_parser("redrive", help="send parked events again, under their own ids")
+    redrive.add_argument("--state-dir", default=None, help="[BRIDGE_STATE_DIR]")
+    redrive.add_argument(
+        "--id", action="append", dest="ids", help="this parked event only (repeatable)"
+    )
+
     listen = sub.add_parser("listen", help="print the events on a topic or a subscription")
     source = listen.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -125,13 +131,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bridge.demo import demo
 
             return demo(speed=args.speed, as_json=args.json, environ=environ)
-        if args.command == "status":
-            from bridge.status import status
-
-            state_dir = (
+        if args.command in ("status", "redrive"):
+            state_dir = Path(
                 args.state_dir or environ.get("BRIDGE_STATE_DIR") or default_state_dir(environ)
             )
-            return status(Path(state_dir), as_json=args.json)
+            if args.command == "redrive":
+                from bridge.redrive import redrive
+
+                return redrive(state_dir, args.ids)
+            from bridge.status import status
+
+            return status(state_dir, as_json=args.json)
         from bridge.listen import listen
 
         if args.ack and not args.subscription:
@@ -150,8 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
-    from bridge.daemon import install_signal_handlers, run
+    from bridge.daemon import run
     from bridge.logs import configure
+    from bridge.signals import install_signal_handlers
 
     config = build(args, environ)
     configure(config.log_format, config.log_level)

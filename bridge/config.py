@@ -162,6 +162,8 @@ def build(
         else:
             continue
         values[opt.name] = _parse(opt, raw)
+        if opt.resolve is not None:
+            values[opt.name] = opt.resolve(values[opt.name], environ)
     values["state_dir"] = Path(values.get("state_dir", default_state_dir(environ)))
     if "exec" in values:
         values["exec"] = tuple(values["exec"])

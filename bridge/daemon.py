@@ -13,10 +13,8 @@ meanwhile waits in the outbox as it would during a Pub/Sub outage.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import sqlite3
 import threading
 import time
@@ -37,6 +35,7 @@ if TYPE_CHECKING:
 
     from bridge.health import Health
     from bridge.recorder import Recorder
+    from bridge.relay import Relay
     from bridge.watcher import Watcher
 
 log = logging.getLogger("bridge")
@@ -80,7 +79,7 @@ def run(
         relay.enqueue(seq, event, None, [], since=since)
     if snapshot.pending:
         log.info("resuming: %d events from the outbox go out first", len(snapshot.pending))
-    metrics.track_outbox(relay.depth, relay.oldest_seen)
+    metrics.track_outbox(relay.depth, relay.oldest_seen, store.parked_count)
     server = (
         serve(config.http_host, config.http_port, health, metrics, store.report)
         if config.http_port
@@ -89,7 +88,7 @@ def run(
     record = daemon_record(
         version=__version__,
         sink=sink.name,
-        topic=target(config),
+        target=target(config),
         started_at=rfc3339(datetime.now(timezone.utc)),
         endpoint=(config.http_host, server.server_address[1]) if server else None,
     )
@@ -136,7 +135,7 @@ def run(
             ).start()
         health.ready = True
         while not stop.wait(0.5):  # a short wait keeps Ctrl+C working on Windows
-            pass
+            _take_redrives(store, relay)
         return _stopped(sink, failed)
     finally:
         health.ready = False
@@ -153,6 +152,20 @@ def run(
         if server is not None:
             server.shutdown()
         log.info("stopped")
+
+
+def _take_redrives(store: Store, relay: Relay) -> None:
+    """`maintenance-bridge redrive` only marks parked events: the daemon, which owns the
+    outbox's queue, takes them back into it."""
+    try:
+        taken = store.take_redrives()
+    except sqlite3.Error as exc:
+        log.warning("could not take redriven events from the state store: %s", exc)
+        return
+    for seq, event, _ in taken:
+        relay.enqueue(seq, event, None, [])
+    if taken:
+        log.info("redrive: %d parked events back in the outbox", len(taken))
 
 
 def _note_daemon(store: Store, record: dict[str, Any]) -> None:
@@ -270,28 +283,3 @@ def _identity(
 def _heartbeats(recorder: Recorder, interval: float, stop: threading.Event) -> None:
     while not stop.wait(interval):
         recorder.heartbeat(datetime.now(timezone.utc), time.monotonic())
-
-
-def on_stop_signals(handler: Callable[[int, Any], None]) -> Callable[[], None]:
-    """SIGTERM and SIGINT (and SIGBREAK on Windows) call `handler`: what systemd, `timeout`,
-    kill and Ctrl+C send. Main thread only (elsewhere nothing changes); returns what puts the
-    previous handlers back."""
-    previous: dict[int, Any] = {}
-    for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            # ValueError/OSError: not the main thread, or not settable on this platform.
-            with contextlib.suppress(ValueError, OSError):
-                previous[sig] = signal.signal(sig, handler)
-
-    def restore() -> None:
-        for sig, old in previous.items():
-            if old is not None:
-                signal.signal(sig, old)
-
-    return restore
-
-
-def install_signal_handlers(stop: threading.Event) -> None:
-    """The stop signals stop the bridge, for the rest of the process."""
-    on_stop_signals(lambda *_: stop.set())

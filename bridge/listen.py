@@ -19,6 +19,7 @@ from typing import Any
 
 from bridge.config import ConfigError
 from bridge.events import DecodeError, Event, decode_pubsub
+from bridge.signals import on_stop_signals
 
 TEMPORARY_TTL_SECONDS = 86400  # the shortest expiration Pub/Sub accepts
 
@@ -57,15 +58,17 @@ def listen(
         assert subscription is not None
         pull(subscription, count=count, timeout=timeout, as_json=as_json, ack=ack)
         return 0
-    with _stop_signals_interrupt(), temporary_subscription(topic) as own:
-        pull(own, count=count, timeout=timeout, as_json=as_json, ack=True)  # nobody else's
+    try:
+        with _stop_signals_interrupt(), temporary_subscription(topic) as own:
+            pull(own, count=count, timeout=timeout, as_json=as_json, ack=True)  # nobody else's
+    except KeyboardInterrupt:  # before pull's own handler: the subscription is deleted all the same
+        pass
     return 0
 
 
 @contextlib.contextmanager
 def _stop_signals_interrupt() -> Iterator[None]:
     """`timeout`, systemd and kill stop a process with SIGTERM: clean up as on Ctrl+C."""
-    from bridge.daemon import on_stop_signals
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

@@ -76,6 +76,11 @@ class Metrics:
             "Age of the oldest event waiting for the sink",
             registry=r,
         )
+        self.parked = Gauge(
+            "maintenance_bridge_parked_events",
+            "Events the sink refused for good, kept for `maintenance-bridge redrive`",
+            registry=r,
+        )
         self.metadata_errors = Counter(
             "maintenance_bridge_metadata_errors",
             "Failed metadata requests, by class",
@@ -109,10 +114,17 @@ class Metrics:
         for result in HOOK_RESULTS:
             self.hook_runs.labels(result)
 
-    def track_outbox(self, depth: Callable[[], int], oldest: Callable[[], float | None]) -> None:
-        """Read the outbox at scrape time rather than tracking every change."""
+    def track_outbox(
+        self,
+        depth: Callable[[], int],
+        oldest: Callable[[], float | None],
+        parked: Callable[[], int],
+    ) -> None:
+        """Read the outbox (and the parked events) at scrape time rather than tracking every
+        change: `redrive` changes the parked count from another process."""
         self.outbox_depth.set_function(depth)
         self.outbox_oldest.set_function(lambda: _age(oldest()))
+        self.parked.set_function(parked)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

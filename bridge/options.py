@@ -26,6 +26,9 @@ class Option:
     choices: tuple[str, ...] | None = None
     repeat: bool = False
     default: Any = None
+    # (parsed value, environment) -> final value: e.g. `env:VAR` references read by `config`,
+    # the one module that reads the environment. None: the parsed value is final.
+    resolve: Any = None
 
     @property
     def flag(self) -> str:

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from bridge.config import ConfigError
+from bridge.options import ConfigError
 from bridge.store import DB_NAME, Store
 
 

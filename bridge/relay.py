@@ -4,7 +4,8 @@ Events are sent in sequence order, several in flight at once; they leave the out
 that order and only once acknowledged. On a failure the relay stops at the first unacknowledged
 event, lets the sink recover (Pub/Sub pauses an ordering key after a failed publish) and sends
 again from there after a short back-off, so order per instance holds and an id is never
-replaced: a retry may deliver an event twice, always under the same id.
+replaced: a retry may deliver an event twice, always under the same id. An event the sink
+refuses for good (`Permanent`) is parked in the store instead, and the queue goes on.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from bridge.events import Event, rfc3339
 from bridge.metrics import Metrics
 from bridge.outage import Outage
 from bridge.retry import publish_policy
-from bridge.sinks import UNCLASSIFIED, Failures, Sink
+from bridge.sinks import UNCLASSIFIED, Failures, Permanent, Sink
 from bridge.store import Store
 
 log = logging.getLogger("bridge.relay")
@@ -157,6 +158,9 @@ class Relay:
         for seq, event, seen, future in futures:
             try:
                 future.result(timeout=ACK_TIMEOUT)
+            except Permanent as exc:
+                self._park(seq, event, exc)
+                return True  # the queue goes on from the next event
             except Exception as exc:
                 self._failed(event, exc)
                 return False
@@ -204,6 +208,30 @@ class Relay:
             self._retiring.recovered()
             self._clear_error = False
 
+    def _park(self, seq: int, event: Event, exc: Permanent) -> None:
+        """Out of the queue and into the store's parked table: every parked event is news."""
+        cls = self.failures.class_of(exc)
+        self.metrics.publish_failures.labels(cls).inc()
+        log.error(
+            "parked event %s (%s, sequence %d): %s%s",
+            event.id,
+            event.kind,
+            event.data.sequence,
+            exc,
+            self.failures.hint(cls),
+            extra={"event_id": event.id, "kind": event.kind},
+        )
+        with self._cond:
+            if self._queue and self._queue[0][0] == seq:
+                self._queue.popleft()
+            self._since.pop(seq, None)
+            self._cond.notify_all()
+        try:
+            self.store.park(seq, exc.status, str(exc), rfc3339(datetime.now(timezone.utc)))
+        except Exception as sexc:  # it stays in the outbox: the next start sends it again
+            log.error("could not park event %s in the store: %s", event.id, sexc)
+        self._recover(event)
+
     def _failed(self, event: Event, exc: BaseException) -> None:
         cls = self.failures.class_of(exc)
         self.metrics.publish_failures.labels(cls).inc()
@@ -225,6 +253,9 @@ class Relay:
                 self.store.note_error(self.last_failure, rfc3339(datetime.now(timezone.utc)))
             except Exception:
                 log.debug("could not note the error in the store", exc_info=True)
+        self._recover(event)
+
+    def _recover(self, event: Event) -> None:
         try:
             self.sink.recover(event)
         except Exception as rexc:

@@ -42,14 +42,14 @@ def status(state_dir: Path, *, as_json: bool) -> int:
 
 
 def daemon_record(
-    *, version: str, sink: str, topic: str, started_at: str, endpoint: tuple[str, int] | None
+    *, version: str, sink: str, target: str, started_at: str, endpoint: tuple[str, int] | None
 ) -> dict[str, Any]:
     """What the daemon writes into its store at start, for `status` to find it."""
     return {
         "pid": os.getpid(),
         "version": version,
         "sink": sink,
-        "topic": topic or None,
+        "target": target or None,  # where the sink delivers: a topic, a URL
         "started_at": started_at,
         "stopped_at": None,
         "endpoint": None if endpoint is None else {"host": endpoint[0], "port": endpoint[1]},
@@ -96,7 +96,7 @@ def _print_text(report: dict[str, Any]) -> None:
         sink = daemon.get("sink") or "-"
         rows += [
             ("version", daemon["version"]),
-            ("sink", f"{sink} {daemon['topic']}" if daemon.get("topic") else sink),
+            ("sink", f"{sink} {daemon['target']}" if daemon.get("target") else sink),
         ]
     for key, entry in sorted(report["keys"].items()):
         value = entry["value"] or "(nothing scheduled)"

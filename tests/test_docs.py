@@ -32,7 +32,8 @@ DOCS = sorted(
     ]
 )
 
-# Flags of other tools (docker, podman, gcloud, bench/run.py) that the prose names on their own.
+# Flags of other tools (docker, podman, gcloud, functions-framework, bench/run.py) that the prose
+# names on their own.
 FOREIGN_FLAGS = frozenset(
     [
         "--env-file",
@@ -41,6 +42,7 @@ FOREIGN_FLAGS = frozenset(
         "--network",
         "--no-healthcheck",
         "--quick",
+        "--signature-type",
     ]
 )
 SHELL_SEPARATORS = re.compile(r"\|\||&&|[|;]|\s&\s")

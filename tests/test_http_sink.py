@@ -491,7 +491,8 @@ def test_keep_alive_without_a_nagle_stall(sim: Simulator, receiver: Receiver) ->
     ("args", "says"),
     [
         (["--sink", "http"], "--http-url"),
-        (["--http-url", "http://203.0.113.9/events"], "https://"),
+        (["--http-url", "http://receiver.example.com/events"], "https://"),
+        (["--http-url", "http://34.120.1.1/events"], "https://"),
         (["--http-url", "ftp://10.0.0.1/x"], "--http-url"),
         (["--http-url", "https://rx.example", "--http-header", "NoValue"], "NAME=VALUE"),
         (["--http-url", "https://rx.example", "--http-header", "Bad Name=x"], "NAME=VALUE"),

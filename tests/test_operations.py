@@ -998,7 +998,7 @@ def test_status_after_a_run_text_and_json(tmp_path, sim, capsys):
     daemon = report["daemon"]
     assert daemon["running"] is False and daemon["answered"] is False
     assert daemon["pid"] == os.getpid() and daemon["version"] == __version__
-    assert daemon["sink"] == "stdout" and daemon["topic"] is None
+    assert daemon["sink"] == "stdout" and daemon["target"] is None
     assert re.fullmatch(stamp, daemon["started_at"]) and re.fullmatch(stamp, daemon["stopped_at"])
 
 

@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from types import FrameType
-from typing import Any
 
+from bridge.signals import on_stop_signals
 from bridge.simulator.scenarios import Step, load_scenario
 from bridge.simulator.state import Simulator
 
 
 def _on_signals(done: threading.Event) -> Callable[[], None]:
-    """Make SIGINT/SIGTERM (SIGBREAK on Windows) set ``done``; returns the undo."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        done.set()
-
-    previous: dict[int, Any] = {}
-    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
-        signum = getattr(signal, name, None)
-        if signum is not None:
-            try:
-                previous[signum] = signal.signal(signum, handler)
-            except (OSError, ValueError):
-                continue
-
-    def restore() -> None:
-        for signum, old in previous.items():
-            if old is not None:
-                signal.signal(signum, old)
-
-    return restore
+    """Make the stop signals set ``done``; returns the undo."""
+    return on_stop_signals(lambda *_: done.set())
 
 
 def open_simulator(

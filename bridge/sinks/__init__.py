@@ -27,6 +27,16 @@ if TYPE_CHECKING:
 OTHER = "other"  # the failure class of whatever a sink does not classify; every sink has it
 
 
+class Permanent(Exception):
+    """The sink refused this event for good (an HTTP 400, say): sending it again cannot help.
+    The relay parks it (`Store.park`, with `status` and the message) and goes on with the next;
+    `maintenance-bridge redrive` sends it again once the receiver is fixed."""
+
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class Sink(Protocol):
     name: str
 
@@ -164,7 +174,18 @@ def failure_classes() -> tuple[str, ...]:
 
 
 # The built-in sinks register themselves on import (one line per sink).
+from bridge.sinks.http import HttpSink  # noqa: E402
 from bridge.sinks.pubsub import PubSubSink  # noqa: E402
 from bridge.sinks.stdout import StdoutSink  # noqa: E402
 
-__all__ = ["Failures", "PubSubSink", "Sink", "SinkType", "StdoutSink", "make_sink", "register"]
+__all__ = [
+    "Failures",
+    "HttpSink",
+    "Permanent",
+    "PubSubSink",
+    "Sink",
+    "SinkType",
+    "StdoutSink",
+    "make_sink",
+    "register",
+]
