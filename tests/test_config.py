@@ -142,3 +142,12 @@ def test_a_sinks_options_are_run_options_like_the_rest(tmp_path: Path) -> None:
     )
     (sink,) = (o for o in RUN_OPTIONS if o.name == "sink")
     assert sink.choices == sinks.names() and {"pubsub", "stdout"} <= set(sinks.names())
+
+
+def test_a_topic_and_a_url_without_sink_is_one_clear_error(tmp_path: Path) -> None:
+    """Which sink wins must not depend on import order: an error that names the way out."""
+    both = {"BRIDGE_TOPIC": "projects/my-proj/topics/maint", "BRIDGE_HTTP_URL": "https://x.test/"}
+    with pytest.raises(ConfigError, match=r"both given: choose one with --sink (http|pubsub)"):
+        _build([], both, tmp_path)
+    assert _build(["--sink", "pubsub"], both, tmp_path).sink == "pubsub"
+    assert _build(["--sink", "http"], both, tmp_path).sink == "http"

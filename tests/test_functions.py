@@ -882,6 +882,23 @@ def test_ledger_keeps_state_and_history(ledger) -> None:
     assert len(markers) == 2
 
 
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_ledger_takes_the_bridges_event_straight_from_its_http_sink(ledger, mode: str) -> None:
+    """terraform/examples/http-target points the HTTP sink at the ledger: no Eventarc envelope."""
+    from bridge.sinks.http import on_the_wire
+
+    fn, collection = ledger
+    inst = vm(f"direct-{mode}", 20 if mode == "binary" else 21)
+    event = maintenance("maintenance.started", instance=inst, sequence=1)
+    headers, body = on_the_wire(event, mode)
+    response = requests.post(f"http://127.0.0.1:{fn.port}/", data=body, headers=headers, timeout=10)
+    assert response.status_code == 200
+    doc = _doc(collection, inst)
+    assert doc["disrupting"] is True
+    assert doc["state"]["maintenance"]["current"] == MIGRATE
+    assert [h["kind"] for h in doc["history"]] == ["maintenance.started"]
+
+
 def test_ledger_duplicates_recorded_once(ledger) -> None:
     fn, collection = ledger
     inst = vm("dup-vm", 11)

@@ -377,7 +377,9 @@ def test_a_400_parks_that_event_the_next_arrives_and_redrive_delivers_it(
     refusal = (400, {}, b"bad event " + b"x" * 4000)
     receiver.answer = lambda event: refusal if event["type"] == started else None
     port = free_port()
-    bridge = start_bridge(sim, state, receiver.url, "--http-port", str(port))
+    bridge = start_bridge(
+        sim, state, receiver.url, "--http-port", str(port), "--http-audience", AUDIENCE
+    )
     try:
         flip(sim, MIGRATE, bridge, 1)
         flip(sim, "NONE", bridge, 2)
@@ -455,11 +457,17 @@ def test_a_short_lived_token_is_fetched_again_before_it_expires(
     finally:
         assert bridge.terminate() == 0
     assert sim.stats()["instance/service-accounts/default/identity"] == 2
-    assert len({r["headers"]["Authorization"] for r in receiver.requests}) == 2
 
 
 def test_keep_alive_without_a_nagle_stall(sim: Simulator, receiver: Receiver) -> None:
-    """Many POSTs over one connection, each far below the 40 ms a delayed ACK would add."""
+    """Many POSTs over one connection, each far below the 40 ms a delayed ACK would add: the
+    sink relies on urllib3 setting TCP_NODELAY (a request goes out as headers, then body)."""
+    import socket
+
+    import urllib3.connection
+
+    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    assert nodelay in urllib3.connection.HTTPConnection.default_socket_options
     from support.harness import event_for
 
     from bridge.cli import parser
@@ -511,3 +519,71 @@ def test_bad_http_flags_exit_2_with_one_line(tmp_path: Path, args: list[str], sa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], result.stderr
     assert SECRET not in result.stderr
+
+
+# --- the parked table -------------------------------------------------------------------------
+
+
+def test_a_version_1_store_gains_the_parked_table_and_redrive_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Parking and redrive are store transactions: an event parked, then marked by `redrive`
+    while no daemon runs, is back in the outbox under its seq and id at the next start."""
+    import sqlite3
+
+    from support.harness import event_for
+
+    from bridge.store import SCHEMA_VERSION, Store
+
+    path = tmp_path / "bridge.sqlite3"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE parked")
+    db.execute("PRAGMA user_version=1")  # as a bridge before parking left it
+    db.commit()
+    db.close()
+    store = Store(path)
+    event = event_for(MAINTENANCE, "NONE", MIGRATE, 1)
+    store.record(event)
+    store.park(1, 400, "HTTP 400 from http://127.0.0.1/: bad event", "2026-11-30T10:00:00.000Z")
+    assert store.load().pending == [] and store.parked_count() == 1
+    assert store.request_redrive(["some-other-id"]) == []
+    assert store.request_redrive(None) == [event.id]
+    store.close()
+    store = Store(path)
+    (pending,) = store.load().pending
+    assert (pending[0], pending[1].id) == (1, event.id)
+    assert store.parked_count() == 0
+    assert store.report()["schema_version"] == SCHEMA_VERSION == 2
+    store.close()
+
+
+def test_a_refusal_echoing_the_secrets_is_parked_and_logged_without_them(
+    sim: Simulator, receiver: Receiver, tmp_path: Path
+) -> None:
+    def echo(event: Any) -> tuple[int, dict[str, str], bytes]:
+        got = receiver.requests[-1]["headers"]
+        return 403, {}, f"denied {got['Authorization']} key {got['X-Api-Key']}".encode()
+
+    receiver.answer = echo
+    state = tmp_path / "state"
+    bridge = start_bridge(
+        sim,
+        state,
+        receiver.url,
+        "--http-audience",
+        AUDIENCE,
+        "--http-header",
+        f"X-Api-Key={SECRET}",
+    )
+    try:
+        flip(sim, MIGRATE, bridge, 1)
+        line = bridge.wait_for_log("parked event")
+    finally:
+        assert bridge.terminate() == 0
+    token = receiver.requests[0]["headers"]["Authorization"].split(" ", 1)[1]
+    assert "denied Bearer *** key ***" in line["message"]
+    (parked,) = status_of(state)["parked"]
+    assert parked["status"] == 403 and "key ***" in parked["reason"]
+    assert token not in parked["reason"] and SECRET not in parked["reason"]
+    no_secret_logged(bridge, SECRET, token)

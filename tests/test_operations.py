@@ -576,6 +576,7 @@ SERIES = {  # family -> (type, label names)
     "maintenance_bridge_outbox_depth": ("gauge", set()),
     "maintenance_bridge_outbox_oldest_age_seconds": ("gauge", set()),
     "maintenance_bridge_outbox_dropped": ("counter", set()),
+    "maintenance_bridge_parked_events": ("gauge", set()),
     "maintenance_bridge_metadata_errors": ("counter", {"class"}),
     "maintenance_bridge_hook_runs": ("counter", {"result"}),
     "maintenance_bridge_last_change_timestamp_seconds": ("gauge", set()),

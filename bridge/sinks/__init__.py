@@ -19,7 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.events import Event
-from bridge.options import Option
+from bridge.options import ConfigError, Option
 
 if TYPE_CHECKING:
     from bridge.config import Config
@@ -147,11 +147,14 @@ def options() -> tuple[Option, ...]:
 
 
 def chosen(values: Mapping[str, Any]) -> str:
-    """The sink a configuration without `--sink` gets: the first whose selecting option is set."""
-    for kind in _REGISTRY.values():
-        if kind.selected_by and values.get(kind.selected_by):
-            return kind.name
-    return DEFAULT
+    """The sink a configuration without `--sink` gets: the one whose selecting option is set.
+    Two set (a topic and a URL) is ambiguous: an error rather than a guess by import order."""
+    picked = [k for k in _REGISTRY.values() if k.selected_by and values.get(k.selected_by)]
+    if len(picked) > 1:
+        flags = " and ".join("--" + k.selected_by.replace("_", "-") for k in picked)
+        names = "|".join(k.name for k in picked)
+        raise ConfigError(f"{flags} both given: choose one with --sink {names}")
+    return picked[0].name if picked else DEFAULT
 
 
 def make_sink(config: Config) -> Sink:

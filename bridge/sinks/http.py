@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from bridge.config import Config
 
-RESPONSE_KEPT = 1024  # bytes of a refusal's body kept with the parked event
+RESPONSE_KEPT = 1024  # characters of a refusal's body kept with the parked event
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)
 _RESERVED = ("content-type", "content-length", "host", "connection", "transfer-encoding")
 # The HTTP binding: a header value is percent-encoded outside printable ASCII, and for " % space.
@@ -167,10 +167,10 @@ class HttpSink:
         if self._session is None:
             self._session = requests.Session()
             self._session.trust_env = False  # no proxy from the environment: the URL is it
-        headers = {**self.headers, **wire_headers(event, self.mode)}
+        wire, body = on_the_wire(event, self.mode)
+        headers = {**self.headers, **wire}
         if self.audience:
             headers["Authorization"] = self._bearer()
-        body = wire_body(event, self.mode)
         try:
             response = self._session.post(
                 self.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
@@ -184,9 +184,10 @@ class HttpSink:
         status = response.status_code
         if 200 <= status < 300:
             return event.id
-        text = response.content[:RESPONSE_KEPT].decode("utf-8", "replace")
+        # Masked before it is cut: a secret cut in two would no longer be recognised.
+        text = _scrub(response.content.decode("utf-8", "replace"), headers)[:RESPONSE_KEPT]
         if 300 <= status < 400:
-            where = response.headers.get("Location", "(no Location)")
+            where = _without_query(response.headers.get("Location", "(no Location)"))
             raise Retryable(
                 "redirect", f"HTTP {status} redirect to {where} not followed: set --http-url to it"
             )
@@ -217,16 +218,22 @@ class HttpSink:
         return f"Bearer {self._credentials.token}"
 
 
-def wire_headers(event: Event, mode: str) -> dict[str, str]:
-    """The request headers the HTTP binding prescribes: `ce-*` (binary mode) and Content-Type."""
-    attributes, _ = event.to_pubsub(mode)  # the Pub/Sub binding names them alike
-    out = {"Content-Type": attributes.pop("content-type")}
-    out.update((name, quote(value, safe=_SAFE)) for name, value in attributes.items())
-    return out
+def _scrub(text: str, sent: Mapping[str, str]) -> str:
+    """A receiver may echo what it got: the secrets sent are masked before the text is logged
+    or parked (the static headers' values and the token: the `ce-*` headers are no secret)."""
+    for name, value in sent.items():
+        if value and not name.lower().startswith("ce-") and name != "Content-Type":
+            text = text.replace(value.removeprefix("Bearer "), "***")
+    return text
 
 
-def wire_body(event: Event, mode: str) -> bytes:
-    return event.to_pubsub(mode)[1]
+def on_the_wire(event: Event, mode: str) -> tuple[dict[str, str], bytes]:
+    """The headers the HTTP binding prescribes (`ce-*` in binary mode, Content-Type) and the
+    body: the Pub/Sub binding names the attributes alike, only the values are percent-encoded."""
+    attributes, body = event.to_pubsub(mode)
+    headers = {"Content-Type": attributes.pop("content-type")}
+    headers.update((name, quote(value, safe=_SAFE)) for name, value in attributes.items())
+    return headers, body
 
 
 def _retry_after(value: str | None) -> float:

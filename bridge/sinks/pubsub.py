@@ -28,7 +28,7 @@ OPTIONS = (
     Option("topic", "Pub/Sub topic, projects/P/topics/T (selects the pubsub sink)", default=""),
     Option(
         "content_mode",
-        "CloudEvents content mode on Pub/Sub",
+        "CloudEvents content mode on Pub/Sub and HTTP",
         choices=("binary", "structured"),
         default="binary",
     ),

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from bridge.events import DecodeError, Event, decode_message_published
+from bridge.events import DecodeError, Event, decode_message_published, decode_structured
 
 MESSAGE_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
 
@@ -116,7 +116,8 @@ def accepts(event: Event, wanted: Mapping[str, frozenset[str]]) -> bool:
 
 
 def unwrap(cloud_event: Any, wanted: Mapping[str, frozenset[str]]) -> Event | None:
-    """The maintenance event inside an Eventarc messagePublished CloudEvent, or None to ack.
+    """The maintenance event inside an Eventarc messagePublished CloudEvent, or sent directly
+    by the bridge's HTTP sink; None to ack.
 
     Logs the envelope (type, source, subscription) first: a push that the Functions Framework
     converted from a plain Pub/Sub push body has no subscription, which the logs then show.
@@ -128,11 +129,11 @@ def unwrap(cloud_event: Any, wanted: Mapping[str, frozenset[str]]) -> Event | No
         "ce_id": cloud_event.get("id"),
         "subscription": data.get("subscription") if isinstance(data, Mapping) else None,
     }
-    if cloud_event.get("type") != MESSAGE_PUBLISHED:
-        log("ERROR", "malformed delivery: not a Pub/Sub messagePublished event; acked", **envelope)
-        return None
     try:
-        event = decode_message_published(data)
+        if cloud_event.get("type") == MESSAGE_PUBLISHED:
+            event = decode_message_published(data)
+        else:  # the bridge's own event, POSTed straight by its HTTP sink (docs/http.md)
+            event = decode_structured({**cloud_event.get_attributes(), "data": data})
     except DecodeError as exc:
         log("ERROR", f"malformed message acked: {exc}", error="DecodeError", **envelope)
         return None
