@@ -50,15 +50,16 @@ _SPLIT_V0 = (
 )
 
 
-def open_db(path: Path, **connect: Any) -> sqlite3.Connection:
-    """Connect, refuse a newer layout, create or migrate an older one; one transaction."""
+def open_db(path: Path, *, named: Path | None = None, **connect: Any) -> sqlite3.Connection:
+    """Connect, refuse a newer layout, create or migrate an older one; one transaction.
+    `named`: the path errors name, when `path` is a private copy of it."""
     db = sqlite3.connect(str(path), isolation_level=None, **connect)
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise ConfigError(
-                f"--state-dir: {path} has state-store schema {version}, written by a newer "
-                f"maintenance-bridge; this one ({__version__}) reads up to {SCHEMA_VERSION}: "
+                f"--state-dir: {named or path} has state-store schema {version}, written by a "
+                f"newer maintenance-bridge; this one ({__version__}) reads up to {SCHEMA_VERSION}: "
                 "run the newer bridge, or move the state dir away to start afresh"
             )
         if version < SCHEMA_VERSION:
@@ -321,7 +322,7 @@ def _read_copy(path: Path) -> dict[str, Any]:
         wal = path.with_name(path.name + "-wal")
         if wal.exists():
             shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
-        db = open_db(copy)
+        db = open_db(copy, named=path)
         try:
             return _report(db)
         finally:

@@ -472,7 +472,9 @@ def test_doc_agrees_with_the_code(doc: Path) -> None:
     assert problems(doc.read_text(), truth()) == []
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize(
+    "doc", [*DOCS, REPO / "CHANGELOG.md"], ids=lambda p: str(p.relative_to(REPO))
+)
 def test_relative_links_and_anchors_resolve(doc: Path) -> None:
     assert broken_links(doc.read_text(), doc) == []
 

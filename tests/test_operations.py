@@ -1146,6 +1146,7 @@ def test_a_store_from_a_newer_bridge_is_refused_with_one_line(tmp_path, sim, cap
     assert main(["status", "--state-dir", str(tmp_path)]) == 2, "status refuses it as well"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "newer maintenance-bridge" in err
+    assert str(tmp_path / "bridge.sqlite3") in err, "names the real store, not status's copy"
     assert user_version(tmp_path / "bridge.sqlite3") == SCHEMA_VERSION + 1, "left as it was"
 
 
