@@ -12,7 +12,6 @@ is installed; that test skips, saying so, where none is.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
 import shutil
@@ -35,6 +34,7 @@ from test_functions import (
     PROJECT,
     ZONE,
     Function,
+    _load_module,
     _wait_http,
     firestore_host,  # noqa: F401 - the module-scoped Firestore emulator fixture
     maintenance,
@@ -53,15 +53,7 @@ HOSTILE = (
 )
 
 
-def _load_board() -> Any:
-    spec = importlib.util.spec_from_file_location("board_main", FUNCTIONS / "board" / "main.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-board = _load_board()
+board = _load_module("board")
 
 
 def entry(kind: str, current: str, at: datetime, **extra: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import Any
 
 from bridge.events import DecodeError, Event, decode_message_published, decode_structured
@@ -76,6 +77,21 @@ def stream_key(event: Event) -> str:
     """The stream whose `data.sequence` orders the event: one bridge state store on one VM (a
     bridge on a new state dir counts from 1 again, under a new `data.stream_id`)."""
     return f"{instance_key(event)}/{event.data.stream_id}"
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An RFC 3339 time from an event or a Firestore document (a string, or a datetime the
+    client already parsed), always timezone-aware; None for anything else: a ledger entry is
+    written from untrusted events."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def load_filter(raw: str | None = None) -> dict[str, frozenset[str]]:

@@ -41,6 +41,7 @@ from urllib.parse import urlencode
 import flask
 import functions_framework
 from google.cloud import firestore
+from subscriber import parse_time
 
 COLLECTION = os.environ.get("LEDGER_COLLECTION", "maintenance-ledger")
 DATABASE = os.environ.get("FIRESTORE_DATABASE", "(default)")
@@ -117,18 +118,6 @@ def ledger_documents() -> tuple[datetime, Documents]:
 # --- the rows ---------------------------------------------------------------------------------
 
 
-def _parse_time(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
 def _iso(moment: datetime | None) -> str | None:
     if moment is None:
         return None
@@ -142,7 +131,7 @@ def _text(value: Any) -> str:
 def _deadline(entry: dict[str, Any]) -> dict[str, Any] | None:
     """observed_at + notice_seconds; only a latest bound when the notice may be older than that
     (seen at start-up or while the bridge was down)."""
-    at, notice = _parse_time(entry.get("observed_at")), entry.get("notice_seconds")
+    at, notice = parse_time(entry.get("observed_at")), entry.get("notice_seconds")
     if at is None or not isinstance(notice, (int, float)):
         return None
     try:  # a forged notice of 10**20 s must not take the page down
@@ -160,8 +149,8 @@ def _window(entry: dict[str, Any], now: datetime) -> dict[str, Any] | None:
     upcoming = entry.get("upcoming")
     if entry.get("kind") == "upcoming.cleared" or not isinstance(upcoming, dict):
         return None
-    start = _parse_time(upcoming.get("window_start_time"))
-    end = _parse_time(upcoming.get("window_end_time")) or start
+    start = parse_time(upcoming.get("window_start_time"))
+    end = parse_time(upcoming.get("window_end_time")) or start
     strip = None
     if start and end:
         span = timedelta(hours=STRIP_HOURS)
@@ -198,7 +187,7 @@ def summarize(doc_id: str, doc: dict[str, Any], now: datetime) -> dict[str, Any]
     entries = [e for e in (maintenance, preemption, upcoming) if e.get("observed_at")]
     last = max(entries, key=lambda e: _text(e.get("observed_at")), default=None)
     beat = doc.get("heartbeat") or {}
-    beat_at, interval = _parse_time(beat.get("observed_at")), beat.get("interval_seconds")
+    beat_at, interval = parse_time(beat.get("observed_at")), beat.get("interval_seconds")
     age = (now - beat_at).total_seconds() if beat_at else None
     return {
         "id": doc_id,
@@ -221,7 +210,7 @@ def summarize(doc_id: str, doc: dict[str, Any], now: datetime) -> dict[str, Any]
             "silent": bool(age is not None and interval and age > SILENT_INTERVALS * interval),
         },
         "expired": {
-            "at": _iso(_parse_time(expired.get("at"))),
+            "at": _iso(parse_time(expired.get("at"))),
             "reason": _text(expired.get("reason")),
         }
         if isinstance(expired, dict)
@@ -272,8 +261,8 @@ def fleet(
     for r in chosen:
         w = r["window"]
         if w and w["strip"]:  # on the strip, so both times parse
-            first = max(0, math.floor((_parse_time(w["start"]) - now) / hour))
-            last = math.ceil((_parse_time(w["end"]) - now) / hour)
+            first = max(0, math.floor((parse_time(w["start"]) - now) / hour))
+            last = math.ceil((parse_time(w["end"]) - now) / hour)
             for h in range(first, min(STRIP_HOURS, max(first + 1, last))):
                 hours[h] += 1
     return {
@@ -325,7 +314,7 @@ def duration(seconds: float) -> str:
 def countdown(deadline: dict[str, Any] | None, now: datetime) -> str:
     if not deadline:
         return ""
-    left = ((_parse_time(deadline["at"]) or now) - now).total_seconds()
+    left = ((parse_time(deadline["at"]) or now) - now).total_seconds()
     text = f"in {duration(left)}" if left >= 0 else f"{duration(left)} ago"
     latest = ' <span class="latest">at the latest</span>' if deadline["at_the_latest"] else ""
     return (

@@ -45,7 +45,7 @@ from typing import Any
 import functions_framework
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
-from subscriber import event_key, load_filter, log, unwrap
+from subscriber import event_key, load_filter, log, parse_time, unwrap
 
 from bridge.events import Event
 
@@ -66,16 +66,6 @@ def client() -> firestore.Client:
     return _client
 
 
-def _parse_time(value: str) -> datetime | None:
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
 def _advances(event: Event, stored: dict[str, Any] | None) -> bool:
     """Whether `event` supersedes what is stored (a state or a heartbeat) for its instance."""
     if not stored:
@@ -83,7 +73,7 @@ def _advances(event: Event, stored: dict[str, Any] | None) -> bool:
     if stored.get("stream_id", "") == event.data.stream_id:
         return event.data.sequence > stored.get("sequence", -1)
     # Another stream: a late event of the old one, or the first events of a new one.
-    now, before = _parse_time(event.data.observed_at), _parse_time(stored.get("observed_at", ""))
+    now, before = parse_time(event.data.observed_at), parse_time(stored.get("observed_at", ""))
     return bool(now and before and now > before)
 
 
@@ -145,7 +135,7 @@ def record_heartbeat(db: firestore.Client, event: Event) -> str:
         if not _advances(event, stored):
             return "stale-heartbeat"
         if stored and stored.get("stream_id", "") == beat["stream_id"]:  # not across a restart
-            now, before = _parse_time(beat["observed_at"]), _parse_time(stored["observed_at"])
+            now, before = parse_time(beat["observed_at"]), parse_time(stored["observed_at"])
             if now and before:
                 beat["interval_seconds"] = (now - before).total_seconds()
         update: dict[str, Any] = {"heartbeat": beat, "updated_at": firestore.SERVER_TIMESTAMP}
@@ -170,7 +160,7 @@ def expire_silent(db: firestore.Client, now: datetime, collection: str = COLLECT
     col = db.collection(collection)
     for snap in col.where(filter=firestore.FieldFilter("disrupting", "==", True)).stream():
         beat = (snap.to_dict() or {}).get("heartbeat") or {}
-        last, interval = _parse_time(beat.get("observed_at", "")), beat.get("interval_seconds")
+        last, interval = parse_time(beat.get("observed_at", "")), beat.get("interval_seconds")
         if not last or not interval or now - last <= timedelta(seconds=SILENT_INTERVALS * interval):
             continue
         reason = (
@@ -224,7 +214,7 @@ def record(db: firestore.Client, event: Event, envelope: dict[str, Any]) -> str:
             if family == "upcoming":
                 start = None
                 if event.kind != "upcoming.cleared" and event.data.upcoming is not None:
-                    start = _parse_time(event.data.upcoming.window_start_time)
+                    start = parse_time(event.data.upcoming.window_start_time)
                 update["upcoming_window_start"] = start
         tx.set(instance_ref, update, merge=True)
         tx.set(marker_ref, {**entry, "recorded_at": firestore.SERVER_TIMESTAMP, "outcome": outcome})
