@@ -885,7 +885,7 @@ def test_ledger_keeps_state_and_history(ledger) -> None:
 @pytest.mark.parametrize("mode", ["binary", "structured"])
 def test_ledger_takes_the_bridges_event_straight_from_its_http_sink(ledger, mode: str) -> None:
     """terraform/examples/http-target points the HTTP sink at the ledger: no Eventarc envelope."""
-    from bridge.sinks.http import on_the_wire
+    from bridge.sinks.http_post import on_the_wire
 
     fn, collection = ledger
     inst = vm(f"direct-{mode}", 20 if mode == "binary" else 21)

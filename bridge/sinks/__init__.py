@@ -177,7 +177,7 @@ def failure_classes() -> tuple[str, ...]:
 
 
 # The built-in sinks register themselves on import (one line per sink).
-from bridge.sinks.http import HttpSink  # noqa: E402
+from bridge.sinks.http_post import HttpSink  # noqa: E402
 from bridge.sinks.pubsub import PubSubSink  # noqa: E402
 from bridge.sinks.stdout import StdoutSink  # noqa: E402
 
