@@ -4,4 +4,4 @@ Kept import-free so that subscribers (the example Cloud Functions) can vendor `b
 without pulling in the daemon's dependencies.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -456,16 +456,9 @@ def readme_type_table_misses(readme: str, t: Truth) -> list[str]:
 # The tests.
 
 
-STALE_GENERATED = pytest.mark.xfail(
-    strict=True,
-    reason="bench/reliability_figures.py writes BRIDGE_TEST_PUBSUB, which nothing reads "
-    "(the switch is BRIDGE_TEST_EMULATORS=required): fix the generator, regenerate, drop this mark",
-)
-
-
 @pytest.mark.parametrize(
     "doc",
-    [pytest.param(d, marks=STALE_GENERATED) if d.name == "reliability.md" else d for d in DOCS],
+    DOCS,
     ids=lambda p: str(p.relative_to(REPO)),
 )
 def test_doc_agrees_with_the_code(doc: Path) -> None:
