@@ -17,8 +17,20 @@ from typing import Any
 
 import psutil
 
-from bench.harness import VM, Bench, Obs, Step, log, match, parse, play, wait_connected, wait_ready
-from bench.plan import MIGRATE, NONE, POLL_INTERVAL, TERMINATE, Dist, fmt_ms
+from bench.harness import (
+    VM,
+    Bench,
+    Obs,
+    Step,
+    free_port,
+    log,
+    match,
+    parse,
+    play,
+    wait_connected,
+    wait_ready,
+)
+from bench.plan import BENCH, MIGRATE, NONE, POLL_INTERVAL, PYTHON, TERMINATE, Dist, fmt_ms
 
 RECOVERY_CLIENTS = (
     ("bridge", "stdout", "bridge"),
@@ -281,3 +293,59 @@ def nagle_control() -> Dist:
     client.close()
     srv.close()
     return Dist.of(times[2:])
+
+
+def phase_http(b: Bench) -> dict[str, Any]:
+    """Change -> 2xx at a loopback CloudEvents receiver (the HTTP sink, binary mode), beside
+    the stdout sink watching the same VMs, so both see the same changes."""
+    plan = b.plan
+    vms = b.vms(2)
+    port = free_port()
+    r_label = b.name("receiver")
+    receiver = b.procs.start(r_label, [PYTHON, str(BENCH / "receiver.py"), str(port)], {})
+    if not b.hub.wait(lambda: bool(b.hub.get(r_label)), 15.0):
+        raise RuntimeError("the receiver did not start")
+    url = ("--sink", "http", "--http-url", f"http://127.0.0.1:{port}/")
+    procs, stdout_labels = [receiver], {}
+    for vm in vms:
+        s_label, s_proc = b.bridge(vm, name="http-stdout")
+        _, h_proc = b.bridge(vm, extra=url, name="http-sink")
+        procs += [s_proc, h_proc]
+        stdout_labels[vm] = s_label
+        wait_ready(b, vm, bridges=2)
+    # Warm-up (not counted): the sink's first send opens its session.
+    play(
+        [
+            Step(0.3 * (i // 2) + 0.05 * (i % 2), vms[i % 2], value=v)
+            for i, v in enumerate((MIGRATE, MIGRATE, NONE, NONE))
+        ]
+    )
+    if not b.hub.wait(lambda: len(b.hub.get(r_label)) >= 5, 15.0):
+        raise RuntimeError("warm-up events did not reach the receiver")
+    n = max(8, plan.latency_changes // 2)
+    cycle = (MIGRATE, NONE, TERMINATE, NONE)
+    steps = [Step(0.5 + k * 0.1, vms[k % 2], value=cycle[(k // 2) % 4]) for k in range(n)]
+    stamps = play(steps)
+    time.sleep(1.0)
+    changes: dict[VM, list[tuple[float, str]]] = defaultdict(list)
+    for step, t in zip(steps, stamps, strict=True):
+        changes[step.vm].append((t, step.value))
+    got: dict[str, list[Obs]] = defaultdict(list)
+    for line in b.hub.get(r_label):
+        with contextlib.suppress(ValueError, KeyError):
+            obj = json.loads(line.text)
+            got[obj["instance"]].append(Obs(obj["t"], obj["current"], obj["seq"]))
+    out: dict[str, list[float]] = defaultdict(list)
+    missed: dict[str, int] = defaultdict(int)
+    for vm in vms:
+        for kind, seen in (
+            ("stdout", parse("stdout", b.hub.get(stdout_labels[vm]))),
+            ("http", got[vm.instance_id]),
+        ):
+            lat, miss = match(changes[vm], seen)
+            out[kind] += lat
+            missed[kind] += miss
+    b.procs.stop(*procs)
+    dists = {k: Dist.of(v, missed[k]) for k, v in out.items()}
+    log(f"http: 2xx p50 {dists['http'].p50:.2f} ms, stdout p50 {dists['stdout'].p50:.2f} ms")
+    return dists

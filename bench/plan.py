@@ -31,6 +31,7 @@ TARGETS = {
     "cpu_ratio": ("CPU per event at 100 changes/s, after / before (A/B)", "x", 0.5),
     "stdout_p99": ("change -> stdout event, p99", "ms", 5.0),
     "ack_p99": ("change -> Pub/Sub emulator ack, p99", "ms", 15.0),
+    "http_gap": ("change -> 2xx (HTTP sink, loopback) p50 minus the stdout sink's", "ms", 1.5),
     "startup": ("start -> first long-poll (worst of the starts)", "s", 1.0),
     "idle_cpu": ("idle CPU", "% of a core", 0.2),
     "idle_rss": ("idle RSS", "MB", 70.0),

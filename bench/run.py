@@ -57,6 +57,7 @@ from bench.phases_load import (
     nodelay_facts,
     phase_fleet,
     phase_growth,
+    phase_http,
     phase_recovery,
 )
 from bench.plan import FULL, PROJECT, QUICK, REPO, Before, verdict
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             ("ab", phase_ab),
             ("recovery", phase_recovery),
             ("growth", phase_growth),
+            ("http", phase_http),
             ("memory", phase_memory),
             ("fleet", phase_fleet),
         ]
