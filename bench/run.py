@@ -186,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where benchmarks.md and .png go (default: docs/, or a temp dir with --quick)",
     )
     parser.add_argument("--simhosts", type=int, default=2, help="simulator processes")
+    parser.add_argument(
+        "--only",
+        help="comma-separated phases to run while developing (e.g. latency,ab): their log lines "
+        "only; no idle window, nothing written",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     output = args.output or (
@@ -214,9 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         hosts = [SimHost(procs, f"simhost{i}") for i in range(max(1, args.simhosts))]
         before = Before.extract(root / "before")
         b = Bench(plan, root, procs, hub, pubsub, admin, hosts, results, before)
-        idle = Idle(b)
-        idle.begin()
-        log(f"idle: measuring for {plan.idle_seconds:.0f} s in the background")
+        if not args.only:
+            idle = Idle(b)
+            idle.begin()
+            log(f"idle: measuring for {plan.idle_seconds:.0f} s in the background")
         results["nagle_control"] = nagle_control()
         phases: list[tuple[str, Callable[[Bench], dict[str, Any]]]] = [
             ("startup", phase_startup),
@@ -233,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         if b.before is None:
             log("no git history here: the before/after (A/B) figures are left out")
             phases = [p for p in phases if p[0] != "ab"]
+        if args.only:
+            phases = [p for p in phases if p[0] in args.only.split(",")]
         for name, phase in phases:
             settle(plan)
             running = set(procs.live)
@@ -243,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"phase {name} FAILED; its figures are left out")
                 failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 procs.stop(*(p for pid, p in list(procs.live.items()) if pid not in running))
-        results["idle"] = idle.finish()
-        idle = None
+        if idle is not None:
+            results["idle"] = idle.finish()
+            idle = None
         lat = results.get("latency")
         if lat:
             results["nagle"] = {
@@ -271,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"benchmark failed; logs kept in {root / 'logs'}", file=sys.stderr)
     wall = time.monotonic() - started
+    if args.only:
+        log(f"done in {wall:.0f} s (--only: nothing written)")
+        return 1 if failed else 0
     meta = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "mode": "quick" if plan.quick else "full",

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any
 
 # The keys are declared in bridge.keys; the contract's names for them are re-exported here.
@@ -197,10 +198,16 @@ class Event:
         """The structured-mode JSON object."""
         return {**self.attributes(), "data": self.data.to_json()}
 
+    @cached_property
+    def structured(self) -> bytes:
+        """`to_structured()` serialised, once per event: the store, the stdout sink, hooks and
+        the structured content modes all write these same bytes."""
+        return dumps(self.to_structured())
+
     def to_pubsub(self, mode: str = "binary") -> tuple[dict[str, str], bytes]:
         """Message attributes and payload per Google's CloudEvents Pub/Sub binding."""
         if mode == "structured":
-            return {"content-type": STRUCTURED_CONTENT_TYPE}, dumps(self.to_structured())
+            return {"content-type": STRUCTURED_CONTENT_TYPE}, self.structured
         attrs = {f"ce-{k}": v for k, v in self.attributes().items() if k != "datacontenttype"}
         attrs["content-type"] = self.datacontenttype
         return attrs, dumps(self.data.to_json())
@@ -213,8 +220,11 @@ def dumps(obj: Any) -> bytes:
 
 def rfc3339(moment: datetime) -> str:
     """UTC, millisecond precision, `Z` suffix."""
-    moment = moment.astimezone(timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    m = moment if moment.tzinfo is timezone.utc else moment.astimezone(timezone.utc)
+    return (  # formatted by hand: strftime costs three times as much, five times per event
+        f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
+        f".{m.microsecond // 1000:03d}Z"
+    )
 
 
 def source_of(instance: Instance) -> str:

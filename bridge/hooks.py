@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from bridge.events import Event, dumps
+from bridge.events import Event
 from bridge.metrics import Metrics
 
 log = logging.getLogger("bridge.hooks")
@@ -151,7 +151,7 @@ class Hooks:
             start_new_session=posix,  # its own process group, so a timeout kills its children
         )
         try:
-            proc.communicate(dumps(event.to_structured()), timeout=self.timeout)
+            proc.communicate(event.structured, timeout=self.timeout)
         except subprocess.TimeoutExpired:
             _kill(proc, posix)
             return "timeout", None

@@ -19,13 +19,14 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bridge import __version__
 from bridge.config import Config, ConfigError
-from bridge.events import Event, decode_structured, dumps
+from bridge.events import Event, decode_structured
 from bridge.keys import DROPPABLE_KINDS
 
 DB_NAME = "bridge.sqlite3"
@@ -127,6 +128,12 @@ class Store:
         self._db.execute(
             "INSERT OR IGNORE INTO meta(name, value) VALUES ('stream_id', ?)", (str(uuid.uuid4()),)
         )
+        # seq -> body size of every outbox row, so that the bound is checked without a scan of
+        # the outbox on each record (thousands of rows during a long sink outage).
+        self._sizes: dict[int, int] = dict(
+            self._db.execute("SELECT seq, LENGTH(body) FROM outbox").fetchall()
+        )
+        self._bytes = sum(self._sizes.values())
 
     def close(self) -> None:
         with self._lock:
@@ -156,35 +163,46 @@ class Store:
                 )
             if event is None:
                 return []
-            seq = event.data.sequence
+            seq, body = event.data.sequence, event.structured
             self._db.execute(
                 "INSERT INTO outbox(seq, id, kind, body, recorded_at) VALUES (?, ?, ?, ?, ?)",
-                (seq, event.id, event.kind, dumps(event.to_structured()), time.time()),
+                (seq, event.id, event.kind, body, time.time()),
             )
-            self._set("next_sequence", str(seq + 1))
-            return self._enforce_bound()
+            self._set(("next_sequence", str(seq + 1)))
+            dropped = self._enforce_bound(len(self._sizes) + 1, self._bytes + len(body))
+        self._counted(added={seq: len(body)}, removed=dropped)
+        return dropped
 
     def ack(self, seq: int, event_id: str, published_at: str, *, clear_error: bool = False) -> None:
         """The sink has the event: it leaves the outbox (and, after a failure, the last error
-        is history, not a current problem: cleared in the same transaction)."""
-        with self._lock, self._transaction():
-            self._db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
-            self._set("last_publish_at", published_at)
-            self._set("last_publish_id", event_id)
-            if clear_error:
-                self._db.execute("DELETE FROM meta WHERE name IN ('last_error', 'last_error_at')")
+        is history, not a current problem: cleared in the same transaction).
+
+        Not synced to disk on its own (the next recorded event's commit syncs it): an ack lost
+        to a power cut only sends the event again, under its own id."""
+        with self._lock:
+            with self._transaction(durable=False):
+                self._db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+                self._set(("last_publish_at", published_at), ("last_publish_id", event_id))
+                if clear_error:
+                    self._db.execute(
+                        "DELETE FROM meta WHERE name IN ('last_error', 'last_error_at')"
+                    )
+            self._counted(removed=[seq])
 
     def park(self, seq: int, status: int | None, reason: str, at: str) -> None:
         """The sink refused the event for good: out of the outbox, into the parked table (one
-        transaction), so that the queue goes on and `redrive` can send it again later."""
-        with self._lock, self._transaction():
-            self._db.execute(
-                "INSERT OR REPLACE INTO parked(seq, id, kind, body, recorded_at, parked_at, "
-                "status, reason) SELECT seq, id, kind, body, recorded_at, ?, ?, ? FROM outbox "
-                "WHERE seq=?",
-                (at, status, reason, seq),
-            )
-            self._db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+        transaction), so that the queue goes on and `redrive` can send it again later. Not
+        synced on its own, like `ack`: lost to a power cut, the event is sent and parked again."""
+        with self._lock:
+            with self._transaction(durable=False):
+                self._db.execute(
+                    "INSERT OR REPLACE INTO parked(seq, id, kind, body, recorded_at, parked_at, "
+                    "status, reason) SELECT seq, id, kind, body, recorded_at, ?, ?, ? FROM outbox "
+                    "WHERE seq=?",
+                    (at, status, reason, seq),
+                )
+                self._db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+            self._counted(removed=[seq])
 
     def request_redrive(self, ids: list[str] | None = None) -> list[str]:
         """Mark parked events (all, or those ids) to go back into the outbox; returns the ids
@@ -222,6 +240,7 @@ class Store:
                 (stream,) = self._db.execute(
                     "SELECT value FROM meta WHERE name='stream_id'"
                 ).fetchone()
+            self._counted(added={seq: len(body) for seq, body in rows})
         return [(seq, _in_stream(json.loads(body), stream), now) for seq, body in rows]
 
     def parked_count(self) -> int:
@@ -230,23 +249,21 @@ class Store:
 
     def note_error(self, text: str, at: str) -> None:
         with self._lock, self._transaction():
-            self._set("last_error_at", at)
-            self._set("last_error", text)
+            self._set(("last_error_at", at), ("last_error", text))
 
     def note_daemon(self, daemon: dict[str, Any]) -> None:
         """Who runs on this state dir (pid, version, sink, endpoint), for `status`."""
         with self._lock, self._transaction():
-            self._set("daemon", json.dumps(daemon))
+            self._set(("daemon", json.dumps(daemon)))
 
     def report(self) -> dict[str, Any]:
         """What `status` shows, from the daemon's own connection."""
         with self._lock:
             return _report(self._db)
 
-    def _enforce_bound(self) -> list[int]:
-        count, size = self._db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox"
-        ).fetchone()
+    def _enforce_bound(self, count: int, size: int) -> list[int]:
+        """Drop what may be dropped, oldest first, while the outbox (`count` rows, `size`
+        bytes with the row just written) is over its bound; returns the seqs dropped."""
         if count <= self.max_events and size <= self.max_bytes:
             return []
         dropped: list[int] = []
@@ -262,31 +279,49 @@ class Store:
                 size -= length
         return dropped
 
-    def _set(self, name: str, value: str) -> None:
+    def _counted(self, *, added: dict[int, int] | None = None, removed: Iterable[int] = ()) -> None:
+        """Keep `_sizes` in step with the outbox, after a commit."""
+        for seq, size in (added or {}).items():
+            self._bytes += size - self._sizes.get(seq, 0)
+            self._sizes[seq] = size
+        for seq in removed:
+            self._bytes -= self._sizes.pop(seq, 0)
+
+    def _set(self, *pairs: tuple[str, str]) -> None:
+        """Upsert meta rows (name, value), in one statement."""
         self._db.execute(
-            "INSERT INTO meta(name, value) VALUES (?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET value=excluded.value",
-            (name, value),
+            "INSERT INTO meta(name, value) VALUES "
+            + ", ".join(["(?, ?)"] * len(pairs))
+            + " ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+            [part for pair in pairs for part in pair],
         )
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _transaction(self, *, durable: bool = True) -> _Transaction:
+        return _Transaction(self._db, durable=durable)
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error. Not `durable`: committed without
+    its own fsync (WAL, synchronous=NORMAL); the next durable commit syncs it with its own."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, *, durable: bool = True) -> None:
         self.db = db
+        self.durable = durable
 
     def __enter__(self) -> None:
+        if not self.durable:
+            self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.db.execute("COMMIT")
-        elif self.db.in_transaction:
-            self.db.execute("ROLLBACK")
+        try:
+            if exc_type is None:
+                self.db.execute("COMMIT")
+            elif self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        finally:
+            if not self.durable:
+                self.db.execute("PRAGMA synchronous=FULL")
 
 
 def read_status(path: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from support.harness import INSTANCE, SCHEDULING
+from support.harness import INSTANCE, SCHEDULING, event_for
 from support.memory_sink import MemorySink
 
 from bridge.config import Config
@@ -180,3 +180,23 @@ def test_a_broken_store_costs_durability_not_events(bridge, caplog):
     assert bridge.health.store_error
     critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
     assert len(critical) == 1, "the broken store was not said once"
+
+
+def test_the_outbox_bound_counts_what_an_earlier_run_left(tmp_path):
+    """The store keeps the outbox's size in memory: rows an earlier run left unpublished count
+    towards the bound from the first record of the next run, and dropping is oldest first."""
+    path = tmp_path / "bridge.sqlite3"
+    first = Store(path, max_events=3)
+    for seq in (1, 2, 3):
+        assert first.record(event_for(UPCOMING, "", WINDOW, sequence=seq)) == []
+    first.close()
+
+    store = Store(path, max_events=3)
+    try:
+        assert store.record(event_for(UPCOMING, WINDOW, "", sequence=4)) == [1]
+        store.ack(2, "id", "2026-11-30T00:00:00.000Z")
+        assert store.record(event_for(UPCOMING, "", WINDOW, sequence=5)) == []
+        assert store.record(event_for(UPCOMING, WINDOW, "", sequence=6)) == [3]
+        assert [seq for seq, _, _ in store.load().pending] == [4, 5, 6]
+    finally:
+        store.close()

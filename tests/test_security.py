@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import urllib3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.harness import wait_for_text
@@ -47,6 +46,7 @@ from bridge.events import (
     decode_structured,
     dumps,
 )
+from bridge.http1 import Response
 from bridge.metadata import FAILURE_CLASSES, MAX_BODY, MetadataError, Reading, _reading
 from bridge.simulator import Simulator
 
@@ -310,15 +310,15 @@ _bodies = st.one_of(
 
 
 def _response(status: int, flavor: str | None, etag: str | None, body: bytes) -> Any:
-    """What the metadata client's transport (urllib3) hands to the parser."""
+    """What the metadata client's transport (bridge/http1.py) hands to the parser."""
     headers: dict[str, str] = {}
     if flavor is not None:
-        headers["Metadata-Flavor"] = flavor
+        headers["metadata-flavor"] = flavor
     if etag is not None:
-        headers["ETag"] = etag
+        headers["etag"] = etag
     if 300 <= status < 400:
-        headers["Location"] = "http://evil.example/"
-    return urllib3.HTTPResponse(body=body, headers=headers, status=status)
+        headers["location"] = "http://evil.example/"
+    return Response(status, headers, body)
 
 
 @FUZZ

@@ -6,7 +6,7 @@ import sys
 from concurrent.futures import Future
 from typing import IO, TYPE_CHECKING
 
-from bridge.events import Event, dumps
+from bridge.events import Event
 from bridge.sinks import SinkType, register
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ class StdoutSink:
     def send(self, event: Event) -> Future[str]:
         future: Future[str] = Future()
         try:
-            self.stream.write(dumps(event.to_structured()).decode() + "\n")
+            self.stream.write(event.structured.decode() + "\n")
             self.stream.flush()
         except (OSError, ValueError) as exc:  # closed or broken pipe: keep it in the outbox
             future.set_exception(exc)
