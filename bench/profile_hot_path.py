@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-# (label, module, class or None, attribute): the parts --parts times, in thread CPU.
+# (label, module, class or None, attribute): the parts --parts times, in thread CPU; of the
+# attributes "a|b", the first the code has (newer code names the part differently).
 PARTS = (
     ("watcher threads, all of it", "watcher", "Watcher", "_run"),
     ("relay thread, all of it", "relay", "Relay", "_run"),
-    ("metadata request (HTTP client)", "metadata", "MetadataClient", "get"),
+    ("metadata request (HTTP client)", "metadata", "MetadataClient", "_get|get"),
     ("record: build, commit, hand on, log", "recorder", "Recorder", "observe"),
     ("store: record transaction", "store", "Store", "record"),
     ("store: ack transaction", "store", "Store", "ack"),
@@ -80,8 +81,8 @@ def main() -> int:
                     logging if module == "logging" else importlib.import_module(f"bridge.{module}")
                 )
                 owner = getattr(mod, cls)
-                getattr(owner, attr)
-            except (ImportError, AttributeError):
+                attr = next(name for name in attr.split("|") if hasattr(owner, name))
+            except (ImportError, AttributeError, StopIteration):
                 missing.append(label)
                 continue
 

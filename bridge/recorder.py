@@ -73,9 +73,9 @@ class Recorder:
             event = self._build(
                 transition, observed_at, at_startup=first, happened_while_down=first and stored
             )
-            self._commit(event, seen, (key, value, rfc3339(observed_at)))
+            self._commit(event, seen, (key, value, rfc3339(observed_at)), transition)
             self.values[key] = value
-        self._after(event, transition)
+        self._after(event)
 
     def heartbeat(self, now: datetime, seen: float) -> None:
         with self._lock:
@@ -105,9 +105,17 @@ class Recorder:
             stream_id=self.stream_id,
         )
 
-    def _commit(self, event: Event, seen: float, state: tuple[str, str, str] | None) -> None:
+    def _commit(
+        self,
+        event: Event,
+        seen: float,
+        state: tuple[str, str, str] | None,
+        transition: Transition | None = None,
+    ) -> None:
         dropped = self._persist(event, state)
         self.next_sequence += 1
+        if transition is not None:  # said before it is sent: the relay may say it was at once
+            _log_recorded(event, transition)
         self.relay.enqueue(event.data.sequence, event, seen, dropped)
 
     def _persist(self, event: Event | None, state: tuple[str, str, str] | None) -> list[int]:
@@ -129,21 +137,24 @@ class Recorder:
             self.health.store_ok()
         return dropped
 
-    def _after(self, event: Event, transition: Transition) -> None:
+    def _after(self, event: Event) -> None:
         self.metrics.events.labels(event.kind).inc()
         self.metrics.last_change.set_to_current_time()
-        log.info(
-            "%s: %s -> %s (event %s, sequence %d%s)",
-            event.kind,
-            transition.previous or "(nothing)",
-            transition.current or "(nothing)",
-            event.id,
-            event.data.sequence,
-            ", happened while the bridge was down"
-            if event.data.happened_while_down
-            else ", already on at start"
-            if event.data.at_startup
-            else "",
-            extra={"event_id": event.id, "kind": event.kind},
-        )
         self.hooks.dispatch(event)
+
+
+def _log_recorded(event: Event, transition: Transition) -> None:
+    log.info(
+        "%s: %s -> %s (event %s, sequence %d%s)",
+        event.kind,
+        transition.previous or "(nothing)",
+        transition.current or "(nothing)",
+        event.id,
+        event.data.sequence,
+        ", happened while the bridge was down"
+        if event.data.happened_while_down
+        else ", already on at start"
+        if event.data.at_startup
+        else "",
+        extra={"event_id": event.id, "kind": event.kind},
+    )

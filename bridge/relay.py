@@ -49,7 +49,9 @@ class Relay:
         self.retry = publish_policy(retry_cap)
         # (seq, event, monotonic time the change was seen, or None when restored from disk)
         self._queue: deque[tuple[int, Event, float | None]] = deque()
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # work for the relay thread, or stopping
+        self._settled = threading.Condition(lock)  # an event left the queue (for `drain`)
         self._stopping = False
         self._publishing = Outage(log, f"sink {sink.name} accepting again", logging.ERROR)
         self._full = Outage(log, level=logging.ERROR)  # ends with the publishing outage
@@ -98,9 +100,15 @@ class Relay:
                 self._queue.append((seq, event, seen))
                 if idle and not self._publishing.failures and not self._stopping:
                     try:
-                        self._early = (seq, self.sink.send(event))
+                        future = self.sink.send(event)
                     except Exception:  # the relay sends it again and handles the failure
-                        self._early = None
+                        future = None
+                    if future is not None and future.done() and future.exception() is None:
+                        # Already acknowledged (stdout): retired here too. Waking the relay
+                        # thread for it cost more CPU, in hand-offs of the GIL, than retiring.
+                        self._retire(seq, event, seen)
+                        return
+                    self._early = (seq, future) if future is not None else None
             self._cond.notify()
 
     def depth(self) -> int:
@@ -120,7 +128,7 @@ class Relay:
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._queue and time.monotonic() < deadline:
-                self._cond.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+                self._settled.wait(min(0.05, max(0.0, deadline - time.monotonic())))
             emptied = not self._queue
             self._stopping = True
             self._cond.notify_all()
@@ -176,7 +184,7 @@ class Relay:
             if self._queue and self._queue[0][0] == seq:
                 self._queue.popleft()
             since = self._since.pop(seq, None)
-            self._cond.notify_all()
+            self._settled.notify_all()
         # One line per event with its id and kind as fields, so logs can be joined with what
         # subscribers saw; latency from the change (or, restored from disk, from recording).
         start = seen if seen is not None else since
@@ -225,7 +233,7 @@ class Relay:
             if self._queue and self._queue[0][0] == seq:
                 self._queue.popleft()
             self._since.pop(seq, None)
-            self._cond.notify_all()
+            self._settled.notify_all()
         try:
             self.store.park(seq, exc.status, str(exc), rfc3339(datetime.now(timezone.utc)))
         except Exception as sexc:  # it stays in the outbox: the next start sends it again

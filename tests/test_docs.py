@@ -496,7 +496,7 @@ def test_terraform_readme_documents_every_variable_and_output() -> None:
 
 def test_the_architecture_map_has_one_entry_per_module() -> None:
     text = (REPO / "docs" / "architecture.md").read_text()
-    mapped = set(re.findall(r"^- \*\*`([a-z_]+)`\*\*", text, re.M))
+    mapped = set(re.findall(r"^- \*\*`([a-z0-9_]+)`\*\*", text, re.M))
     assert mapped == truth().modules - {"__init__", "__main__"}
 
 

@@ -10,6 +10,8 @@ store, not the events.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import threading
 import time
@@ -30,6 +32,7 @@ from bridge.metrics import Metrics
 from bridge.recorder import Recorder
 from bridge.relay import Relay
 from bridge.simulator import sample_window
+from bridge.sinks import StdoutSink
 from bridge.store import Store
 
 WINDOW = sample_window()
@@ -200,3 +203,22 @@ def test_the_outbox_bound_counts_what_an_earlier_run_left(tmp_path):
         assert [seq for seq, _, _ in store.load().pending] == [4, 5, 6]
     finally:
         store.close()
+
+
+def test_an_event_written_at_once_is_retired_by_the_thread_that_wrote_it(tmp_path, caplog):
+    """A sink that has acknowledged when `send` returns (stdout) costs no hand-off to the relay
+    thread: the event has left the outbox when `observe` returns, and the log says recorded,
+    then published."""
+    caplog.set_level(logging.INFO, logger="bridge")
+    out = io.StringIO()
+    r = rig(tmp_path, StdoutSink(out))  # type: ignore[arg-type]
+    try:
+        r.observe(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+        assert r.relay.depth() == 0
+        assert r.store.report()["outbox_depth"] == 0
+        [line] = out.getvalue().splitlines()
+        event_id = json.loads(line)["id"]
+    finally:
+        r.close()
+    said = [rec.getMessage() for rec in caplog.records if event_id in rec.getMessage()]
+    assert [m.split()[0] for m in said] == ["maintenance.started:", "published"]
