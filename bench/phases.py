@@ -380,7 +380,8 @@ def phase_breakdown(b: Bench) -> dict[str, Any]:
                 rows[stage].append(r[end] - r[start])
             rows["total"].append(r["ack"] - t)
         out[name] = {k: Dist.of(v, missed) for k, v in rows.items()}
-        log(f"breakdown {name}: total p50 {fmt_ms(out[name]['total'].p50)}, {missed} missed")
+        stages = ", ".join(f"{k} {d.p50:.3f}" for k, d in out[name].items())
+        log(f"breakdown {name}: {missed} missed; p50 in ms: {stages}")
     return out
 
 

@@ -105,9 +105,9 @@ def install_trace() -> None:
             }
         return dropped
 
-    def enqueue(self: relay.Relay, seq: int, event: Event, seen: Any, dropped: list[int]) -> None:
+    def enqueue(self: relay.Relay, seq: int, event: Event, seen: Any, dropped: list[int]) -> Any:
         _stages.setdefault(seq, {})["enqueue"] = time.monotonic()
-        original_enqueue(self, seq, event, seen, dropped)
+        return original_enqueue(self, seq, event, seen, dropped)
 
     metadata._reading = reading  # type: ignore[assignment]
     store.Store.record = record  # type: ignore[method-assign]

@@ -11,6 +11,7 @@ import logging
 import sqlite3
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 
 from bridge.config import Config
@@ -73,15 +74,18 @@ class Recorder:
             event = self._build(
                 transition, observed_at, at_startup=first, happened_while_down=first and stored
             )
-            self._commit(event, seen, (key, value, rfc3339(observed_at)), transition)
+            finish = self._commit(event, seen, (key, value, rfc3339(observed_at)))
             self.values[key] = value
-        self._after(event)
+        _log_recorded(event, transition)
+        self._after(event, finish)
 
     def heartbeat(self, now: datetime, seen: float) -> None:
         with self._lock:
             event = self._build(HEARTBEAT, now, at_startup=False, happened_while_down=False)
-            self._commit(event, seen, None)
+            finish = self._commit(event, seen, None)
         self.metrics.events.labels(event.kind).inc()
+        if finish is not None:
+            finish()
 
     def _build(
         self,
@@ -106,17 +110,12 @@ class Recorder:
         )
 
     def _commit(
-        self,
-        event: Event,
-        seen: float,
-        state: tuple[str, str, str] | None,
-        transition: Transition | None = None,
-    ) -> None:
+        self, event: Event, seen: float, state: tuple[str, str, str] | None
+    ) -> Callable[[], None] | None:
+        """Store, number and send; returns what is left of retiring it (see Relay.enqueue)."""
         dropped = self._persist(event, state)
         self.next_sequence += 1
-        if transition is not None:  # said before it is sent: the relay may say it was at once
-            _log_recorded(event, transition)
-        self.relay.enqueue(event.data.sequence, event, seen, dropped)
+        return self.relay.enqueue(event.data.sequence, event, seen, dropped)
 
     def _persist(self, event: Event | None, state: tuple[str, str, str] | None) -> list[int]:
         try:
@@ -137,10 +136,16 @@ class Recorder:
             self.health.store_ok()
         return dropped
 
-    def _after(self, event: Event) -> None:
+    def _after(self, event: Event, finish: Callable[[], None] | None) -> None:
+        """Off the path to the sink: counted, handed to the hooks, retired if it was at once
+        (after the recorded line, so that the log reads recorded, then published)."""
         self.metrics.events.labels(event.kind).inc()
         self.metrics.last_change.set_to_current_time()
-        self.hooks.dispatch(event)
+        try:
+            self.hooks.dispatch(event)
+        finally:
+            if finish is not None:
+                finish()
 
 
 def _log_recorded(event: Event, transition: Transition) -> None:

@@ -14,7 +14,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
 from bridge.events import Event, rfc3339
@@ -73,9 +75,14 @@ class Relay:
         dropped: list[int],
         *,
         since: float | None = None,
-    ) -> None:
+    ) -> Callable[[], None] | None:
         """Queue a recorded event; `seen` times its latency, `since` (default: `seen` or now)
-        its age in the outbox."""
+        its age in the outbox.
+
+        An event the sink acknowledged within `send` (stdout) has left the queue when this
+        returns; the rest of retiring it (its log line, its removal from the store) is
+        returned, for the caller to run once its own work is done: waking the relay thread
+        for it cost more CPU, in hand-offs of the GIL, than the work itself."""
         with self._cond:
             self._since[seq] = since if since is not None else seen or time.monotonic()
             if dropped:
@@ -104,12 +111,12 @@ class Relay:
                     except Exception:  # the relay sends it again and handles the failure
                         future = None
                     if future is not None and future.done() and future.exception() is None:
-                        # Already acknowledged (stdout): retired here too. Waking the relay
-                        # thread for it cost more CPU, in hand-offs of the GIL, than retiring.
-                        self._retire(seq, event, seen)
-                        return
+                        now = time.monotonic()
+                        since = self._dequeue(seq)
+                        return partial(self._retired, seq, event, seen, since, now)
                     self._early = (seq, future) if future is not None else None
             self._cond.notify()
+        return None
 
     def depth(self) -> int:
         return len(self._queue)
@@ -177,14 +184,23 @@ class Relay:
 
     def _retire(self, seq: int, event: Event, seen: float | None) -> None:
         now = time.monotonic()
-        if seen is not None:
-            self.metrics.latency.observe(now - seen)
-        self.metrics.published.inc()
+        self._retired(seq, event, seen, self._dequeue(seq), now)
+
+    def _dequeue(self, seq: int) -> float | None:
+        """The acknowledged head leaves the queue; returns when it entered the outbox."""
         with self._cond:
             if self._queue and self._queue[0][0] == seq:
                 self._queue.popleft()
-            since = self._since.pop(seq, None)
             self._settled.notify_all()
+            return self._since.pop(seq, None)
+
+    def _retired(
+        self, seq: int, event: Event, seen: float | None, since: float | None, now: float
+    ) -> None:
+        """Count, log and forget an event acknowledged at `now` (monotonic)."""
+        if seen is not None:
+            self.metrics.latency.observe(now - seen)
+        self.metrics.published.inc()
         # One line per event with its id and kind as fields, so logs can be joined with what
         # subscribers saw; latency from the change (or, restored from disk, from recording).
         start = seen if seen is not None else since

@@ -58,12 +58,16 @@ class RetryPolicy:
         self,
         sleep: Callable[[float], None],
         before_sleep: Callable[[tenacity.RetryCallState], None],
+        *,
+        already_failed: int = 0,
     ) -> tenacity.Retrying:
-        """A tenacity loop that retries forever on `retryable`; `sleep` raises to stop it."""
+        """A tenacity loop that retries forever on `retryable`; `sleep` raises to stop it.
+        `already_failed`: attempts the caller made (and waited after) before entering it."""
 
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
-            return self.delay(state.attempt_number, getattr(exc, "failure_class", ""))
+            failures = state.attempt_number + already_failed
+            return self.delay(failures, getattr(exc, "failure_class", ""))
 
         return tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(self.retryable),

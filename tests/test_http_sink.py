@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import threading
@@ -50,7 +51,9 @@ class Receiver:
     """A CloudEvents receiver; `answer(event) -> (status, headers, body) | None` steers it
     (None: accept with 200). Every request is recorded, accepted or not."""
 
-    def __init__(self, sim: Simulator, audience: str | None = AUDIENCE) -> None:
+    def __init__(
+        self, sim: Simulator, audience: str | None = AUDIENCE, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.sim = sim
         self.audience = audience
         self.answer: Callable[[Any], tuple[int, dict[str, str], bytes] | None] = lambda e: None
@@ -80,6 +83,9 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            self.url = f"https://localhost:{self.server.server_address[1]}/events"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def handle(
@@ -459,37 +465,204 @@ def test_a_short_lived_token_is_fetched_again_before_it_expires(
     assert sim.stats()["instance/service-accounts/default/identity"] == 2
 
 
-def test_keep_alive_without_a_nagle_stall(sim: Simulator, receiver: Receiver) -> None:
-    """Many POSTs over one connection, each far below the 40 ms a delayed ACK would add: the
-    sink relies on urllib3 setting TCP_NODELAY (a request goes out as headers, then body)."""
-    import socket
-
-    import urllib3.connection
-
-    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    assert nodelay in urllib3.connection.HTTPConnection.default_socket_options
-    from support.harness import event_for
-
+def direct_sink(url: str, *args: str) -> Any:
+    """The http sink in this process (no relay), for what only timing or threads show."""
     from bridge.cli import parser
     from bridge.config import build
     from bridge.sinks import make_sink
 
+    args_ = parser().parse_args(["run", "--sink", "http", "--http-url", url, *args])
+    return make_sink(build(args_, {}, check_dirs=False))
+
+
+def an_event(sequence: int) -> Any:
+    from support.harness import event_for
+
+    return event_for(MAINTENANCE, "NONE", MIGRATE, sequence)
+
+
+def test_keep_alive_without_a_nagle_stall(receiver: Receiver) -> None:
+    """Many POSTs over one connection, each far below the 40 ms a delayed ACK would add: each
+    request goes out in one write, on a socket with TCP_NODELAY."""
+    import socket
+
     receiver.audience = None
-    args = parser().parse_args(["run", "--sink", "http", "--http-url", receiver.url])
-    config = build(args, {}, check_dirs=False)
-    sink = make_sink(config)
+    sink = direct_sink(receiver.url)
     times = []
     try:
         for sequence in range(1, 41):
-            event = event_for(MAINTENANCE, "NONE", MIGRATE, sequence)
             start = time.perf_counter()
-            sink.send(event).result(timeout=5)
+            sink.send(an_event(sequence)).result(timeout=5)
             times.append(time.perf_counter() - start)
+        assert sink._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         sink.close()
     assert len(receiver.peers) == 1, "one keep-alive connection"
     times.sort()
     assert times[len(times) // 2] < 0.02, f"median {times[len(times) // 2] * 1000:.1f} ms"
+
+
+def test_send_never_waits_for_the_receiver(receiver: Receiver) -> None:
+    """The caller (the recorder, holding its lock) writes the request on the idle connection
+    and returns: the answer is read by the sink's worker, and sends behind it queue in order."""
+    receiver.audience = None
+    release = threading.Event()
+    receiver.answer = lambda event: None if release.wait(10) else (500, {}, b"")
+    sink = direct_sink(receiver.url)
+    try:
+        release.set()
+        sink.send(an_event(1)).result(timeout=5)  # connects (on the worker)
+        release.clear()
+        start = time.perf_counter()
+        futures = [sink.send(an_event(sequence)) for sequence in (2, 3, 4)]
+        took = time.perf_counter() - start
+        wait_for("event 2 at the receiver", lambda: len(receiver.requests) == 2)
+        assert not any(f.done() for f in futures)
+        release.set()
+        assert [f.result(timeout=5) for f in futures] == [e["id"] for e in receiver.accepted[1:]]
+    finally:
+        sink.close()
+    assert took < 0.05, f"send waited {took * 1000:.0f} ms"
+    assert [e.get_data()["sequence"] for e in receiver.accepted] == [1, 2, 3, 4]
+    assert len(receiver.peers) == 1
+
+
+def test_a_failure_pauses_what_follows_until_recover(receiver: Receiver) -> None:
+    """After a 503, a send before `recover` is not written (not even by the caller's fast
+    path): it fails `paused`; after `recover` the same event goes out and is accepted."""
+    from bridge.sinks.http_post import classify
+
+    receiver.audience = None
+    answers = iter([None, (503, {}, b"down")])
+    receiver.answer = lambda event: next(answers, None)
+    sink = direct_sink(receiver.url)
+    try:
+        sink.send(an_event(1)).result(timeout=5)
+        with pytest.raises(Exception) as failed:
+            sink.send(an_event(2)).result(timeout=5)
+        assert classify(failed.value) == "server"
+        with pytest.raises(Exception) as paused:
+            sink.send(an_event(3)).result(timeout=5)
+        assert classify(paused.value) == "paused"
+        assert len(receiver.requests) == 2
+        sink.recover(an_event(2))
+        sink.send(an_event(2)).result(timeout=5)
+        sink.send(an_event(3)).result(timeout=5)
+    finally:
+        sink.close()
+    assert [e.get_data()["sequence"] for e in receiver.accepted] == [1, 2, 3]
+
+
+def test_a_connection_the_receiver_closed_while_idle_is_replaced(sim: Simulator) -> None:
+    """A receiver that closes kept-alive connections after each answer (without saying
+    `Connection: close`): the next send sees it closed and reconnects, it does not fail."""
+    rx = Receiver(sim, audience=None)
+    handler = rx.server.RequestHandlerClass
+    original = handler.do_POST
+
+    def answer_then_close(self: Any) -> None:
+        original(self)
+        self.close_connection = True
+
+    handler.do_POST = answer_then_close  # type: ignore[method-assign]
+    sink = direct_sink(rx.url)
+    try:
+        for sequence in (1, 2, 3):
+            sink.send(an_event(sequence)).result(timeout=5)
+            time.sleep(0.05)  # the receiver's close arrives while the connection is idle
+    finally:
+        sink.close()
+        rx.close()
+    assert len(rx.ids()) == 3 and len(rx.peers) == 3
+
+
+def test_a_connect_that_hangs_times_out_on_the_worker(tmp_path: Path) -> None:
+    """A listener whose accept queue is full: connecting hangs. `send` returns at once and the
+    event fails `timeout` after --http-connect-timeout."""
+    import socket
+
+    from bridge.sinks.http_post import classify
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(8):  # fill the backlog: later SYNs go unanswered
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    sink = direct_sink(f"http://127.0.0.1:{port}/", "--http-connect-timeout", "0.5")
+    try:
+        start = time.perf_counter()
+        future = sink.send(an_event(1))
+        took = time.perf_counter() - start
+        with pytest.raises(Exception) as failed:
+            future.result(timeout=5)
+        waited = time.perf_counter() - start
+    finally:
+        sink.close()
+        for s in (*fillers, listener):
+            s.close()
+    assert took < 0.05, f"send waited {took * 1000:.0f} ms"
+    assert classify(failed.value) == "timeout" and 0.4 < waited < 3, (failed.value, waited)
+    assert "within 0.5 s" in str(failed.value)
+
+
+def self_signed_files(where: Path, host: str) -> tuple[Path, Path]:
+    """A certificate for `host` and its key, as PEM files: a receiver's own CA, in effect."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from bridge.simulator.identity import self_signed
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = self_signed(key, host, days=1, host=host)
+    cert_path, key_path = where / "cert.pem", where / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_https_is_verified_against_the_system_trust_store(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A certificate the trust store does not vouch for is a `connection` failure naming it;
+    once the store holds it (SSL_CERT_FILE: where OpenSSL's default store is looked up), the
+    events go over one TLS connection, the caller writing on it when it is idle."""
+    from bridge.sinks.http_post import classify
+
+    cert, key = self_signed_files(tmp_path, "localhost")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    rx = Receiver(sim, audience=None, tls=context)
+    try:
+        untrusted = direct_sink(rx.url)
+        try:
+            with pytest.raises(Exception) as refused:
+                untrusted.send(an_event(1)).result(timeout=5)
+        finally:
+            untrusted.close()
+        assert classify(refused.value) == "connection", refused.value
+        assert "certificate" in str(refused.value)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        sink = direct_sink(rx.url)
+        try:
+            for sequence in range(1, 6):
+                sink.send(an_event(sequence)).result(timeout=5)
+        finally:
+            sink.close()
+    finally:
+        rx.close()
+    assert [e.get_data()["sequence"] for e in rx.accepted] == [1, 2, 3, 4, 5]
+    assert len(rx.peers) == 1
 
 
 # --- configuration ----------------------------------------------------------------------------

@@ -55,7 +55,9 @@ def record(relay: Relay, store: Store, events: list[Event]) -> None:
     """What the recorder does: the outbox row first, then the relay's queue."""
     for event in events:
         store.record(event)
-        relay.enqueue(event.data.sequence, event, None, [])
+        finish = relay.enqueue(event.data.sequence, event, None, [])
+        if finish is not None:
+            finish()
 
 
 def pending(store: Store) -> list[int]:

@@ -10,8 +10,9 @@ from support.harness import wait_for
 from bridge.config import Config
 from bridge.events import MAINTENANCE
 from bridge.health import Health
+from bridge.metadata import MetadataError
 from bridge.metrics import Metrics
-from bridge.retry import FAST_ATTEMPTS, metadata_policy, publish_policy
+from bridge.retry import FAST_ATTEMPTS, RetryPolicy, metadata_policy, publish_policy
 from bridge.simulator import Simulator
 from bridge.watcher import Watcher
 
@@ -75,3 +76,23 @@ def test_a_change_inside_a_503_burst_is_seen_once_it_ends(sim: Simulator, tmp_pa
         stop.set()
         watcher.thread.join(10)
     assert seen[-1] == "TERMINATE_ON_HOST_MAINTENANCE"
+
+
+def test_the_loop_continues_the_schedule_of_attempts_made_before_it():
+    """The watcher asks once outside the loop (the usual round costs no retry machinery): the
+    loop it enters after a failure must go on with the second delay, not start again."""
+    policy = RetryPolicy(
+        initial=0.1, cap=2.0, jitter=0.0, fast=0.05, fast_attempts=2, retryable=(MetadataError,)
+    )
+    slept: list[float] = []
+    calls = iter([MetadataError("http_5xx", "1"), MetadataError("http_5xx", "2"), None])
+
+    def flaky() -> str:
+        failure = next(calls)
+        if failure is not None:
+            raise failure
+        return "answered"
+
+    loop = policy.retrying(slept.append, lambda state: None, already_failed=1)
+    assert loop(flaky) == "answered"
+    assert slept == [policy.delay(2), policy.delay(3)] == [0.05, 0.1]

@@ -98,25 +98,12 @@ class Identity:
             return self._signer
 
     def _make_key(self) -> Any:
-        from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
-        from cryptography.x509.oid import NameOID
         from google.auth import crypt
 
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "simulated-metadata-identity")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .sign(key, hashes.SHA256())
-        )
+        cert = self_signed(key, "simulated-metadata-identity", days=30)
         kid = cert.fingerprint(hashes.SHA256()).hex()[:40]
         self._certs[kid] = cert.public_bytes(serialization.Encoding.PEM).decode()
         pem = key.private_bytes(
@@ -125,3 +112,28 @@ class Identity:
             serialization.NoEncryption(),
         )
         return crypt.RSASigner.from_string(pem, key_id=kid)
+
+
+def self_signed(key: Any, name: str, *, days: int, host: str | None = None) -> Any:
+    """A certificate for `key` signed by itself, valid from yesterday for `days`; with `host`, a
+    CA certificate naming it (a TLS receiver's own trust anchor, in tests)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+    )
+    if host is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False
+        ).add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    return builder.sign(key, hashes.SHA256())
