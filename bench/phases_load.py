@@ -251,15 +251,19 @@ def phase_fleet(b: Bench) -> dict[str, Any]:
 
 
 def nodelay_facts() -> str:
-    """TCP_NODELAY where the bridge's metadata traffic flows, read from the code in use."""
-    import urllib3.connection
-
+    """TCP_NODELAY where the bridge's metadata traffic flows, checked on the code in use."""
+    from bridge.http1 import Connection
     from bridge.simulator import _Handler
 
-    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    client = nodelay in urllib3.connection.HTTPConnection.default_socket_options
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        conn = Connection("127.0.0.1", port, connect_timeout=2.0, max_body=1)
+        try:
+            client = conn._open().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            conn.close()
     return (
-        f"urllib3 {urllib3.__version__} default_socket_options set TCP_NODELAY: "
+        f"the metadata client's connection (bridge/http1.py) has TCP_NODELAY: "
         f"{'yes' if client else 'NO'}; simulator handler disable_nagle_algorithm: "
         f"{'yes' if _Handler.disable_nagle_algorithm else 'NO'}"
     )

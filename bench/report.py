@@ -567,8 +567,9 @@ def markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
         )
         w("(the verdict above flags 5 % or more), a stray slow sample on a busy machine does")
         w("not. Why there is none: the simulator writes each response in one send with")
-        w("TCP_NODELAY; the bridge's metadata client (urllib3) sets TCP_NODELAY and sends each")
-        w("request in one write; its /healthz server answers in one write and closes; gRPC sets")
+        w("TCP_NODELAY; the bridge's metadata client (bridge/http1.py) sets TCP_NODELAY and")
+        w("sends each request in one write; its /healthz server answers in one write and closes;")
+        w("the HTTP sink sets TCP_NODELAY and writes each request in one piece; gRPC sets")
         w(f"TCP_NODELAY on its own. Checked in this run: {ng['static']}.")
         w("")
     return "\n".join(lines) + "\n"

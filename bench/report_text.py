@@ -17,12 +17,24 @@ HISTORY = """#### Earlier (history: interleaved A/B runs of 2026-11-25, not this
   15.75 -> 15.15 ms (small next to the emulator's own round trip, which dominates)."""
 CHANGES = """What changed between the two (the figures above measure it):
 
-- **The metadata client talks urllib3 directly** (bridge/metadata.py), not through requests:
-  one request per change, and requests' per-request work (hooks, cookie jar, header merging,
-  URL re-parsing, response wrapping) cost more CPU than the rest of handling the event. The
-  checks on what is accepted are unchanged (flavor header, no redirect, body cap, failure
-  classes).
-- **Nothing slow before the watch** (bridge/daemon.py, bridge/sinks.py): the Pub/Sub client
+- **The metadata client speaks HTTP/1.1 itself** (bridge/http1.py, bridge/metadata.py), not
+  through requests or urllib3: one request per change, and their per-request work (hooks,
+  header merging, URL parsing, header parsing through the `email` package, response wrapping)
+  cost more CPU than the rest of handling the event. What is accepted is unchanged (flavor
+  header, no redirect, capped headers and body, the same failure classes); every framing a
+  server may use is read (Content-Length, chunked, read to the close, interim 1xx).
+- **No retry machinery on a round that succeeds** (bridge/watcher.py): the long-poll is asked
+  directly; only a failure enters the retry loop, which continues the same schedule.
+- **No thread hand-off to retire an event written at once** (bridge/relay.py): an event the
+  sink acknowledged within `send` (stdout) is retired by the thread that sent it, after its
+  own log line; the relay thread is woken only for work that waits. It used to be woken for
+  every event, and the two threads then traded the GIL some twenty times per event.
+- **Less work per event**: one serialisation (the store, the stdout sink and hooks write the
+  same bytes); a retirement is committed without an fsync of its own (the next record's
+  commit syncs it; lost to a power cut, the event is only sent again, under its id); the
+  outbox bound is kept in memory instead of a scan of the outbox per record; timestamps
+  formatted without strftime; log records without caller, thread and process lookups.
+- **Nothing slow before the watch** (bridge/daemon.py, bridge/sinks/): the Pub/Sub client
   is imported and connected in the background once every key has had its first answer; an
   event recorded meanwhile waits for it (and in the outbox), as during a Pub/Sub outage.
 - **A retry schedule shaped for the metadata server** (bridge/retry.py): quick and steady

@@ -65,6 +65,7 @@ def run(
             config.db_path, max_events=config.outbox_max_events, max_bytes=config.outbox_max_bytes
         )
         snapshot = store.load()
+        store.reserve_wal()
     except sqlite3.Error as exc:
         raise ConfigError(f"--state-dir: cannot open {config.db_path}: {exc}") from None
     if sink is None:

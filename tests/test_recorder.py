@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from bridge.recorder import Recorder
 from bridge.relay import Relay
 from bridge.simulator import sample_window
 from bridge.sinks import StdoutSink
-from bridge.store import Store
+from bridge.store import CHECKPOINT_EVERY, WAL_RESERVE_PAGES, Store
 
 WINDOW = sample_window()
 
@@ -222,3 +223,31 @@ def test_an_event_written_at_once_is_retired_by_the_thread_that_wrote_it(tmp_pat
         r.close()
     said = [rec.getMessage() for rec in caplog.records if event_id in rec.getMessage()]
     assert [m.split()[0] for m in said] == ["maintenance.started:", "published"]
+
+
+def test_the_write_ahead_log_is_long_enough_before_the_first_change(tmp_path):
+    """A commit that lengthens the log costs a second device flush on the path of a change:
+    the daemon's store reserves the log's length at start, leaves nothing of it in the
+    database, and checkpoints often enough that recording and retiring stay within it."""
+    path = tmp_path / "bridge.sqlite3"
+    store = Store(path)
+    try:
+        store.load()
+        assert store.reserve_wal()
+        wal = path.with_name(path.name + "-wal")
+        reserved = wal.stat().st_size
+        assert reserved >= WAL_RESERVE_PAGES * 4096
+        for seq in range(1, 5 * CHECKPOINT_EVERY):
+            on, off = "MIGRATE_ON_HOST_MAINTENANCE", "NONE"
+            previous, current = (off, on) if seq % 2 else (on, off)
+            event = event_for(MAINTENANCE, previous, current, sequence=seq)
+            store.record(event, (MAINTENANCE, current, event.data.observed_at))
+            store.ack(seq, event.id, event.data.observed_at)
+            assert wal.stat().st_size == reserved, f"the log grew at event {seq}"
+        assert store.report()["outbox_depth"] == 0
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        assert "wal_reserve" not in tables
