@@ -101,7 +101,11 @@ class Simulator:
         self.plain_alt_json = plain_alt_json
         self.scheduling = scheduling
         self._values = dict(DEFAULT_IDENTITY)
-        self._cond = threading.Condition()
+        self._guard = threading.RLock()  # the values
+        # One condition per path asked with wait_for_change (on the values' lock): a change
+        # wakes the polls on its own key and on the directories above it, as a real server
+        # answers them, not every hanging poll of every key.
+        self._waits: dict[str, threading.Condition] = {}
         for key, value in (identity or {}).items():
             self.set_value(key, value)
         self._lock = threading.Lock()  # faults and stats
@@ -141,8 +145,9 @@ class Simulator:
             return
         self._stopping.set()
         self._scenario_stop.set()
-        with self._cond:
-            self._cond.notify_all()
+        with self._guard:
+            for waiting in self._waits.values():
+                waiting.notify_all()
         self._server.drop_connections()
         if self._thread is not None:
             with contextlib.suppress(OSError):  # wakes the accept loop at once on Linux
@@ -167,22 +172,29 @@ class Simulator:
         key = metadata_key(path)
         if not isinstance(value, str):
             raise TypeError(f"metadata values are strings, got {type(value).__name__}")
-        with self._cond:
+        with self._guard:
             parents = {key[: i + 1] for i, c in enumerate(key) if c == "/"}
             if any(k.startswith(key + "/") or k + "/" in parents for k in self._values):
                 raise ValueError(f"{key!r} would clash with a directory of the same name")
             if self._values.get(key) != value:
                 self._values[key] = value
-                self._cond.notify_all()
+                self._changed(key)
 
     def delete_value(self, path: str) -> None:
         """Remove a key: it then answers 404 (``upcoming-maintenance``: the 503)."""
-        with self._cond:
-            if self._values.pop(metadata_key(path), None) is not None:
-                self._cond.notify_all()
+        key = metadata_key(path)
+        with self._guard:
+            if self._values.pop(key, None) is not None:
+                self._changed(key)
+
+    def _changed(self, key: str) -> None:
+        """Wake the polls on `key` and on every directory above it; `_guard` held."""
+        for path, waiting in self._waits.items():
+            if path == key or ((path == "" or path.endswith("/")) and key.startswith(path)):
+                waiting.notify_all()
 
     def get_value(self, path: str) -> str | None:
-        with self._cond:
+        with self._guard:
             return self._values.get(metadata_key(path))
 
     # -- faults and stats ------------------------------------------------------------
@@ -270,7 +282,7 @@ class Simulator:
             return Reply(400, b"wait_for_change needs recursive=true on a directory")
         limit = self.max_wait if q.timeout is None else min(q.timeout, self.max_wait)
         deadline = time.monotonic() + limit
-        with self._cond:
+        with self._guard:
             while True:
                 reply = self._render(rel, q)
                 if (
@@ -283,15 +295,18 @@ class Simulator:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return reply
-                self._cond.wait(remaining)
+                waiting = self._waits.get(rel)
+                if waiting is None:
+                    waiting = self._waits[rel] = threading.Condition(self._guard)
+                waiting.wait(remaining)
 
     def _identity_token(self, rel: str, query: str) -> Reply:
-        with self._cond:
+        with self._guard:
             values = dict(self._values)
         return self.identity.reply(rel, query, values)
 
     def _render(self, rel: str, q: Query) -> Reply:
-        with self._cond:
+        with self._guard:
             if rel == "" or rel.endswith("/"):
                 return self._render_dir(rel, q)
             value = self._values.get(rel)
@@ -338,5 +353,5 @@ class Simulator:
         return Reply(200, body, ctype, etag_of(body))
 
     def _is_dir(self, rel: str) -> bool:
-        with self._cond:
+        with self._guard:
             return any(k.startswith(rel + "/") for k in self._values)

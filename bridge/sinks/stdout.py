@@ -24,8 +24,14 @@ class StdoutSink:
     def send(self, event: Event) -> Future[str]:
         future: Future[str] = Future()
         try:
-            self.stream.write(event.structured.decode() + "\n")
-            self.stream.flush()
+            raw = getattr(self.stream, "buffer", None)  # the bytes as stored, not re-encoded
+            if raw is not None:
+                self.stream.flush()  # nothing written as text may come after the event
+                raw.write(event.structured + b"\n")
+                raw.flush()
+            else:
+                self.stream.write(event.structured.decode() + "\n")
+                self.stream.flush()
         except (OSError, ValueError) as exc:  # closed or broken pipe: keep it in the outbox
             future.set_exception(exc)
         else:
