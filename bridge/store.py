@@ -38,6 +38,7 @@ PARKED_SHOWN = 20  # parked events listed by `status`, newest first
 # `Store.reserve_wal`).
 WAL_RESERVE_PAGES = 256
 CHECKPOINT_EVERY = 16
+RESERVE_ROOM = 64 * 1024 * 1024  # free space below which the log is not reserved
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (
     key TEXT PRIMARY KEY, value TEXT NOT NULL, observed_at TEXT NOT NULL);
@@ -149,14 +150,17 @@ class Store:
         A commit that makes the log longer has fdatasync also journal the file's new length: a
         second device flush on the path of every recorded change (0.15-0.25 ms here, a quarter
         of the commit). Pages of a transaction too large for the page cache spill into the log;
-        rolled back, they leave it that long with nothing in it. Best effort: a log that stays
-        short (a full disk, say) only costs that flush."""
+        rolled back, they leave it that long with nothing in it. Best effort, and not on a
+        filesystem with less than RESERVE_ROOM free: a nearly full disk keeps its room for
+        events (a log that stays short only costs that flush)."""
         wal = self.path.with_name(self.path.name + "-wal")
         try:
             with self._lock:
                 page = self._db.execute("PRAGMA page_size").fetchone()[0]
                 if wal.exists() and wal.stat().st_size >= WAL_RESERVE_PAGES * (page + 24):
                     return True
+                if shutil.disk_usage(self.path.parent).free < RESERVE_ROOM:
+                    return False
                 (cache,) = self._db.execute("PRAGMA cache_size").fetchone()
                 self._db.execute("PRAGMA cache_size=16")
                 try:
