@@ -40,7 +40,12 @@ PARTS = (
     ("watcher threads, all of it", "watcher", "Watcher", "_run"),
     ("relay thread, all of it", "relay", "Relay", "_run"),
     ("metadata request (HTTP client)", "metadata", "MetadataClient", "_get|get"),
-    ("record: build, commit, hand on, log", "recorder", "Recorder", "observe"),
+    (
+        "record: build, commit, send, log (and retire, if sent at once)",
+        "recorder",
+        "Recorder",
+        "observe",
+    ),
     ("store: record transaction", "store", "Store", "record"),
     ("store: ack transaction", "store", "Store", "ack"),
     ("logging (two lines per event)", "logging", "Logger", "_log"),

@@ -39,6 +39,15 @@ CHANGES = """What changed between the two (the figures above measure it):
   event recorded meanwhile waits for it (and in the outbox), as during a Pub/Sub outage.
 - **A retry schedule shaped for the metadata server** (bridge/retry.py): quick and steady
   first, back-off only after (see the recovery section).
+- **The write-ahead log's length set at start** (bridge/store.py): a commit that lengthens
+  the file has fdatasync journal the new length too, a second device flush; the log is made
+  long enough at start and checkpointed every 16 retirements, so no recorded change's commit
+  lengthens it.
+- **Not the bridge: the simulator** now wakes only the hanging polls on the key that changed
+  (and on the directories above it), as a real server answers them. It used to wake every
+  poll of every key, and a bridge watches three: each change waited behind the simulator
+  answering polls that had nothing to answer. Both sides of this A/B, the sample and the
+  poller all run on the same simulator.
 - **Kept: the durable commit** (SQLite WAL, synchronous=FULL) before anything is published:
   a recorded notice must survive a power loss and keep its id. Its cost is the machine's
   fsync, shown in the floor table; on a busy disk it is the largest part of the stdout

@@ -50,6 +50,8 @@ class Connection:
 
     def close(self) -> None:
         if self._sock is not None:
+            if self._reader is not None:
+                self._reader.close()  # the socket's file descriptor stays open until it is
             self._sock.close()
             self._sock = self._reader = None
 

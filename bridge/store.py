@@ -12,6 +12,7 @@ guess at a layout it does not know.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -230,7 +231,9 @@ class Store:
             if self._retired % CHECKPOINT_EVERY == 0:
                 # Off the path of a change, and before this commit, which then restarts the log
                 # from its head (a commit with its own sync would sync the new log header too).
-                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                # Best effort: SQLite checkpoints on its own too (every 1000 pages).
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             with self._transaction(durable=False):
                 self._db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
                 self._set(("last_publish_at", published_at), ("last_publish_id", event_id))
