@@ -167,7 +167,7 @@ class Store:
                 try:
                     self._db.execute("BEGIN IMMEDIATE")
                     self._db.execute("CREATE TABLE wal_reserve (b BLOB)")
-                    blobs = [(page - 100,)] * (WAL_RESERVE_PAGES + 32)  # 16 of them stay cached
+                    blobs = [(page - 100,)] * (WAL_RESERVE_PAGES + 64)  # some stay in the cache
                     self._db.executemany("INSERT INTO wal_reserve VALUES (zeroblob(?))", blobs)
                 finally:
                     if self._db.in_transaction:
@@ -306,8 +306,9 @@ class Store:
             self._set(("last_error_at", at), ("last_error", text))
 
     def note_daemon(self, daemon: dict[str, Any]) -> None:
-        """Who runs on this state dir (pid, version, sink, endpoint), for `status`."""
-        with self._lock, self._transaction():
+        """Who runs on this state dir (pid, version, sink, endpoint), for `status`; not synced
+        on its own (bookkeeping: a start or a stop need not wait for the disk)."""
+        with self._lock, self._transaction(durable=False):
             self._set(("daemon", json.dumps(daemon)))
 
     def report(self) -> dict[str, Any]:

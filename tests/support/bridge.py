@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -48,6 +49,7 @@ class BridgeProcess:
         ]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
         full_env.update(env or {})
+        full_env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT writes every thread's stack to the log
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=self._log
@@ -97,6 +99,14 @@ class BridgeProcess:
     def wait(self, timeout: float = 10.0) -> int:
         try:
             code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # where each thread is, into the log
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+            tail = self.log_path.read_text(errors="replace")[-6000:]
+            raise AssertionError(
+                f"the bridge did not exit within {timeout:g} s; its log ends with:\n{tail}"
+            ) from None
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
