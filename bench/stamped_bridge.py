@@ -105,9 +105,11 @@ def install_trace() -> None:
             }
         return dropped
 
-    def enqueue(self: relay.Relay, seq: int, event: Event, seen: Any, dropped: list[int]) -> Any:
+    def enqueue(
+        self: relay.Relay, seq: int, event: Event, seen: Any, dropped: list[int], **kw: Any
+    ) -> Any:
         _stages.setdefault(seq, {})["enqueue"] = time.monotonic()
-        return original_enqueue(self, seq, event, seen, dropped)
+        return original_enqueue(self, seq, event, seen, dropped, **kw)
 
     metadata._reading = reading  # type: ignore[assignment]
     store.Store.record = record  # type: ignore[method-assign]

@@ -77,9 +77,7 @@ def run(
     for seq, event, recorded_at in snapshot.pending:
         # No change time to measure latency from, but the outbox age counts from the recording.
         since = time.monotonic() - max(0.0, time.time() - recorded_at)
-        finish = relay.enqueue(seq, event, None, [], since=since)
-        if finish is not None:  # written at once (stdout): retire it now
-            finish()
+        relay.enqueue(seq, event, None, [], since=since)
     if snapshot.pending:
         log.info("resuming: %d events from the outbox go out first", len(snapshot.pending))
     metrics.track_outbox(relay.depth, relay.oldest_seen, store.parked_count)
@@ -166,9 +164,7 @@ def _take_redrives(store: Store, relay: Relay) -> None:
         log.warning("could not take redriven events from the state store: %s", exc)
         return
     for seq, event, _ in taken:
-        finish = relay.enqueue(seq, event, None, [])
-        if finish is not None:
-            finish()
+        relay.enqueue(seq, event, None, [])
     if taken:
         log.info("redrive: %d parked events back in the outbox", len(taken))
 

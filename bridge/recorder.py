@@ -123,7 +123,7 @@ class Recorder:
         """Store, number and send; returns what is left of retiring it (see Relay.enqueue)."""
         dropped = self._persist(event, state)
         self.next_sequence += 1
-        return self.relay.enqueue(event.data.sequence, event, seen, dropped)
+        return self.relay.enqueue(event.data.sequence, event, seen, dropped, retire_later=True)
 
     def _persist(self, event: Event | None, state: tuple[str, str, str] | None) -> list[int]:
         try:

@@ -75,14 +75,30 @@ class Relay:
         dropped: list[int],
         *,
         since: float | None = None,
+        retire_later: bool = False,
     ) -> Callable[[], None] | None:
         """Queue a recorded event; `seen` times its latency, `since` (default: `seen` or now)
         its age in the outbox.
 
         An event the sink acknowledged within `send` (stdout) has left the queue when this
-        returns; the rest of retiring it (its log line, its removal from the store) is
-        returned, for the caller to run once its own work is done: waking the relay thread
-        for it cost more CPU, in hand-offs of the GIL, than the work itself."""
+        returns, and this thread retires it too: waking the relay thread for it cost more CPU,
+        in hand-offs of the GIL, than the work itself. `retire_later`: the rest of retiring it
+        (its log line, its removal from the store) is returned instead, for the caller to run
+        once its own work is done."""
+        finish = self._queue_and_send(seq, event, seen, dropped, since)
+        if finish is None or retire_later:
+            return finish
+        finish()
+        return None
+
+    def _queue_and_send(
+        self,
+        seq: int,
+        event: Event,
+        seen: float | None,
+        dropped: list[int],
+        since: float | None,
+    ) -> Callable[[], None] | None:
         with self._cond:
             self._since[seq] = since if since is not None else seen or time.monotonic()
             if dropped:

@@ -55,9 +55,7 @@ def record(relay: Relay, store: Store, events: list[Event]) -> None:
     """What the recorder does: the outbox row first, then the relay's queue."""
     for event in events:
         store.record(event)
-        finish = relay.enqueue(event.data.sequence, event, None, [])
-        if finish is not None:
-            finish()
+        relay.enqueue(event.data.sequence, event, None, [])
 
 
 def pending(store: Store) -> list[int]:
