@@ -58,7 +58,7 @@ def run(
     from bridge.recorder import Recorder
     from bridge.relay import Relay
     from bridge.status import daemon_record
-    from bridge.watcher import Watcher
+    from bridge.watcher import NoticeBoard, Watcher
 
     try:
         store = Store(
@@ -122,9 +122,12 @@ def run(
         recorder = Recorder(
             config, store, snapshot, instance, scheduling, relay, hooks, health, metrics
         )
+        board = NoticeBoard()  # while any key says a notice is on, every watcher polls briefly
         for key in config.keys:
             first = armed if key == MAINTENANCE else None
-            watchers.append(Watcher(key, config, recorder.observe, stop, health, metrics, first))
+            watchers.append(
+                Watcher(key, config, recorder.observe, stop, health, metrics, first, board)
+            )
             watchers[-1].start()
         watching.set()
         if config.heartbeat_interval:

@@ -10,6 +10,7 @@ sets TCP_NODELAY, follows nothing, knows no proxy and is used by one thread at a
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 from dataclasses import dataclass
@@ -54,6 +55,14 @@ class Connection:
                 self._reader.close()  # the socket's file descriptor stays open until it is
             self._sock.close()
             self._sock = self._reader = None
+
+    def interrupt(self) -> None:
+        """Wake a request blocked on this connection in another thread: it fails as a reset
+        (the watcher's way to re-ask a calm long-poll sooner once a notice is on)."""
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)
 
     def request(self, head: bytes, timeout: float) -> Response:
         """Send `head` (a complete request without body) and read the answer."""

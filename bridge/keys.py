@@ -48,6 +48,9 @@ class Key:
     window: bool = False
     # Over the outbox bound its events may go (oldest first); a notice never is.
     droppable: bool = False
+    # Decoded string answers that mean the baseline too (a JSON key's "nothing" besides `{}`):
+    # `NONE`, which users report upcoming-maintenance answering as text or as JSON `"NONE"`.
+    nothing: frozenset[str] = frozenset()
 
     @property
     def alt(self) -> str | None:
@@ -64,6 +67,8 @@ class Key:
         if self.form == "json":
             if value is None or value == {} or value == "":
                 return ""
+            if isinstance(value, str) and value.strip() in self.nothing:
+                return self.baseline
             if isinstance(value, dict):
                 value = {_CAMEL.sub("_", k).lower(): v for k, v in value.items()}
             return _compact(value)
@@ -74,6 +79,18 @@ class Key:
         if previous == self.baseline:
             return appeared
         return cleared if current == self.baseline else changed
+
+    def is_notice(self, value: str) -> bool:
+        """Whether the canonical `value` says a disruption is near or under way: any plain value
+        off its baseline (an unknown maintenance-event value included), a window ONGOING. The
+        watchers poll more often while one is (bridge/watcher.py)."""
+        if not self.window:
+            return value != self.baseline
+        try:
+            window = json.loads(value) if value else None
+        except ValueError:
+            return False
+        return isinstance(window, dict) and window.get("maintenance_status") == "ONGOING"
 
     def notice_seconds(self, action: str, current: str) -> int | None:
         if action not in self.notice_on:
@@ -113,6 +130,7 @@ KEYS: Mapping[str, Key] = {
             absent_is_baseline=True,
             window=True,
             droppable=True,
+            nothing=frozenset({"NONE"}),
         ),
     )
 }

@@ -14,6 +14,7 @@ unwrapped, so both renderings read the same. Only JSON values (`upcoming-mainten
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ NO_NOTIFICATIONS = "no notifications have been received yet"
 # How much longer the client waits than the server promised: the server may not honour timeout_sec.
 CLIENT_SLACK = 10
 _JSON_OPENERS = ('"', "{", "[")
+_BARE_WORD = re.compile(r"[A-Z][A-Z0-9_]*")  # NONE, TRUE: how a plain value may read as JSON
 # Failure classes: the only label values metrics and logs ever use.
 FAILURE_CLASSES = ("http_5xx", "http_429", "http_4xx", "timeout", "connection", "protocol")
 
@@ -88,15 +90,23 @@ class MetadataClient:
         query = {"alt": alt, **(params or {})} if alt else params
         return self._get(path, urlencode(query) if query else "", timeout, alt)
 
-    def watch(self, path: str, last_etag: str, timeout_sec: int, alt: str | None = None) -> Reading:
-        """A hanging GET that returns when the value's ETag differs from `last_etag`."""
+    def watch(
+        self,
+        path: str,
+        last_etag: str,
+        timeout_sec: int,
+        alt: str | None = None,
+        slack: float = CLIENT_SLACK,
+    ) -> Reading:
+        """A hanging GET that returns when the value's ETag differs from `last_etag`; the client
+        gives up `slack` seconds after `timeout_sec`."""
         # The query is built by hand: urlencode cost a tenth of the request's CPU.
         query = (
             f"{f'alt={alt}&' if alt else ''}wait_for_change=true"
             f"&last_etag={quote(last_etag, safe='')}&timeout_sec={int(timeout_sec)}"
         )
         # The client deadline outlives the server's: the server may not honour timeout_sec.
-        return self._get(path, query, timeout_sec + CLIENT_SLACK, alt)
+        return self._get(path, query, timeout_sec + slack, alt)
 
     def _get(self, path: str, query: str, timeout: float, alt: str | None) -> Reading:
         target = self.prefix + path + ("?" + query if query else "")
@@ -190,7 +200,9 @@ def _reading(path: str, response: Response, received: float, alt: str | None) ->
         raise MetadataError("protocol", f"{path}: {len(body)} bytes is over the {MAX_BODY} cap")
     try:
         text = body.decode("utf-8")
-        if alt == "json":
+        if alt == "json" and _BARE_WORD.fullmatch(text.strip()):
+            value = text.strip()  # a plain value under alt=json, rendered raw (`NONE`)
+        elif alt == "json":
             value = json.loads(text)
         elif alt is None and text[:1] in _JSON_OPENERS:
             value = _plain(text, response.headers.get("content-type", ""))

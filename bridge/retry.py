@@ -5,6 +5,10 @@ a notice does, so its policy first retries quickly and steadily (every 25-50 ms,
 `FAST_ATTEMPTS` attempts: 5 to 10 s) and only then backs off exponentially to the cap: a blip
 costs tens of milliseconds of blindness, a long outage costs one request per key every
 cap/2..cap seconds. A rate limit (HTTP 429) skips the quick phase: hurrying would make it worse.
+A connection that cannot be made or that died (a migration blackout: the guest cannot reach the
+server at all) backs off to at most `RECONNECT_CAP` instead: such an attempt costs the server
+nothing (the SYN is lost, or the guest's own stack refuses it), and the first attempt after the
+network returns must come within about a second even when the blackout outlasted the quick phase.
 Publishing retries back off from the first failure (the outbox holds the events meanwhile).
 """
 
@@ -20,6 +24,7 @@ from bridge.metadata import MetadataError
 
 FAST_INTERVAL = 0.05
 FAST_ATTEMPTS = 200
+RECONNECT_CAP = 1.0
 
 
 @dataclass(frozen=True)
@@ -36,16 +41,18 @@ class RetryPolicy:
     fast_attempts: int = 0
     retryable: tuple[type[BaseException], ...] = (Exception,)
     slow_classes: tuple[str, ...] = ()  # failure classes that skip the quick phase
+    class_caps: tuple[tuple[str, float], ...] = ()  # a lower cap for these failure classes
 
     def delay(self, failures: int, failure_class: str = "", rand: float | None = None) -> float:
         """Seconds to wait after `failures` (>= 1) consecutive failures, the last of
         `failure_class`; `rand` in [0, 1) replaces the random draw (tests)."""
+        cap = min([self.cap, *(c for name, c in self.class_caps if name == failure_class)])
         quick = self.fast_attempts and failure_class not in self.slow_classes
         if quick and failures <= self.fast_attempts:
-            base = min(self.fast, self.cap)
+            base = min(self.fast, cap)
         else:
             k = max(0, failures - 1 - (self.fast_attempts if quick else 0))
-            base = min(self.cap, self.initial * self.multiplier ** min(k, 64))
+            base = min(cap, self.initial * self.multiplier ** min(k, 64))
         draw = random.random() if rand is None else rand
         return base * (1.0 - self.jitter * draw)
 
@@ -87,6 +94,7 @@ def metadata_policy(cap: float) -> RetryPolicy:
         fast_attempts=FAST_ATTEMPTS,
         retryable=(MetadataError,),
         slow_classes=("http_429",),
+        class_caps=(("connection", RECONNECT_CAP), ("timeout", RECONNECT_CAP)),
     )
 
 

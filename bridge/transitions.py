@@ -18,6 +18,11 @@ def canonical(key: str, value: Any) -> str:
     return KEYS[key].canonical(value)
 
 
+def is_notice(key: str, value: str) -> bool:
+    """Whether the canonical `value` of `key` means a notice is on (see `Key.is_notice`)."""
+    return KEYS[key].is_notice(value)
+
+
 def classify(key: str, previous: str, current: str) -> Transition | None:
     """The transition from `previous` to `current`, or None when nothing changed."""
     if previous == current:

@@ -6,6 +6,12 @@ the server answers, and querying `instance/maintenance-event` itself on every ro
 event). Errors are retried every few tens of milliseconds at first, then with back-off
 (bridge/retry.py); a key that answers at once instead of hanging (404, the 'no notifications'
 503, a missing ETag) is asked again only after a pause, never in a tight loop.
+
+While any watched key says a notice is on (`NoticeBoard`), every watcher asks with a short
+`timeout_sec` and a client deadline just above it: a poll the server took and will never answer
+(its request lost in a migration) then costs seconds, not the minute a calm poll waits. In calm
+each key is asked once a minute (`poll_timeout`), and the moment a notice comes on the other
+watchers' calm polls are cut short so that they re-ask at the short pace at once.
 """
 
 from __future__ import annotations
@@ -24,12 +30,50 @@ from bridge.metadata import CLIENT_SLACK, MetadataClient, MetadataError, Reading
 from bridge.metrics import Metrics
 from bridge.outage import Outage
 from bridge.retry import metadata_policy
+from bridge.transitions import is_notice
 
 log = logging.getLogger("bridge.watcher")
 
 # observe(key, canonical value, wall-clock time of the answer, monotonic time, first reading)
 Observer = Callable[[str, str, datetime, float, bool], None]
 NO_ETAG_PAUSE = 1.0
+# While a notice is on: the server's timeout_sec and how much longer the client waits. A frozen
+# poll then blinds a key for NOTICE_POLL + NOTICE_SLACK = 13 s at most (the target is 15 s).
+NOTICE_POLL = 10
+NOTICE_SLACK = 3.0
+
+
+class NoticeBoard:
+    """Which watched keys say a disruption is near, from the values the watchers read; one
+    shared by all the watchers of a bridge (the daemon makes it), so that each can pace its
+    polls by every key's news without reaching into the recorder."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._on: set[str] = set()
+        self._watchers: list[Watcher] = []
+
+    @property
+    def on(self) -> bool:
+        with self._lock:
+            return bool(self._on)
+
+    def join(self, watcher: Watcher) -> None:
+        with self._lock:
+            self._watchers.append(watcher)
+
+    def update(self, key: str, value: str) -> None:
+        """`key` now reads (canonical) `value`: when that turns the first notice on, the other
+        watchers re-ask at once with the short timeout instead of finishing a calm poll."""
+        with self._lock:
+            was = bool(self._on)
+            if is_notice(key, value):
+                self._on.add(key)
+            else:
+                self._on.discard(key)
+            hurry = [w for w in self._watchers if w.key != key] if self._on and not was else []
+        for watcher in hurry:
+            watcher.hurry()
 
 
 class _Stopped(Exception):
@@ -48,9 +92,11 @@ class Watcher:
         health: Health,
         metrics: Metrics,
         first: Reading | None = None,
+        board: NoticeBoard | None = None,
     ) -> None:
         """`first`: the answer to a first round asked before the watcher existed (the daemon
-        arms maintenance-event before anything slow); used instead of asking again."""
+        arms maintenance-event before anything slow); used instead of asking again. `board`:
+        shared with the other watchers (alone, a watcher paces itself by its own key only)."""
         self.key = key
         self.spec = KEYS[key]  # how the key is asked, read and what its absence means
         self.config = config
@@ -67,6 +113,10 @@ class Watcher:
         self._retrying = self._policy.retrying(self._sleep, self._on_failure, already_failed=1)
         self._last_poll = metrics.last_poll.labels(key)
         self._first = first
+        self.board = board or NoticeBoard()
+        self.board.join(self)
+        self._client: MetadataClient | None = None
+        self._hurried = threading.Event()  # its poll was cut short on purpose: not an outage
         # How long a round may take before health calls the watcher stuck: the long-poll, the
         # client's slack over it, and the longest back-off before the next try.
         self._patience = config.poll_timeout + CLIENT_SLACK + config.retry_cap
@@ -74,17 +124,25 @@ class Watcher:
     def start(self) -> None:
         self.thread.start()
 
+    def hurry(self) -> None:
+        """Cut the calm poll in flight short (from another thread): the next round is asked at
+        once, at the pace of a notice."""
+        client = self._client
+        if client is not None:
+            self._hurried.set()
+            client.connection.interrupt()
+
     def _run(self) -> None:
-        client = MetadataClient(self.config.metadata_url)
+        client = self._client = MetadataClient(self.config.metadata_url)
         etag = "0"  # never matches: the first round answers at once with the current value
         first = True
         try:
             while not self.stop.is_set():
-                timeout = self.config.poll_timeout
                 self.health.expect(self.key, self._patience)
                 reading, self._first = self._first, None
                 if reading is None:
-                    reading = self._round(client, etag, timeout)
+                    reading = self._round(client, etag)
+                self._hurried.clear()
                 self._last_poll.set_to_current_time()
                 self._outage.recovered()
                 pause = self._handle(reading, first)
@@ -101,15 +159,22 @@ class Watcher:
         finally:
             client.close()
 
-    def _round(self, client: MetadataClient, etag: str, timeout: int) -> Reading:
+    def _round(self, client: MetadataClient, etag: str) -> Reading:
         """One long-poll, asked directly: only a failure enters the retry loop, whose machinery
         cost ~50 us on every change (more than deciding what the change means)."""
         try:
-            return client.watch(self.key, etag, timeout, self.spec.alt)
+            return self._poll(client, etag)
         except MetadataError as exc:
-            self._failed(exc)
-            self._sleep(self._policy.delay(1, exc.failure_class))
-        return self._retrying(client.watch, self.key, etag, timeout, self.spec.alt)
+            if self._failed(exc):
+                self._sleep(self._policy.delay(1, exc.failure_class))
+        return self._retrying(self._poll, client, etag)
+
+    def _poll(self, client: MetadataClient, etag: str) -> Reading:
+        """A long-poll at the pace of the moment: short while any key says a notice is on."""
+        if self.board.on:
+            timeout = min(self.config.poll_timeout, NOTICE_POLL)
+            return client.watch(self.key, etag, timeout, self.spec.alt, slack=NOTICE_SLACK)
+        return client.watch(self.key, etag, self.config.poll_timeout, self.spec.alt)
 
     def _handle(self, reading: Reading, first: bool) -> float:
         """Pass the value on; return how long to pause before the next round (0: none)."""
@@ -118,6 +183,7 @@ class Watcher:
             return 0.0
         if reading.absent:
             if self.spec.absent_is_baseline:
+                self.board.update(self.key, self.spec.baseline)
                 self.observe(self.key, self.spec.baseline, now, reading.received, first)
             else:
                 self._absent.failed(
@@ -128,7 +194,9 @@ class Watcher:
                 )
             return self.config.absent_interval
         self._absent.recovered()
-        self.observe(self.key, self.spec.canonical(reading.value), now, reading.received, first)
+        value = self.spec.canonical(reading.value)
+        self.board.update(self.key, value)
+        self.observe(self.key, value, now, reading.received, first)
         if reading.etag is None:
             self._no_etag.failed(
                 "no_etag",
@@ -147,9 +215,13 @@ class Watcher:
     def _on_failure(self, state: tenacity.RetryCallState) -> None:
         self._failed(state.outcome.exception() if state.outcome else None)
 
-    def _failed(self, exc: BaseException | None) -> None:
+    def _failed(self, exc: BaseException | None) -> bool:
+        """Count and log a failed round; False when it was only `hurry` cutting it short."""
         if self.stop.is_set():  # the server went away because we are shutting down
             raise _Stopped
+        if self._hurried.is_set():
+            self._hurried.clear()
+            return False
         cls = getattr(exc, "failure_class", "other")
         self.metrics.metadata_errors.labels(cls).inc()
         self._outage.failed(
@@ -161,3 +233,4 @@ class Watcher:
             self.config.retry_cap,
         )
         self.health.expect(self.key, self._patience)
+        return True

@@ -11,12 +11,18 @@ Where the real server's behaviour is undocumented, a switch picks the variant so
 can be tested against each: ``plain_alt_json`` renders a plain value under ``alt=json`` as a
 JSON string (``"NONE"``) or as raw text (``NONE``); ``scheduling`` makes
 ``instance/scheduling/?recursive=true`` answer its JSON object, a text listing, a 404 or a
-truncated JSON body.
+truncated JSON body; ``empty_upcoming`` makes an empty ``upcoming-maintenance`` answer the
+"no notifications" 503 or a 404. Every "nothing scheduled" form users report can be served:
+store ``NONE`` (read as ``"NONE"`` or raw ``NONE`` under ``alt=json``, per ``plain_alt_json``),
+``{}`` or ``{ }``, or delete the value.
 
 Point a client at it with ``GCE_METADATA_HOST=<Simulator.host_port>``. The control API
 lives on the same port under ``/simulator/v1/`` (no ``Metadata-Flavor`` needed):
 ``PUT|GET|DELETE values/<path>``, ``POST|DELETE faults``, ``GET stats``,
 ``POST scenario`` with ``{"name": ..., "speed": ...}`` or ``{"steps": [...]}``,
+``POST forget`` (drop every connection with a reset, unanswered), ``POST|DELETE freeze``
+(take requests and never answer them; the polls hanging at the time too), ``POST settings``
+with ``{"plain_alt_json": ..., "scheduling": ..., "empty_upcoming": "503"|"404"}``,
 ``GET identity/certs`` (the key that signs the ID tokens of
 ``instance/service-accounts/default/identity``, see `identity`), ``POST identity`` with
 ``{"lifetime": seconds}``.
@@ -43,11 +49,18 @@ command).
 from bridge.simulator.handler import _Handler
 from bridge.simulator.scenarios import SCENARIOS, Step, load_scenario, sample_window
 from bridge.simulator.serve import open_simulator, serve
-from bridge.simulator.state import DEFAULT_IDENTITY, PLAIN_ALT_JSON, SCHEDULING_MODES, Simulator
+from bridge.simulator.state import (
+    DEFAULT_IDENTITY,
+    EMPTY_UPCOMING,
+    PLAIN_ALT_JSON,
+    SCHEDULING_MODES,
+    Simulator,
+)
 from bridge.simulator.wire import NO_NOTIFICATION
 
 __all__ = [
     "DEFAULT_IDENTITY",
+    "EMPTY_UPCOMING",
     "NO_NOTIFICATION",
     "PLAIN_ALT_JSON",
     "SCENARIOS",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import os
 import socket
 import struct
 import sys
@@ -41,6 +42,24 @@ class Server(http.server.ThreadingHTTPServer):
             for conn in self.connections:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
+
+    def forget_connections(self) -> int:
+        """Close every open connection with a reset and without a word, as a new host after a
+        migration would (it never had them): during a blackout the reset is lost and the client
+        is left waiting on a connection nobody holds. How many were forgotten."""
+        with self.connections_lock:
+            forgotten = list(self.connections)
+            self.connections.clear()
+            for conn in forgotten:
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                    # Wakes a handler blocked reading an idle connection (sends nothing): while
+                    # a thread is inside recv, closing the descriptor would not release it.
+                    conn.shutdown(socket.SHUT_RD)
+                fd = conn.detach()  # the handler's socket object no longer owns a descriptor
+                if fd >= 0:
+                    os.close(fd)
+        return len(forgotten)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Peers vanishing is routine here (faults, stop, client timeouts): stay silent."""
@@ -90,6 +109,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _metadata(self, path: str, query: str) -> None:
         sim = self.server.sim
+        freezes = sim._freezes_so_far()
         fault = sim._begin(path.removeprefix(V1))
         kind = fault.kind if fault else None
         if kind in ("drop", "reset"):
@@ -107,6 +127,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             reply = Reply(200, body, JSON if kind == "malformed" else TEXT, etag_of(body))
         else:
             reply = self._answer(path, query)
+        if sim._swallowed(freezes):  # a frozen server: the request was taken, never answered
+            sim._stopping.wait()
         if sim._stopping.is_set():
             self._abort(rst=False)
             return
@@ -158,6 +180,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return Reply(204)
             if route == "faults" and method == "DELETE":
                 sim.clear_faults()
+                return Reply(204)
+            if route == "forget" and method == "POST":
+                return Reply(200, json.dumps({"forgotten": sim.forget()}).encode(), JSON)
+            if route == "freeze" and method in ("POST", "DELETE"):
+                sim.freeze() if method == "POST" else sim.thaw()
+                return Reply(204)
+            if route == "settings" and method == "POST":
+                sim.configure(**json.loads(body or b"{}"))
                 return Reply(204)
             if route == "stats" and method == "GET":
                 return Reply(200, json.dumps(sim.stats()).encode(), JSON)

@@ -38,6 +38,7 @@ log = logging.getLogger("bridge.simulator")
 SCHEDULING = "instance/scheduling/"
 PLAIN_ALT_JSON = ("string", "raw")  # how a plain value reads under alt=json: "NONE" or NONE
 SCHEDULING_MODES = ("json", "text", "404", "broken")  # what scheduling/?recursive=true answers
+EMPTY_UPCOMING = ("503", "404")  # what upcoming-maintenance answers when it holds no value
 
 DEFAULT_IDENTITY: dict[str, str] = {
     # A watched key with a baseline holds it; one without (the window) starts absent.
@@ -87,28 +88,30 @@ class Simulator:
         quiet: bool = True,
         plain_alt_json: str = "string",
         scheduling: str = "json",
+        empty_upcoming: str = "503",
     ) -> None:
         """Bind at once so that ``port`` is known before ``start``.
 
         ``max_wait`` caps a hanging GET (the real cap is undocumented); ``quiet=False``
         logs every request to stderr; ``plain_alt_json`` and ``scheduling`` pick among the
-        undocumented or broken renderings (see the module docstring).
+        undocumented or broken renderings, ``empty_upcoming`` the answer of an empty
+        ``upcoming-maintenance`` (see the module docstring).
         """
-        if plain_alt_json not in PLAIN_ALT_JSON:
-            raise ValueError(f"plain_alt_json must be one of {PLAIN_ALT_JSON}")
-        if scheduling not in SCHEDULING_MODES:
-            raise ValueError(f"scheduling must be one of {SCHEDULING_MODES}")
-        self.plain_alt_json = plain_alt_json
-        self.scheduling = scheduling
         self._values = dict(DEFAULT_IDENTITY)
-        self._guard = threading.RLock()  # the values
+        self._guard = threading.RLock()  # the values and the renderings
+        self.plain_alt_json = self.scheduling = self.empty_upcoming = ""
+        self.configure(
+            plain_alt_json=plain_alt_json, scheduling=scheduling, empty_upcoming=empty_upcoming
+        )
         # One condition per path asked with wait_for_change (on the values' lock): a change
         # wakes the polls on its own key and on the directories above it, as a real server
         # answers them, not every hanging poll of every key.
         self._waits: dict[str, threading.Condition] = {}
         for key, value in (identity or {}).items():
             self.set_value(key, value)
-        self._lock = threading.Lock()  # faults and stats
+        self._lock = threading.Lock()  # faults, stats and freezes
+        self._frozen = False
+        self._freezes = 0  # how many freezes began: a poll taken before one is never answered
         self._faults: list[_Fault] = []
         self._counts: Counter[str] = Counter()
         self._stopping = threading.Event()
@@ -196,6 +199,51 @@ class Simulator:
     def get_value(self, path: str) -> str | None:
         with self._guard:
             return self._values.get(metadata_key(path))
+
+    def configure(self, **settings: str) -> None:
+        """Switch renderings at run time (control API ``POST settings``): ``plain_alt_json``,
+        ``scheduling``, ``empty_upcoming``."""
+        choices = {
+            "plain_alt_json": PLAIN_ALT_JSON,
+            "scheduling": SCHEDULING_MODES,
+            "empty_upcoming": EMPTY_UPCOMING,
+        }
+        for name, value in settings.items():
+            if name not in choices:
+                raise ValueError(f"unknown setting {name!r}; one of {sorted(choices)}")
+            if value not in choices[name]:
+                raise ValueError(f"{name} must be one of {choices[name]}")
+        with self._guard:
+            self.__dict__.update(settings)
+
+    # -- disruptions -------------------------------------------------------------------
+
+    def forget(self) -> int:
+        """Drop every open connection with a reset, hanging polls included, without answering
+        (control API ``POST forget``): the host after a live migration. Run it while the link
+        is down and the reset is lost; returns how many connections there were."""
+        return self._server.forget_connections()
+
+    def freeze(self) -> None:
+        """Take requests and never answer them, from now on and the polls already hanging
+        (``POST freeze``): a server that keeps connections but lost their requests."""
+        with self._lock:
+            self._frozen = True
+            self._freezes += 1
+
+    def thaw(self) -> None:
+        """Answer new requests again (``DELETE freeze``); the ones taken while frozen stay lost."""
+        with self._lock:
+            self._frozen = False
+
+    def _freezes_so_far(self) -> int:
+        with self._lock:
+            return self._freezes
+
+    def _swallowed(self, freezes_before: int) -> bool:
+        """Whether a request that began after `freezes_before` freezes goes unanswered."""
+        with self._lock:
+            return self._frozen or self._freezes > freezes_before
 
     # -- faults and stats ------------------------------------------------------------
 
@@ -311,7 +359,7 @@ class Simulator:
                 return self._render_dir(rel, q)
             value = self._values.get(rel)
         if value is None:
-            if rel == UPCOMING:
+            if rel == UPCOMING and self.empty_upcoming == "503":
                 return Reply(503, NO_NOTIFICATION, JSON)
             return Reply(404, b"Not Found")
         etag = etag_of(value.encode())
