@@ -18,6 +18,9 @@ from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
 
+# The cloud's kinds (events the system-events function makes of Compute Engine's audit log).
+from bridge.cloud_kinds import CLOUD_KINDS as CLOUD_KINDS
+
 # The keys are declared in bridge.keys; the contract's names for them are re-exported here.
 from bridge.keys import KEYS, KINDS
 from bridge.keys import MAINTENANCE as MAINTENANCE
@@ -115,6 +118,25 @@ class Upcoming:
 
 
 @dataclass(frozen=True)
+class CloudRecord:
+    """What Compute Engine's system-event log says (`data.cloud`, on the cloud's events only):
+    enough to find the entry again (log name, insert id) and to tell what the cloud saw."""
+
+    log_name: str
+    insert_id: str
+    method: str
+    timestamp: str  # when it happened, as the entry says (RFC 3339, up to nanoseconds)
+    receive_timestamp: str = ""  # when Cloud Logging received the entry
+    service: str = ""
+    resource_name: str = ""  # projects/P/zones/Z/instances/NAME
+    severity: str = ""
+    status_message: str = ""  # e.g. "Instance terminated by Compute Engine."
+    principal: str = ""  # system@google.com, or "" when the entry names nobody
+    operation_id: str = ""  # systemevent-<ms>-...: one disruption, across its entries
+    operation_producer: str = ""
+
+
+@dataclass(frozen=True)
 class EventData:
     """The `data` of every event (schemas/v1/event-data.schema.json)."""
 
@@ -134,6 +156,9 @@ class EventData:
     # The state store's UUID: a new state dir (a recreated VM) is a new stream, whose sequence
     # starts again at 1. Order and dedupe are on (instance id, stream_id, sequence).
     stream_id: str = ""
+    # Who saw it: "" (a bridge, on its VM) or "cloud" (the system-event log, with `cloud`).
+    origin: str = ""
+    cloud: CloudRecord | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -156,6 +181,10 @@ class EventData:
             if self.upcoming.can_reschedule is None:
                 del up["can_reschedule"]
             out["upcoming"] = up
+        if self.origin:
+            out["origin"] = self.origin
+        if self.cloud is not None:
+            out["cloud"] = _fields(self.cloud)
         return out
 
 
@@ -349,7 +378,7 @@ def _event(attrs: Mapping[str, Any], data: Any, where: str) -> Event:
     if attrs["specversion"] != SPECVERSION:
         raise DecodeError(f"{where}: unsupported specversion {attrs['specversion']!r}")
     kind = ".".join(attrs["type"].split(".")[-2:])
-    if kind not in KINDS:
+    if kind not in KINDS and kind not in CLOUD_KINDS:
         raise DecodeError(f"{where}: type {attrs['type']!r} is not a maintenance-bridge event")
     extensions: dict[str, str] = {}
     for name, value in attrs.items():
@@ -396,6 +425,7 @@ def _event_data(raw: Any) -> EventData:
     if not isinstance(at_startup, bool):
         raise DecodeError("data.at_startup must be a boolean")
     upcoming = obj.get("upcoming")
+    cloud = obj.get("cloud")
     return EventData(
         key=_str(obj, "key", "data"),
         previous=_str(obj, "previous", "data"),
@@ -409,6 +439,8 @@ def _event_data(raw: Any) -> EventData:
         upcoming=None if upcoming is None else _upcoming(upcoming),
         at_startup=at_startup,
         stream_id=_str(obj, "stream_id", "data", required=False),
+        origin=_str(obj, "origin", "data", required=False),
+        cloud=None if cloud is None else _record(CloudRecord, cloud, "data.cloud"),
     )
 
 
