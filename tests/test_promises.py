@@ -25,6 +25,7 @@ a simulator; tests/test_crash.py covers the same promises across real process de
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import sqlite3
 import sys
@@ -41,7 +42,7 @@ from support.memory_sink import MemorySink, SinkDown
 
 from bridge.config import Config
 from bridge.events import MAINTENANCE, PREEMPTED, UPCOMING, Event
-from bridge.keys import KEYS
+from bridge.keys import HEARTBEAT_KIND, KEYS
 from bridge.simulator import Simulator, sample_window
 from bridge.store import DB_NAME
 
@@ -363,3 +364,79 @@ def test_order_per_instance_and_one_id_per_event_through_a_sink_outage(
         previous = seen.sequence
         if seen.ok:
             done.add(seen.sequence)
+
+
+# -- heartbeats -----------------------------------------------------------------------------------
+
+
+def test_heartbeats_are_recorded_numbered_events_of_the_same_stream(
+    sim: Simulator, state: Path
+) -> None:
+    """`bridge.heartbeat` every interval, recorded before sent like any event, numbered in the
+    same stream as the changes, never flagged as a startup or while-down event, and no value of
+    a key changes."""
+    db_path, interval = state / DB_NAME, 0.1
+    sink = ProbingSink(db_path)
+    with in_process(config_for(sim, state, heartbeat_interval=interval), sink) as bridge:
+        watching(bridge, db_path)
+        sink.wait("two heartbeats", lambda s: len(s.acked) >= 2)
+        sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+        sink.wait("the migration", lambda s: any(e.data.key == MAINTENANCE for e in s.acked))
+        sink.wait("a heartbeat after it", lambda s: s.acked[-1].kind == HEARTBEAT_KIND)
+        values = stored(db_path)
+    events = list(sink.acked)
+    beats = [e for e in events if e.kind == HEARTBEAT_KIND]
+    assert len(beats) >= 3
+    assert [e.data.sequence for e in events] == list(range(1, len(events) + 1))
+    assert len({e.data.stream_id for e in events}) == 1
+    assert values[MAINTENANCE] == "MIGRATE_ON_HOST_MAINTENANCE"
+    for beat in beats:
+        assert beat.type == f"{Config.type_prefix}.{HEARTBEAT_KIND}"
+        assert (beat.data.previous, beat.data.current) == ("", "")
+        assert not beat.data.at_startup and not beat.data.happened_while_down
+        assert beat.data.notice_seconds is None
+    for seen in sink.first_sends():
+        assert seen.outbox_id == seen.event_id and not seen.problems(), seen
+    sent_at = [s.at for s in sink.sends if s.event.kind == HEARTBEAT_KIND]
+    gaps = [b - a for a, b in itertools.pairwise(sent_at)]
+    assert min(gaps) > interval / 2, f"heartbeats closer than their interval: {gaps}"
+
+
+# -- a change while the bridge was down; a notice already on at a first start ---------------------
+
+
+def test_a_change_while_down_is_told_once_flagged_and_nothing_is_told_again(
+    sim: Simulator, state: Path
+) -> None:
+    """First start with a notice on: one event, `at_startup` but not `happened_while_down` (the
+    bridge never had a value). A restart that finds other values: one event per key that
+    differs, both flags set; a key that did not change says nothing; a change seen while
+    running has neither flag; the sequence goes on."""
+    db_path = state / DB_NAME
+    sim.set_value(MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE")
+    first = MemorySink()
+    with in_process(config_for(sim, state), first) as bridge:
+        watching(bridge, db_path)
+        first.wait("the notice already on", lambda s: len(s.acked) == 1)
+    sim.set_value(MAINTENANCE, "NONE")  # while the bridge is not running
+    sim.set_value(PREEMPTED, "TRUE")
+    second = MemorySink()
+    with in_process(config_for(sim, state), second) as bridge:
+        second.wait("what changed while down", lambda s: len(s.acked) == 2)
+        watching(bridge, db_path)
+        sim.set_value(UPCOMING, json.dumps(sample_window()))
+        second.wait("a change while running", lambda s: len(s.acked) == 3)
+        holds_for("nothing else told", lambda: len(second.sends) == 3, 0.2)
+    (on,) = first.acked
+    assert on.kind == "maintenance.started" and on.data.previous == "NONE"
+    assert on.data.at_startup and not on.data.happened_while_down
+    *down, live = second.acked
+    assert {(e.kind, e.data.previous) for e in down} == {
+        ("maintenance.ended", "TERMINATE_ON_HOST_MAINTENANCE"),
+        ("preemption.started", "FALSE"),
+    }
+    assert all(e.data.at_startup and e.data.happened_while_down for e in down)
+    assert live.kind == "upcoming.scheduled"
+    assert not live.data.at_startup and not live.data.happened_while_down
+    assert [e.data.sequence for e in second.acked] == [2, 3, 4]
+    assert {e.data.stream_id for e in second.acked} == {on.data.stream_id}
