@@ -1,24 +1,69 @@
-"""A small HTTP/1.1 client for one plain-HTTP peer on the VM's own network: the metadata server.
+"""A small HTTP/1.1 client: the metadata server's transport, and the HTTP sink's answer reader.
 
 Why not urllib3: every change is one request on the hot path, and urllib3 with http.client
 spent more CPU per answer (mostly parsing headers through the `email` package) than the rest
-of handling the event. This client sends one fixed request shape (GET, no body) and reads what
-HTTP/1.1 lets a server answer (RFC 9112: a Content-Length, chunked transfer coding, or a body
-read to the close), capping both the header block and the body. It keeps one connection alive,
-sets TCP_NODELAY, follows nothing, knows no proxy and is used by one thread at a time.
+of handling the event. `Connection` sends one fixed request shape (GET, no body) and `Reader`
+reads what HTTP/1.1 lets a server answer (RFC 9112: a Content-Length, chunked transfer coding,
+or a body read to the close, after any interim 1xx), capping the header section and the body.
+
+What it guarantees, each because a review found it broken:
+- One deadline per request, not per read: connecting, sending and reading the whole answer end
+  together at `deadline` seconds, however slowly a server trickles bytes.
+- A byte left over after an answer (a server that wrote two answers in one go, or junk) closes
+  the connection: the next request never reads a stale answer as its own.
+- Strict framing: a chunk-size line is hex digits, optional RFC 9112 extensions and CRLF (no
+  `0x4`, `+4` or stray blanks), each chunk's data ends in CRLF; one Content-Length (repeated
+  only with the same value); a Transfer-Encoding other than `chunked` is refused.
+- `poll`, not `select`: a descriptor above 1023 is fine.
+- TCP keepalive on the metadata connections (`keepalive`): a connection its server forgot
+  while the network was down (its RST lost) fails about a second after the network is back,
+  instead of waiting out a 70 s long-poll deadline.
+It keeps one connection alive, sets TCP_NODELAY, follows nothing, knows no proxy and is used
+by one thread at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import re
 import select
 import socket
+import time
 from dataclasses import dataclass
-from typing import BinaryIO
 
 MAX_HEADER_LINE = 8 * 1024
 MAX_HEADERS = 100
+MAX_HEAD = 64 * 1024  # the whole header section of one answer
 NO_BODY = (204, 304)
+RECV = 64 * 1024
+# Keepalive: the first probe after 1 s of silence, then one a second; 5 unanswered (6 s of
+# silence, the same as TCP_USER_TIMEOUT for unacknowledged data) give the connection up. A peer
+# that forgot the connection answers the first probe after the network's return with an RST:
+# the request fails within about a second and is asked again on a new connection. Probes are
+# not requests: a calm long-poll still costs one request per minute, plus one 66-byte probe
+# and its ACK a second.
+KEEPALIVE_IDLE = 1
+KEEPALIVE_INTERVAL = 1
+KEEPALIVE_COUNT = 5
+
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_STATUS = re.compile(rb"(HTTP/1\.[0-9]) ([0-9]{3})(?: [^\x00\n\r\x0b\x0c]*)?")
+# A bare CR, NUL, VT or FF anywhere in a header section (CR only ends a line).
+_CONTROL = re.compile(rb"[\x00\x0b\x0c]|\r(?!\n)")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_EXT_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] )
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*"
+    + _EXT_TOKEN
+    + rb"(?:[ \t]*=[ \t]*(?:"
+    + _EXT_TOKEN
+    + rb"|"
+    + _QUOTED
+    + rb"))?)*\r\n"
+)
 
 
 class ProtocolError(Exception):
@@ -26,7 +71,7 @@ class ProtocolError(Exception):
 
 
 class ReadTimeout(Exception):
-    """Connected and asked, but no (complete) answer within the read time-out."""
+    """No complete answer by the request's deadline (connecting, sending and reading)."""
 
 
 @dataclass(frozen=True)
@@ -36,23 +81,220 @@ class Response:
     body: bytes
 
 
+def keepalive(sock: socket.socket) -> None:
+    """TCP keepalive probes on `sock` (see KEEPALIVE_*), where the platform has the options:
+    Linux has all of them, macOS names the idle time TCP_KEEPALIVE, Windows 10 has the three."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)
+    settings = (
+        (idle, KEEPALIVE_IDLE),
+        (getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL),
+        (getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_COUNT),
+        (
+            getattr(socket, "TCP_USER_TIMEOUT", None),
+            (KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT) * 1000,
+        ),
+    )
+    for option, value in settings:
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def readable(sock: socket.socket) -> bool:
+    """Whether `sock` has something to read (or was closed) right now. poll where there is
+    one: select refuses descriptors over 1023 (Windows has no poll, and no such limit)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+class Reader:
+    """Answers read from one socket, and the bytes read past the last one (which make the
+    connection unfit for another request). Every wait ends at the caller's deadline, a
+    `time.monotonic()` value: TimeoutError."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def idle(self) -> bool:
+        """Nothing buffered and nothing arrived: safe to send the next request on. A kept-alive
+        connection that is readable while idle was closed by the server (or it sent junk)."""
+        pending = getattr(self.sock, "pending", None)  # TLS: decrypted but unread
+        return not self.buffer and not (pending and pending()) and not readable(self.sock)
+
+    def send(self, data: bytes, until: float) -> None:
+        self.sock.settimeout(_left(until))
+        self.sock.sendall(data)
+
+    def response(
+        self, until: float, max_body: int, *, truncate: bool = False
+    ) -> tuple[Response, bool]:
+        """The next answer, interim 1xx skipped, and whether the connection may be reused.
+        A body over `max_body` is a ProtocolError, or with `truncate` cut to `max_body` (the
+        connection is then not reused). A close before the answer is complete is an OSError."""
+        while True:
+            version, status, headers = self._head(until)
+            if status >= 200 or status == 101:
+                break  # 1xx (100 Continue, 103 Early Hints) precede the answer: skip them
+        if status == 101:
+            raise ProtocolError("HTTP 101: the server switched protocols")
+        tokens = headers.get("connection", "").lower()
+        keep = "close" not in tokens and (version == "HTTP/1.1" or "keep-alive" in tokens)
+        if status in NO_BODY:
+            body = b""
+        elif "transfer-encoding" in headers:
+            coding = headers["transfer-encoding"]
+            if coding.lower() != "chunked":
+                raise ProtocolError(f"Transfer-Encoding {coding[:40]!r}")
+            body = self._chunked(until, max_body, truncate)
+        elif "content-length" in headers:
+            body = self._exact(_length(headers["content-length"]), until, max_body, truncate)
+        else:  # delimited by the close
+            body, keep = self._to_close(until, max_body, truncate), False
+        if len(body) >= max_body and truncate:
+            keep = False  # the rest of a cut body is still on the wire
+        if self.buffer:
+            keep = False  # bytes after the answer: never read as the next one's
+        return Response(status, headers, body), keep
+
+    def _recv(self, until: float) -> bytes:
+        self.sock.settimeout(_left(until))
+        return self.sock.recv(RECV)
+
+    def _head(self, until: float) -> tuple[str, int, dict[str, str]]:
+        """The status line and header section: one block found in the buffer, then split."""
+        buf = self.buffer
+        while True:
+            crlf = buf.find(b"\n\r\n")
+            lf = buf.find(b"\n\n", 0, crlf if crlf >= 0 else len(buf))
+            if lf >= 0:
+                block, self.buffer = buf[: lf + 1], buf[lf + 2 :]
+                break
+            if crlf >= 0:
+                block, self.buffer = buf[: crlf + 1], buf[crlf + 3 :]
+                break
+            if len(buf) > MAX_HEAD:
+                raise ProtocolError(f"a header section of over {MAX_HEAD} bytes")
+            data = self._recv(until)
+            if not data:
+                if not buf:
+                    raise ConnectionResetError("the server closed the connection without answering")
+                raise ConnectionResetError("the connection closed inside the header section")
+            buf += data
+        if _CONTROL.search(block):
+            raise ProtocolError("a control character in the header section")
+        lines = block.replace(b"\r\n", b"\n").split(b"\n")
+        lines.pop()  # after the last line's LF
+        match = _STATUS.fullmatch(lines[0])
+        if match is None:
+            raise ProtocolError(f"not an HTTP/1.x status line: {lines[0][:60]!r}")
+        if len(lines) > MAX_HEADERS + 1:
+            raise ProtocolError(f"over {MAX_HEADERS} header lines")
+        return match.group(1).decode("ascii"), int(match.group(2)), _headers(lines)
+
+    def _exact(self, size: int, until: float, max_body: int, truncate: bool) -> bytes:
+        if size > max_body:
+            if not truncate:
+                raise ProtocolError(f"{size} bytes is over the {max_body} cap")
+            size = max_body
+        buf = self.buffer
+        while len(buf) < size:
+            data = self._recv(until)
+            if not data:
+                raise ConnectionResetError(f"the body ended after {len(buf)} of {size} bytes")
+            buf += data
+        self.buffer = buf[size:]
+        return buf[:size]
+
+    def _to_close(self, until: float, max_body: int, truncate: bool) -> bytes:
+        buf = self.buffer
+        while len(buf) <= max_body:
+            data = self._recv(until)
+            if not data:
+                break
+            buf += data
+        self.buffer = b""
+        if len(buf) > max_body and not truncate:
+            raise ProtocolError(f"a body of over {max_body} bytes")
+        return buf[:max_body]
+
+    def _line(self, until: float) -> bytes:
+        """One CRLF-ended line of the chunked framing (a chunk size, a trailer)."""
+        buf = self.buffer
+        while (end := buf.find(b"\n")) < 0:
+            if len(buf) > MAX_HEADER_LINE:
+                raise ProtocolError("a chunk-size or trailer line too long")
+            data = self._recv(until)
+            if not data:
+                raise ConnectionResetError("the connection closed inside a chunked body")
+            buf += data
+        self.buffer = buf[end + 1 :]
+        return buf[: end + 1]
+
+    def _chunked(self, until: float, max_body: int, truncate: bool) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            line = self._line(until)
+            match = _CHUNK_LINE.fullmatch(line)
+            if match is None:
+                raise ProtocolError(f"chunk-size line {line[:40]!r}")
+            size = int(match.group(1), 16)
+            if size == 0:
+                self._trailers(until)
+                return b"".join(parts)
+            if total + size > max_body:
+                if not truncate:
+                    raise ProtocolError(f"a chunked body of over {max_body} bytes")
+                parts.append(self._exact(max_body - total, until, max_body, truncate))
+                return b"".join(parts)
+            total += size
+            parts.append(self._exact(size + 2, until, size + 2, False))
+            if not parts[-1].endswith(b"\r\n"):
+                raise ProtocolError("chunk data not followed by CRLF")
+            parts[-1] = parts[-1][:-2]
+
+    def _trailers(self, until: float) -> None:
+        """The trailer section, checked as header lines and ignored."""
+        lines = []
+        while (line := self._line(until)) not in (b"\r\n", b"\n"):
+            if len(lines) >= MAX_HEADERS:
+                raise ProtocolError(f"over {MAX_HEADERS} trailer lines")
+            content = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+            if _CONTROL.search(content):
+                raise ProtocolError("a control character in the trailer section")
+            lines.append(content)
+        _headers([b"", *lines])
+
+
 class Connection:
     """One kept-alive connection to `host:port`, opened on first use and again after any
-    failure, or when the server closed it while it was idle. Connect failures and resets are
-    OSError."""
+    failure, after an answer with bytes behind it, or when the server closed it while it was
+    idle. Connect failures and resets are OSError; the deadline passing is ReadTimeout."""
 
-    def __init__(self, host: str, port: int, *, connect_timeout: float, max_body: int) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float,
+        max_body: int,
+        probe: bool = False,
+    ) -> None:
+        """`probe`: TCP keepalive on the connection (`keepalive`)."""
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
         self.max_body = max_body
+        self.probe = probe
         self._sock: socket.socket | None = None
-        self._reader: BinaryIO | None = None
+        self._reader: Reader | None = None
 
     def close(self) -> None:
         if self._sock is not None:
-            if self._reader is not None:
-                self._reader.close()  # the socket's file descriptor stays open until it is
             self._sock.close()
             self._sock = self._reader = None
 
@@ -64,16 +306,17 @@ class Connection:
             with contextlib.suppress(OSError):  # already closed
                 sock.shutdown(socket.SHUT_RDWR)
 
-    def request(self, head: bytes, timeout: float) -> Response:
-        """Send `head` (a complete request without body) and read the answer."""
-        sock = self._open()
+    def request(self, head: bytes, deadline: float) -> Response:
+        """Send `head` (a complete request without body) and read the answer, the whole
+        exchange within `deadline` seconds."""
+        until = time.monotonic() + deadline
         try:
-            sock.settimeout(timeout)
-            sock.sendall(head)
-            response, keep = self._read()
+            reader = self._open(until)
+            reader.send(head, until)
+            response, keep = reader.response(until, self.max_body)
         except TimeoutError:
             self.close()
-            raise ReadTimeout(f"no answer within {timeout:g} s") from None
+            raise ReadTimeout(f"no complete answer within {deadline:g} s") from None
         except BaseException:
             self.close()
             raise
@@ -81,91 +324,66 @@ class Connection:
             self.close()
         return response
 
-    def _open(self) -> socket.socket:
-        if self._sock is not None and select.select([self._sock], [], [], 0)[0]:
-            self.close()  # readable while idle: the server closed it (or sent junk)
-        if self._sock is None:
-            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock, self._reader = sock, sock.makefile("rb")
-        return self._sock
-
-    def _read(self) -> tuple[Response, bool]:
-        reader = self._reader
-        assert reader is not None
-        while True:
-            line = reader.readline(MAX_HEADER_LINE + 1)
-            if not line:
-                raise ConnectionResetError("the server closed the connection without answering")
-            version, status = _status_line(line)
-            headers = _headers(reader)
-            if status >= 200 or status == 101:
-                break  # 1xx (100 Continue, 103 Early Hints) precede the answer: skip them
-        if status == 101:
-            raise ProtocolError("HTTP 101: the server switched protocols")
-        connection = headers.get("connection", "").lower()
-        keep = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
-        if status in NO_BODY:
-            return Response(status, headers, b""), keep
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return Response(status, headers, self._chunked(reader)), keep
-        length = headers.get("content-length")
-        if length is None:  # delimited by the close
-            body = reader.read(self.max_body + 1)
-            if len(body) > self.max_body:
-                raise ProtocolError(f"a body of over {self.max_body} bytes")
-            return Response(status, headers, body), False
-        if not length.isdigit():
-            raise ProtocolError(f"Content-Length {length[:40]!r}")
-        size = int(length)
-        if size > self.max_body:
-            raise ProtocolError(f"{size} bytes is over the {self.max_body} cap")
-        body = reader.read(size)
-        if len(body) < size:
-            raise ConnectionResetError(f"the body ended after {len(body)} of {size} bytes")
-        return Response(status, headers, body), keep
-
-    def _chunked(self, reader: BinaryIO) -> bytes:
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            line = reader.readline(MAX_HEADER_LINE + 1)
-            size_text = line.split(b";", 1)[0].strip()
+    def _open(self, until: float = math.inf) -> Reader:
+        if self._reader is not None and not self._reader.idle():
+            self.close()
+        if self._reader is None:
+            wait = min(self.connect_timeout, _left(until))
             try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise ProtocolError(f"chunk size {size_text[:40]!r}") from None
-            if size == 0:
-                _headers(reader)  # the trailer section, ignored
-                return b"".join(parts)
-            total += size
-            if size < 0 or total > self.max_body:
-                raise ProtocolError(f"a chunked body of over {self.max_body} bytes")
-            chunk = reader.read(size + 2)
-            if len(chunk) < size + 2:
-                raise ConnectionResetError("the connection closed inside a chunk")
-            parts.append(chunk[:size])
+                sock = socket.create_connection((self.host, self.port), timeout=wait)
+            except TimeoutError:
+                if wait < self.connect_timeout:
+                    raise  # the request's deadline: ReadTimeout
+                raise ConnectionError(f"no connection within {wait:g} s") from None
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.probe:
+                keepalive(sock)
+            self._sock, self._reader = sock, Reader(sock)
+        return self._reader
 
 
-def _status_line(line: bytes) -> tuple[str, int]:
-    parts = line.split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise ProtocolError(f"not an HTTP/1.x status line: {line[:60]!r}")
-    return parts[0].decode("ascii", "replace"), int(parts[1])
+def _left(until: float) -> float:
+    left = until - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
 
 
-def _headers(reader: BinaryIO) -> dict[str, str]:
+def _length(value: str) -> int:
+    """A Content-Length: digits, or a list of the same digits (a repeated header)."""
+    values = {v.strip(" \t") for v in value.split(",")}
+    if len(values) != 1:
+        raise ProtocolError(f"conflicting Content-Length {value[:40]!r}")
+    (text,) = values
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
+        raise ProtocolError(f"Content-Length {value[:40]!r}")
+    return int(text)
+
+
+def _headers(lines: list[bytes]) -> dict[str, str]:
+    """Header lines (after the status line) into a dict; an obsolete line fold is joined."""
     headers: dict[str, str] = {}
-    for _ in range(MAX_HEADERS + 1):
-        line = reader.readline(MAX_HEADER_LINE + 1)
-        if line in (b"\r\n", b"\n"):
-            return headers
-        if not line:
-            raise ConnectionResetError("the connection closed inside the header section")
-        if not line.endswith(b"\n"):
-            raise ProtocolError("a header line too long, or cut off")
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
-            raise ProtocolError(f"not a header line: {line[:60]!r}")
-        headers.setdefault(name.decode("latin-1").lower(), value.strip().decode("latin-1"))
-    raise ProtocolError(f"over {MAX_HEADERS} header lines")
+    fields: list[bytes] = []
+    for line in lines[1:]:
+        if len(line) > MAX_HEADER_LINE:
+            raise ProtocolError("a header line too long")
+        if line[:1] in (b" ", b"\t"):
+            if not fields:
+                raise ProtocolError("a continuation line at the start of the headers")
+            fields[-1] += b" " + line.lstrip(b" \t")
+        else:
+            fields.append(line)
+    for field in fields:
+        name, sep, value = field.partition(b":")
+        if not sep or not name or name.translate(None, _TOKEN):
+            raise ProtocolError(f"not a header line: {field[:60]!r}")
+        value = value.strip(b" \t")
+        if _BAD_VALUE.search(value):
+            raise ProtocolError(f"a control character in header {name[:40]!r}")
+        key = name.decode("ascii").lower()
+        text = value.decode("latin-1")
+        if key not in headers:
+            headers[key] = text
+        elif key in ("content-length", "transfer-encoding"):
+            headers[key] += ", " + text  # every value counts: framing must not be ambiguous
+    return headers

@@ -56,7 +56,10 @@ class Reading:
 class MetadataClient:
     """Requests against one metadata server; one instance per thread (one kept-alive connection,
     bridge/http1.py: neither requests nor urllib3, whose per-request work cost more CPU than the
-    rest of handling an event). No proxy, no redirect followed, TCP_NODELAY."""
+    rest of handling an event). No proxy, no redirect followed, TCP_NODELAY, TCP keepalive (a
+    connection the server forgot during a blackout fails about a second after the network is
+    back, not at the long-poll's deadline). Each request has one deadline for the whole exchange
+    (connecting, sending, reading the answer), however slowly a server trickles it."""
 
     def __init__(self, base_url: str, *, connect_timeout: float = 2.0) -> None:
         parts = urlsplit(base_url)
@@ -67,6 +70,7 @@ class MetadataClient:
             parts.port or 80,
             connect_timeout=connect_timeout,
             max_body=MAX_BODY,
+            probe=True,
         )
         self._headers = (
             f" HTTP/1.1\r\nHost: {parts.netloc}\r\nMetadata-Flavor: Google\r\n"
@@ -84,7 +88,8 @@ class MetadataClient:
         timeout: float = 5.0,
         alt: str | None = None,
     ) -> Reading:
-        """One GET of `path` (relative to the base URL); raises MetadataError.
+        """One GET of `path` (relative to the base URL), answered within `timeout` seconds;
+        raises MetadataError.
 
         `alt=None` asks for the plain value as the sample does; "json" or "text" force one."""
         query = {"alt": alt, **(params or {})} if alt else params
@@ -98,8 +103,9 @@ class MetadataClient:
         alt: str | None = None,
         slack: float = CLIENT_SLACK,
     ) -> Reading:
-        """A hanging GET that returns when the value's ETag differs from `last_etag`; the client
-        gives up `slack` seconds after `timeout_sec`."""
+        """A hanging GET that returns when the value's ETag differs from `last_etag`; the whole
+        request ends `slack` seconds after `timeout_sec` (MetadataError "timeout"), whether the
+        server trickles, never answers, or the connection died silently."""
         # The query is built by hand: urlencode cost a tenth of the request's CPU.
         query = (
             f"{f'alt={alt}&' if alt else ''}wait_for_change=true"
@@ -113,7 +119,7 @@ class MetadataClient:
         try:  # the watcher owns retries; a redirect is returned, not followed
             response = self.connection.request(b"GET " + target.encode() + self._headers, timeout)
         except ReadTimeout as exc:
-            raise MetadataError("timeout", f"{path}: no answer within {timeout:.0f} s") from exc
+            raise MetadataError("timeout", f"{path}: no answer within {timeout:g} s") from exc
         except ProtocolError as exc:
             raise MetadataError("protocol", f"{path}: {exc}") from exc
         except OSError as exc:  # refused, reset, unresolvable, connect time-out

@@ -149,7 +149,7 @@ def test_every_framing_reads_the_same_and_a_connection_is_kept_only_when_it_may_
         (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             ProtocolError,
-            "chunk size",
+            "chunk-size line",
         ),
         (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -146,12 +146,15 @@ def test_plain_values_read_the_same_whatever_alt_json_does(rendering: str) -> No
             client.close()
 
 
-def test_alt_json_raw_plain_value_is_why_plain_keys_ask_without_alt() -> None:
-    """The hazard the bridge avoids: asked with alt=json, a raw NONE is not JSON."""
+def test_alt_json_raw_plain_value_reads_as_the_word() -> None:
+    """Asked with alt=json, a server that renders a plain value raw answers `NONE`, which is
+    not JSON: a bare upper-case word reads as itself; other text that is not JSON is refused."""
     with Simulator(plain_alt_json="raw") as sim:
         sim.start()
         client = MetadataClient(sim.url)
         try:
+            assert client.get(KEY, alt="json").value == "NONE"
+            sim.set_value(KEY, "{odd")
             with pytest.raises(MetadataError, match="not valid JSON"):
                 client.get(KEY, alt="json")
         finally:
