@@ -217,7 +217,7 @@ data "archive_file" "function" {
   output_file_mode = "0644"
 
   dynamic "source" {
-    for_each = jsondecode(file("${path.module}/functions/archive.json")).files
+    for_each = merge(jsondecode(file("${path.module}/functions/archive.json")).files, lookup(jsondecode(file("${path.module}/functions/archive.json")).only, each.key, {}))
     content {
       content  = file("${path.module}/${replace(source.value, "{function}", each.key)}")
       filename = source.key

@@ -315,7 +315,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 def archive_files(name: str) -> dict[str, Path]:
     """Zip member -> repository file for one function, from the list Terraform zips."""
-    files = json.loads(ARCHIVE.read_text(encoding="utf-8"))["files"]
+    listed = json.loads(ARCHIVE.read_text(encoding="utf-8"))
+    files = {**listed["files"], **listed.get("only", {}).get(name, {})}
     root = REPO / "terraform"
     return {m: (root / src.replace("{function}", name)).resolve() for m, src in files.items()}
 
@@ -553,7 +554,7 @@ def test_foreign_imports_sees_nested_and_from_imports() -> None:
     assert foreign_imports(source, {"bridge"}) == {"requests"}
 
 
-@pytest.mark.parametrize("name", ["notify", "ledger", "drain"])
+@pytest.mark.parametrize("name", ["notify", "ledger", "drain", "autopilot"])
 def test_vendored_modules_import_only_the_standard_library(name: str) -> None:
     """Everything in the zip but main.py (bridge/events.py, subscriber.py) runs on any runtime:
     a new dependency of bridge/events.py would otherwise break every deployed function."""
@@ -585,7 +586,7 @@ def test_terraform_zips_exactly_what_the_tests_run(tmp_path: Path) -> None:
         assert value.startswith("${") and value.endswith("}"), value
         return value[2:-1].replace("source.key", "k").replace("source.value", "v")
 
-    names = ["notify", "ledger", "drain"]
+    names = ["notify", "ledger", "drain", "autopilot"]
     each, member, body = map(expr, (source["for_each"], content["filename"], content["content"]))
     inner = f"{{for k, v in {each} : {member} => {body}}}".replace("each.key", "fn")
     expression = f"jsonencode({{for fn in {json.dumps(names)} : fn => {inner}}})"
