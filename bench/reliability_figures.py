@@ -159,9 +159,14 @@ def block_metadata(f: dict[str, dict[str, Any]]) -> str:
     return out
 
 
+def _each(f: dict[str, dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The figures of test `name`, one per parametrisation (`name_rest`, `name_grpc`)."""
+    return [fig for key, fig in sorted(f.items()) if key == name or key.startswith(name + "_")]
+
+
 def block_pubsub(f: dict[str, dict[str, Any]]) -> str:
     rows = []
-    if fig := f.get("pubsub_restart"):
+    for fig in _each(f, "pubsub_restart"):
         rows.append(
             [
                 "emulator SIGKILLed, restarted",
@@ -171,7 +176,7 @@ def block_pubsub(f: dict[str, dict[str, Any]]) -> str:
                 fig["events_lost"],
             ]
         )
-    if fig := f.get("pubsub_no_topic"):
+    for fig in _each(f, "pubsub_no_topic"):
         rows.append(
             [
                 "topic does not exist",
@@ -180,7 +185,7 @@ def block_pubsub(f: dict[str, dict[str, Any]]) -> str:
                 fig["events_lost"],
             ]
         )
-    if fig := f.get("pubsub_permission"):
+    for fig in _each(f, "pubsub_permission"):
         rows.append(
             [
                 "permission denied",
@@ -189,7 +194,7 @@ def block_pubsub(f: dict[str, dict[str, Any]]) -> str:
                 fig["events_lost"],
             ]
         )
-    if fig := f.get("pubsub_paused"):
+    for fig in _each(f, "pubsub_paused"):
         rows.append(
             [
                 "paused ordering key",

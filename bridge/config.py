@@ -1,7 +1,9 @@
 """The one configuration object: built once from flags and environment, passed down.
 
 Every option has a flag and a `BRIDGE_*` environment variable (the flag wins). No other module
-reads the environment; `GCE_METADATA_HOST` is honoured here, as Google's client libraries do.
+reads the environment; `GCE_METADATA_HOST` and `PUBSUB_EMULATOR_HOST` are honoured here, as
+Google's client libraries do. Each sink is given only its own option type, filled from the
+`Config` by bridge/sinks/ (`SinkType.settings_from`): the sinks never import this module.
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ def build(
             raw = environ[opt.env]
             if opt.repeat:
                 raw = [line for line in raw.splitlines() if line.strip()]
+        elif opt.fallback_env and environ.get(opt.fallback_env):
+            raw = environ[opt.fallback_env]
         else:
             continue
         values[opt.name] = _parse(opt, raw)
@@ -217,8 +221,7 @@ def _validate(config: Config) -> None:
         value = getattr(config, opt.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{opt.flag} / {opt.env}: {value} is not a finite number")
-    for name in sinks.names():
-        sinks.sink_type(name).check(config)
+    sinks.check(config)
     parts = urlsplit(config.metadata_url)
     if parts.scheme != "http" or not parts.hostname:
         raise ConfigError(f"--metadata-url: {config.metadata_url!r} is not an http:// URL")

@@ -23,7 +23,7 @@ from bridge.keys import MAINTENANCE, PREEMPTED, UPCOMING
 from bridge.listen import describe
 from bridge.logs import configure
 from bridge.simulator import Simulator, Step, sample_window
-from bridge.sinks import PubSubSink, Sink, StdoutSink
+from bridge.sinks import Sink, StdoutSink, make_sink
 
 # A week of a VM's life in a few seconds: a window announced, a live migration, a GPU-style
 # stop notice, the window withdrawn, and finally a Spot preemption.
@@ -78,6 +78,7 @@ def demo(*, speed: float, as_json: bool, environ: Mapping[str, str]) -> int:
             state_dir=Path(state),
             sink="pubsub" if emulator else "stdout",
             topic=DEMO_TOPIC if emulator else "",
+            pubsub_emulator_host=emulator or "",
             absent_interval=0.2,  # the simulator's upcoming key starts empty (503)
         )
         subscription = _prepare_emulator() if emulator else None
@@ -85,7 +86,7 @@ def demo(*, speed: float, as_json: bool, environ: Mapping[str, str]) -> int:
         print(f"demo: simulator on {sim.host_port}, bridge publishing to {where}", flush=True)
         started = time.monotonic()
         inner: Sink = (
-            PubSubSink(config) if emulator else StdoutSink(sys.stdout if as_json else io.StringIO())
+            make_sink(config) if emulator else StdoutSink(sys.stdout if as_json else io.StringIO())
         )
         sink = _Printing(inner, as_json, started)
         stop = threading.Event()

@@ -29,6 +29,9 @@ class Option:
     # (parsed value, environment) -> final value: e.g. `env:VAR` references read by `config`,
     # the one module that reads the environment. None: the parsed value is final.
     resolve: Any = None
+    # A variable of Google's own tools read when neither the flag nor BRIDGE_* is given
+    # (PUBSUB_EMULATOR_HOST, as the client libraries honour it); read by `config` too.
+    fallback_env: str = ""
 
     @property
     def flag(self) -> str:

@@ -51,6 +51,8 @@ from bridge.config import Config
 from bridge.events import MAINTENANCE, PREEMPTED, UPCOMING, Event, decode_pubsub
 from bridge.simulator import Simulator, sample_window
 from bridge.sinks import PubSubSink
+from bridge.sinks.pubsub import TRANSPORTS, PubSubOptions
+from bridge.sinks.pubsub.rest import PublishFailed
 from bridge.store import Store, read_status
 
 pytestmark = pytest.mark.faults
@@ -424,10 +426,22 @@ def names() -> tuple[str, str]:
     return f"bridge-faults-{suffix}", f"bridge-faults-sub-{suffix}"
 
 
-def pubsub_sink(topic: str, gate: TcpGate, monkeypatch: pytest.MonkeyPatch) -> PubSubSink:
-    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", gate.host_port)
-    monkeypatch.setenv("PUBSUB_PROJECT_ID", "test-project")
-    return PubSubSink(Config(topic=topic, sink="pubsub", publish_latency=0.001))
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every Pub/Sub fault test runs on both transports of the sink."""
+    return str(request.param)
+
+
+def pubsub_sink(topic: str, gate: TcpGate, transport: str) -> PubSubSink:
+    """The bridge's own sink, publishing through the gate to the emulator."""
+    return PubSubSink(
+        PubSubOptions(
+            topic=topic,
+            publish_latency=0.001,
+            pubsub_transport=transport,
+            pubsub_emulator_host=gate.host_port,
+        )
+    )
 
 
 def pulled_events(adm: Any, sub: str, n: int, timeout: float = 60.0) -> list[Event]:
@@ -470,13 +484,13 @@ def outbox_depth(config: Config) -> int:
     return int(read_status(config.db_path)["outbox_depth"])
 
 
-def test_pubsub_killed_and_restarted(pubsub, gate, names, sim, bridge_logs, tmp_path, monkeypatch):
+def test_pubsub_killed_and_restarted(pubsub, gate, names, sim, bridge_logs, tmp_path, transport):
     from support.pubsub import admin
 
     with admin(pubsub) as adm:
         topic = adm.create_topic(names[0])
         sub = adm.create_subscription(topic, names[1], ordering=True)
-    sink = pubsub_sink(topic, gate, monkeypatch)
+    sink = pubsub_sink(topic, gate, transport)
     config = make_config(sim, tmp_path / "state", keys=(MAINTENANCE,), topic=topic, sink="pubsub")
     try:
         _killed_and_restarted(pubsub, gate, names, sim, bridge_logs, config, sink, topic, sub)
@@ -522,9 +536,9 @@ def _killed_and_restarted(pubsub, gate, names, sim, bridge_logs, config, sink, t
     assert [e.data.sequence for e in events] == list(range(4, 10))
     assert not set(before) & {e.id for e in events}
     write_figures(
-        "pubsub_restart",
+        f"pubsub_restart_{sink.options.pubsub_transport}",
         {
-            "pubsub": pubsub.kind,
+            "pubsub": f"{pubsub.kind}, {sink.options.pubsub_transport}",
             "events_during_outage": len(during),
             "failed_attempts": attempts,
             "error_lines": len(told),
@@ -534,12 +548,12 @@ def _killed_and_restarted(pubsub, gate, names, sim, bridge_logs, config, sink, t
 
 
 def test_pubsub_topic_missing_then_created(
-    pubsub, gate, names, sim, bridge_logs, tmp_path, monkeypatch
+    pubsub, gate, names, sim, bridge_logs, tmp_path, transport
 ):
     from support.pubsub import admin
 
     topic = f"projects/{pubsub.project}/topics/{names[0]}"
-    sink = pubsub_sink(topic, gate, monkeypatch)
+    sink = pubsub_sink(topic, gate, transport)
     config = make_config(sim, tmp_path / "state", keys=(MAINTENANCE,), topic=topic, sink="pubsub")
     with in_process(config, sink) as bridge:
         wait_ready(bridge, sim)
@@ -570,9 +584,9 @@ def test_pubsub_topic_missing_then_created(
     assert len(told) == 1
     assert lines(bridge_logs, logging.INFO, "accepting again")
     write_figures(
-        "pubsub_no_topic",
+        f"pubsub_no_topic_{transport}",
         {
-            "pubsub": pubsub.kind,
+            "pubsub": f"{pubsub.kind}, {transport}",
             "failed_attempts": attempts,
             "error_lines": len(told),
             "events_lost": len(set(ids) - {e.id for e in events}),
@@ -582,7 +596,7 @@ def test_pubsub_topic_missing_then_created(
 
 class DenyingSink:
     """The real PubSubSink, but publishes fail with PermissionDenied while `deny` is set (the
-    emulator and the fake have no IAM); failed futures as the client library returns them."""
+    emulator and the fake have no IAM); failed futures as the transport returns them."""
 
     def __init__(self, inner: PubSubSink) -> None:
         self.inner = inner
@@ -595,9 +609,13 @@ class DenyingSink:
         if self.deny:
             self.denied += 1
             future: Future[str] = Future()
-            future.set_exception(
-                gexc.PermissionDenied("User not authorized to perform this action.")
+            why = "User not authorized to perform this action."
+            denied = (
+                gexc.PermissionDenied(why)
+                if self.inner.options.pubsub_transport == "grpc"
+                else PublishFailed("permission", f"HTTP 403 PERMISSION_DENIED: {why}")
             )
+            future.set_exception(denied)
             return future
         return self.inner.send(event)
 
@@ -608,13 +626,13 @@ class DenyingSink:
         self.inner.close()
 
 
-def test_pubsub_permission_denied(pubsub, gate, names, sim, bridge_logs, tmp_path, monkeypatch):
+def test_pubsub_permission_denied(pubsub, gate, names, sim, bridge_logs, tmp_path, transport):
     from support.pubsub import admin
 
     with admin(pubsub) as adm:
         topic = adm.create_topic(names[0])
         adm.create_subscription(topic, names[1], ordering=True)
-    sink = DenyingSink(pubsub_sink(topic, gate, monkeypatch))
+    sink = DenyingSink(pubsub_sink(topic, gate, transport))
     config = make_config(sim, tmp_path / "state", keys=(MAINTENANCE,), topic=topic, sink="pubsub")
     with in_process(config, sink) as bridge:
         wait_ready(bridge, sim)
@@ -630,9 +648,9 @@ def test_pubsub_permission_denied(pubsub, gate, names, sim, bridge_logs, tmp_pat
     assert len(told) == 1 and "roles/pubsub.publisher" in told[0], told
     assert names[0] in told[0], "the line names the topic"
     write_figures(
-        "pubsub_permission",
+        f"pubsub_permission_{transport}",
         {
-            "pubsub": pubsub.kind + " + PermissionDenied wrapper",
+            "pubsub": f"{pubsub.kind}, {transport} + PermissionDenied wrapper",
             "denied_attempts": sink.denied,
             "error_lines": len(told),
             "events_lost": len(set(ids) - {e.id for e in events}),
@@ -640,17 +658,17 @@ def test_pubsub_permission_denied(pubsub, gate, names, sim, bridge_logs, tmp_pat
     )
 
 
-def test_pubsub_paused_ordering_key(pubsub, gate, names, sim, bridge_logs, tmp_path, monkeypatch):
-    """A real paused key: an invalid (empty) publish on the bridge's own client and key."""
+def test_pubsub_paused_ordering_key(pubsub, gate, names, sim, bridge_logs, tmp_path, transport):
+    """A real paused key: an invalid (empty) publish on the bridge's own transport and key."""
     from support.pubsub import admin
 
     with admin(pubsub) as adm:
         topic = adm.create_topic(names[0])
         adm.create_subscription(topic, names[1], ordering=True)
-    sink = pubsub_sink(topic, gate, monkeypatch)
+    sink = pubsub_sink(topic, gate, transport)
     instance_id = sim.get_value("instance/id")
-    failed = sink.client.publish(topic, b"", ordering_key=instance_id)
-    with pytest.raises(gexc.InvalidArgument):
+    failed = sink.transport.publish(instance_id, {}, b"")
+    with pytest.raises((gexc.InvalidArgument, PublishFailed), match="empty"):
         failed.result(timeout=30)
     config = make_config(sim, tmp_path / "state", keys=(MAINTENANCE,), topic=topic, sink="pubsub")
     with in_process(config, sink) as bridge:
@@ -665,9 +683,9 @@ def test_pubsub_paused_ordering_key(pubsub, gate, names, sim, bridge_logs, tmp_p
     told = lines(bridge_logs, logging.ERROR, "paused")
     assert len(told) == 1, told
     write_figures(
-        "pubsub_paused",
+        f"pubsub_paused_{transport}",
         {
-            "pubsub": pubsub.kind,
+            "pubsub": f"{pubsub.kind}, {transport}",
             "paused_attempts": paused,
             "error_lines": len(told),
             "events_lost": len(set(ids) - {e.id for e in events}),

@@ -73,7 +73,7 @@ from bridge.logs import JsonFormatter
 from bridge.metadata import FAILURE_CLASSES
 from bridge.metrics import HOOK_RESULTS, LATENCY_BUCKETS, PUBLISH_FAILURE_CLASSES, Metrics
 from bridge.simulator import DEFAULT_IDENTITY, Simulator
-from bridge.sinks import PubSubSink, Sink, StdoutSink
+from bridge.sinks import Sink, StdoutSink, make_sink
 from bridge.store import DB_NAME, SCHEMA_VERSION, Store, read_status
 
 PY = sys.executable
@@ -241,7 +241,7 @@ def pubsub_sink(config: Config, server: PubSubServer, monkeypatch: pytest.Monkey
     """The bridge's own Pub/Sub sink, pointed at the local server through the environment."""
     for name, value in server.env().items():
         monkeypatch.setenv(name, value)
-    return PubSubSink(config)
+    return make_sink(replace(config, sink="pubsub", pubsub_emulator_host=server.host_port))
 
 
 @pytest.fixture

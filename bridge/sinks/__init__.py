@@ -1,11 +1,15 @@
 """Where events go: the `Sink` protocol and the registry of sinks by name.
 
 Each sink is one module of this package that registers itself when imported (as litestream's
-replica backends do): its name, how to build it from the `Config`, the run options it owns
-(bridge/config.py turns them into flags, `BRIDGE_*` variables and `Config` fields), how to
-check them, and how its failures are classified and explained. The relay and the metrics read
-only what is registered here, so adding a sink is one module plus one import line at the
-bottom of this file (see docs/architecture.md, "Adding a sink").
+replica backends do): its name, the run options it owns (bridge/config.py turns them into
+flags, `BRIDGE_*` variables and `Config` fields), its own option type (a frozen dataclass: what
+its factory, check, hint and target receive, never the whole `Config`), how its failures are
+classified and explained. The relay and the metrics read only what is registered here, so
+adding a sink is one module plus one import line at the bottom of this file (see
+docs/architecture.md, "Adding a sink"). Nothing here imports bridge/config.py: a configuration
+is anything with a `sink` name and attributes named like the option types' fields, and each
+sink's options are read from it by those names (`settings_from`), so config and sinks do not
+import each other.
 
 A sink's `send` returns a future that resolves once the event is acknowledged (by Pub/Sub,
 or written and flushed); only then does the event leave the outbox.
@@ -14,15 +18,12 @@ or written and flushed); only then does the event leave the outbox.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from bridge.events import Event
 from bridge.options import ConfigError, Option
-
-if TYPE_CHECKING:
-    from bridge.config import Config
 
 OTHER = "other"  # the failure class of whatever a sink does not classify; every sink has it
 
@@ -78,48 +79,68 @@ class Failures:
 UNCLASSIFIED = Failures()  # a sink that declares no failure classes of its own
 
 
-def _no_check(config: Config) -> None:
+class Configured(Protocol):
+    """What the registry reads of a configuration (bridge/config.py's `Config`): the chosen
+    sink's name; each sink's option type is filled from attributes of the same names."""
+
+    sink: str
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The option type of a sink without options of its own (stdout)."""
+
+
+def _no_check(options: Any, chosen: bool) -> None:
     return None
 
 
-def _no_target(config: Config) -> str:
+def _no_target(options: Any) -> str:
     return ""
 
 
-def _no_config_hint(failure_class: str, config: Config) -> str:
+def _no_options_hint(failure_class: str, options: Any) -> str:
     return ""
 
 
 @dataclass(frozen=True)
 class SinkType:
     """One registered sink. `options` become flags, `BRIDGE_*` variables and `Config` fields;
+    `settings` is its option type, a frozen dataclass whose fields are read from the
+    configuration by name (its own options, and any general one it needs, such as
+    `metadata_url`): the factory, `check`, `hint` and `target` receive that, nothing more.
     `selected_by` is the option whose value selects this sink when `--sink` is not given (a
-    topic selects pubsub); `check` raises ConfigError on a bad combination of its options (it
-    sees every configuration, chosen sink or not); `failure_classes`, `classify`, `hint` and
-    `follow_ups` make its `Failures`; `target` names where events go, for `status`."""
+    topic selects pubsub); `check(options, chosen)` raises ConfigError on a bad combination of
+    its options (it sees every configuration, `chosen` or not); `failure_classes`, `classify`,
+    `hint` and `follow_ups` make its `Failures`; `target` names where events go, for `status`."""
 
     name: str
-    factory: Callable[[Config], Sink]
+    factory: Callable[[Any], Sink]
+    settings: type = NoOptions
     options: tuple[Option, ...] = ()
     selected_by: str = ""
-    check: Callable[[Config], None] = _no_check
+    check: Callable[[Any, bool], None] = _no_check
     failure_classes: tuple[str, ...] = ()
     classify: Callable[[BaseException], str] = _unclassified
-    hint: Callable[[str, Config], str] = _no_config_hint
+    hint: Callable[[str, Any], str] = _no_options_hint
     follow_ups: frozenset[str] = frozenset()
-    target: Callable[[Config], str] = _no_target
+    target: Callable[[Any], str] = _no_target
 
-    def failures(self, config: Config) -> Failures:
+    def settings_from(self, config: Configured) -> Any:
+        """This sink's option type, filled from the configuration's attributes of its names."""
+        return self.settings(**{f.name: getattr(config, f.name) for f in fields(self.settings)})
+
+    def failures(self, options: Any) -> Failures:
         return Failures(
             classes=(*self.failure_classes, OTHER),
             classify=self.classify,
-            hint=partial(_bound_hint, self.hint, config),
+            hint=partial(_bound_hint, self.hint, options),
             follow_ups=self.follow_ups,
         )
 
 
-def _bound_hint(hint: Callable[[str, Config], str], config: Config, failure_class: str) -> str:
-    return hint(failure_class, config)
+def _bound_hint(hint: Callable[[str, Any], str], options: Any, failure_class: str) -> str:
+    return hint(failure_class, options)
 
 
 _REGISTRY: dict[str, SinkType] = {}
@@ -157,16 +178,25 @@ def chosen(values: Mapping[str, Any]) -> str:
     return picked[0].name if picked else DEFAULT
 
 
-def make_sink(config: Config) -> Sink:
-    return _REGISTRY[config.sink].factory(config)
+def make_sink(config: Configured) -> Sink:
+    kind = _REGISTRY[config.sink]
+    return kind.factory(kind.settings_from(config))
 
 
-def failures(config: Config) -> Failures:
-    return _REGISTRY[config.sink].failures(config)
+def failures(config: Configured) -> Failures:
+    kind = _REGISTRY[config.sink]
+    return kind.failures(kind.settings_from(config))
 
 
-def target(config: Config) -> str:
-    return _REGISTRY[config.sink].target(config)
+def target(config: Configured) -> str:
+    kind = _REGISTRY[config.sink]
+    return kind.target(kind.settings_from(config))
+
+
+def check(config: Configured) -> None:
+    """Every sink's own check of its options (raises ConfigError), the chosen one told so."""
+    for kind in _REGISTRY.values():
+        kind.check(kind.settings_from(config), config.sink == kind.name)
 
 
 def failure_classes() -> tuple[str, ...]:
@@ -182,8 +212,10 @@ from bridge.sinks.pubsub import PubSubSink  # noqa: E402
 from bridge.sinks.stdout import StdoutSink  # noqa: E402
 
 __all__ = [
+    "Configured",
     "Failures",
     "HttpSink",
+    "NoOptions",
     "Permanent",
     "PubSubSink",
     "Sink",

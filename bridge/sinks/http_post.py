@@ -34,16 +34,13 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from bridge import __version__
 from bridge.events import Event
 from bridge.options import ConfigError, Option, boolean, positive
 from bridge.sinks import Permanent, SinkType, register
-
-if TYPE_CHECKING:
-    from bridge.config import Config
 
 RESPONSE_KEPT = 1024  # characters of a refusal's body kept with the parked event
 MAX_BODY = 64 * 1024  # bytes of an answer read; a longer one costs the connection, not memory
@@ -109,6 +106,20 @@ OPTIONS = (
 )
 
 
+@dataclass(frozen=True)
+class HttpOptions:
+    """What the HTTP sink is given (bridge/sinks/__init__.py fills it from the `Config`): its
+    own options and the shared content mode."""
+
+    http_url: str = ""
+    http_audience: str = ""
+    http_header: tuple[Header, ...] = ()
+    http_allow_insecure: bool = False
+    http_connect_timeout: float = 3.0
+    http_read_timeout: float = 10.0
+    content_mode: str = "binary"
+
+
 class Refused(Permanent):
     """A 4xx other than 408 and 429: sending the same request again cannot succeed."""
 
@@ -146,7 +157,7 @@ class HttpSink:
 
     name = "http"
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: HttpOptions) -> None:
         self.where = _without_query(config.http_url)  # what messages name: no token in a query
         self.mode = config.content_mode
         self.connect_timeout = config.http_connect_timeout
@@ -429,8 +440,8 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def check(config: Config) -> None:
-    if config.sink != HttpSink.name:
+def check(config: HttpOptions, chosen: bool) -> None:
+    if not chosen:
         return
     if not config.http_url:
         raise ConfigError("--sink http needs --http-url URL (BRIDGE_HTTP_URL)")
@@ -483,7 +494,7 @@ def classify(exc: BaseException) -> str:
     return "other"
 
 
-def hint(failure_class: str, config: Config) -> str:
+def hint(failure_class: str, config: HttpOptions) -> str:
     return {
         "refused": " (parked, the queue goes on; once fixed: maintenance-bridge redrive)",
         "connection": f" (is the receiver {_without_query(config.http_url)} up? events wait)",
@@ -492,7 +503,7 @@ def hint(failure_class: str, config: Config) -> str:
     }.get(failure_class, "")
 
 
-def _target(config: Config) -> str:
+def _target(config: HttpOptions) -> str:
     return _without_query(config.http_url)
 
 
@@ -500,6 +511,7 @@ register(
     SinkType(
         name=HttpSink.name,
         factory=HttpSink,
+        settings=HttpOptions,
         options=OPTIONS,
         selected_by="http_url",
         check=check,

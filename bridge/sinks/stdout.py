@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import Future
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from bridge.events import Event
-from bridge.sinks import SinkType, register
-
-if TYPE_CHECKING:
-    from bridge.config import Config
+from bridge.sinks import NoOptions, SinkType, register
 
 
 class StdoutSink:
@@ -45,7 +42,7 @@ class StdoutSink:
         return None
 
 
-def _make(config: Config) -> StdoutSink:
+def _make(options: NoOptions) -> StdoutSink:
     return StdoutSink()
 
 

@@ -1,0 +1,310 @@
+"""Pub/Sub's REST API (`projects.topics.publish`), the sink's default transport.
+
+The bridge publishes about one message a month: google-cloud-pubsub and gRPC cost some 35 MB
+of resident memory and tens of megabytes of wheels for that. This is the standard library's
+http.client over one kept-alive connection (TCP_NODELAY, https verified against the system
+trust store, each request written in one piece), JSON bodies, and the VM service account's
+access token from the metadata server, as google-auth's Compute Engine credentials get it.
+
+Ordering is the client library's, by hand: one publish request in flight (one worker thread,
+so messages of a key leave in the order they were given), and a failed request pauses its
+ordering key: what was queued behind it and every later publish on the key fail with
+`KeyPaused` until `resume(key)`, exactly as `PublisherClient` with message ordering behaves.
+No retry inside: the relay owns retries and the outage lines.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from bridge import __version__
+from bridge.metadata import MetadataClient, MetadataError
+
+TOKEN_PATH = "instance/service-accounts/default/token"
+# google-auth refreshes a token 3 min 45 s before it expires (_helpers.REFRESH_THRESHOLD).
+REFRESH_BEFORE = 225.0
+MAX_MESSAGES = 100  # per publish request, as the client library batches
+MAX_BYTES = 1 << 20
+MAX_ANSWER = 64 * 1024  # bytes of an answer read
+
+
+class PublishFailed(Exception):
+    """A publish that did not go through; `failure_class` is one of the sink's classes."""
+
+    def __init__(self, failure_class: str, message: str) -> None:
+        super().__init__(message)
+        self.failure_class = failure_class
+
+
+class KeyPaused(Exception):
+    """The ordering key is paused by an earlier failure (the library's
+    PublishToPausedOrderingKeyException)."""
+
+
+class Closed(Exception):
+    """Published after `close`."""
+
+
+def failure_class(status: int) -> str:
+    """The sink's class of an HTTP answer that is not 200."""
+    if status == 404:
+        return "not_found"
+    if status in (401, 403):
+        return "permission"
+    if status in (408, 429, 499) or status >= 500:
+        return "unavailable"
+    return "other"  # a 400: a message the topic's schema refuses, say
+
+
+class MetadataTokens:
+    """The default service account's access token, cached and asked again `REFRESH_BEFORE`
+    seconds before it expires (monotonic clock: a stepped wall clock changes nothing). Only
+    the transport's worker thread asks, so one metadata connection serves it."""
+
+    def __init__(self, metadata_url: str) -> None:
+        self.metadata_url = metadata_url
+        self._client: MetadataClient | None = None
+        self._token = ""
+        self._refresh_at = 0.0
+
+    def get(self) -> str:
+        if self._token and time.monotonic() < self._refresh_at:
+            return self._token
+        if self._client is None:
+            self._client = MetadataClient(self.metadata_url)
+        try:
+            reading = self._client.get(TOKEN_PATH)
+        except MetadataError as exc:
+            raise PublishFailed("unavailable", f"access token: {exc}") from None
+        value = reading.value
+        if reading.absent:
+            raise PublishFailed("permission", f"access token: {TOKEN_PATH} answered 404")
+        if not isinstance(value, dict) or not isinstance(value.get("access_token"), str):
+            raise PublishFailed("unavailable", f"access token: {TOKEN_PATH} is not a token")
+        lifetime = value.get("expires_in", 0)
+        lifetime = float(lifetime) if isinstance(lifetime, (int, float)) else 0.0
+        self._token = value["access_token"]
+        self._refresh_at = time.monotonic() + max(lifetime - REFRESH_BEFORE, 0.0)
+        return self._token
+
+    def forget(self) -> None:
+        """The token was refused (401): ask for a new one next time."""
+        self._token = ""
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+@dataclass
+class _Message:
+    key: str
+    body: dict[str, object]
+    size: int
+    future: Future[str]
+
+
+class RestTransport:
+    """Publishes to `topic` at `host` (host[:port]): https with `tokens`, or plain http to an
+    emulator (`tokens` None). `max_latency` > 0 holds a request that long for more messages."""
+
+    def __init__(
+        self,
+        topic: str,
+        host: str,
+        *,
+        tokens: MetadataTokens | None,
+        max_latency: float = 0.0,
+        timeout: float = 20.0,
+    ) -> None:
+        self.host = host
+        self.path = f"/v1/{topic}:publish"
+        self.tokens = tokens
+        self.max_latency = max_latency
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._queue: deque[_Message] = deque()
+        self._paused: set[str] = set()
+        self._closed = False
+        self._conn: http.client.HTTPConnection | None = None
+        self._headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"maintenance-bridge/{__version__}",
+        }
+        self._worker = threading.Thread(target=self._run, name="pubsub-rest", daemon=True)
+        self._worker.start()
+
+    def publish(self, key: str, attributes: dict[str, str], data: bytes) -> Future[str]:
+        future: Future[str] = Future()
+        body: dict[str, object] = {"data": base64.b64encode(data).decode("ascii")}
+        if attributes:
+            body["attributes"] = attributes
+        if key:
+            body["orderingKey"] = key
+        size = len(data) * 4 // 3 + sum(len(k) + len(v) + 6 for k, v in attributes.items()) + 64
+        with self._cond:
+            if self._closed:
+                future.set_exception(Closed("publish after close"))
+            elif key in self._paused:
+                future.set_exception(KeyPaused(f"ordering key {key!r} paused by a failed publish"))
+            else:
+                self._queue.append(_Message(key, body, size, future))
+                self._cond.notify()
+        return future
+
+    def resume(self, key: str) -> None:
+        with self._cond:
+            self._paused.discard(key)
+
+    def close(self) -> None:
+        """Stop after what is queued has been sent (the daemon drained the outbox first)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._worker.join(timeout=self.timeout + 5)
+        if self._conn is not None:
+            self._conn.close()
+        if self.tokens is not None:
+            self.tokens.close()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                ids = self._post(batch)
+            except Exception as exc:
+                self._fail(batch, exc)
+            else:
+                for message, message_id in zip(batch, ids, strict=True):
+                    message.future.set_result(message_id)
+
+    def _next_batch(self) -> list[_Message] | None:
+        """The head's key's messages in order, up to the request caps; None once closed."""
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            if self.max_latency > 0:
+                deadline = time.monotonic() + self.max_latency
+                while len(self._queue) < MAX_MESSAGES and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            key = self._queue[0].key
+            batch, rest, size = [], deque[_Message](), 0
+            while self._queue:
+                message = self._queue.popleft()
+                fits = len(batch) < MAX_MESSAGES and (not batch or size + message.size < MAX_BYTES)
+                if message.key == key and fits:
+                    batch.append(message)
+                    size += message.size
+                else:
+                    rest.append(message)
+            self._queue = rest
+            return batch
+
+    def _fail(self, batch: list[_Message], exc: BaseException) -> None:
+        """The key pauses: what waits behind the failed request fails too, as in the library."""
+        key = batch[0].key
+        with self._cond:
+            if key:
+                self._paused.add(key)
+                behind = [m for m in self._queue if m.key == key]
+                self._queue = deque(m for m in self._queue if m.key != key)
+            else:
+                behind = []
+        for message in batch:
+            message.future.set_exception(exc)
+        for message in behind:
+            message.future.set_exception(KeyPaused(f"ordering key {key!r} paused by {exc}"))
+
+    def _post(self, batch: list[_Message]) -> list[str]:
+        body = json.dumps({"messages": [m.body for m in batch]}, separators=(",", ":")).encode()
+        headers = dict(self._headers)
+        if self.tokens is not None:
+            headers["Authorization"] = "Bearer " + self.tokens.get()
+        status, answer = self._exchange(body, headers)
+        if status == 401 and self.tokens is not None:
+            self.tokens.forget()
+        if status != 200:
+            raise PublishFailed(failure_class(status), _error_text(status, answer))
+        try:
+            ids = json.loads(answer)["messageIds"]
+        except (ValueError, KeyError, TypeError):
+            raise PublishFailed("other", f"HTTP 200 without messageIds: {answer[:200]!r}") from None
+        if not isinstance(ids, list) or len(ids) != len(batch):
+            raise PublishFailed("other", f"{len(batch)} messages published, ids {ids!r}")
+        return [str(i) for i in ids]
+
+    def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        """One POST; a kept-alive connection the server closed while idle is replaced once
+        (nothing was read from it, so at most the server has the message twice, same id)."""
+        replace_stale = self._conn is not None
+        while True:
+            conn = self._connection()
+            try:
+                conn.request("POST", self.path, body, headers)
+                response = conn.getresponse()
+                answer = response.read(MAX_ANSWER)
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop()
+                stale = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+                if replace_stale and isinstance(exc, stale):
+                    replace_stale = False
+                    continue
+                raise PublishFailed("unavailable", f"{self.host}: {_reason(exc)}") from None
+            if response.will_close or not response.isclosed():
+                self._drop()  # closing, or more than we read: not reusable
+            return response.status, answer
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self.tokens is None:
+                self._conn = _Plain(self.host, timeout=self.timeout)
+            else:
+                context = ssl.create_default_context()
+                self._conn = _Secure(self.host, timeout=self.timeout, context=context)
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class _Plain(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _Secure(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _error_text(status: int, answer: bytes) -> str:
+    """'HTTP 404 NOT_FOUND: Resource not found (resource=t).': the API's own error, short."""
+    try:
+        error = json.loads(answer)["error"]
+        return f"HTTP {status} {error.get('status', '')}: {error.get('message', '')}"[:500]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"HTTP {status}: {answer[:200].decode('utf-8', 'replace')}"
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
