@@ -37,6 +37,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from bridge import daemon
 from bridge.config import Config
 from bridge.events import (
+    CloudRecord,
     DATASCHEMA,
     STRUCTURED_CONTENT_TYPE,
     DecodeError,
@@ -51,6 +52,7 @@ from bridge.events import (
     decode_structured,
     dumps,
 )
+from bridge.cloud_kinds import CLOUD_KINDS
 from bridge.keys import KINDS, MAINTENANCE, PREEMPTED, UPCOMING
 from bridge.simulator import Simulator, sample_window
 from bridge.store import Store
@@ -70,7 +72,8 @@ RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\
 HEARTBEAT_INTERVAL = 0.4
 # Not required by the consumer schema: absent when unknown, or added within v1.
 ADDED_IN_V1 = ("at_startup", "stream_id")
-OPTIONAL_FIELDS = ("notice_seconds", "upcoming", "can_reschedule", *ADDED_IN_V1)
+# origin and cloud: on the cloud's events only (bridge/system_events.py), never a bridge's.
+OPTIONAL_FIELDS = ("notice_seconds", "upcoming", "can_reschedule", "origin", "cloud", *ADDED_IN_V1)
 
 
 def _load_generator() -> ModuleType:
@@ -328,7 +331,14 @@ def test_golden_files_match_the_code() -> None:
         )
     envelopes = {f"envelope.{path}.json" for path in ("pull", "push", "eventarc")}
     assert (
-        set(files) == {f"{k}.json" for k in KINDS} | {f"{k}.pubsub.json" for k in KINDS} | envelopes
+        set(files)
+        == {f"{k}.json" for k in KINDS}
+        | {f"{k}.pubsub.json" for k in KINDS}
+        | envelopes
+        # the cloud's kinds: the event, its message, and the LogEntry it was made of
+        | {f"{k}.json" for k in CLOUD_KINDS}
+        | {f"{k}.pubsub.json" for k in CLOUD_KINDS}
+        | {f"logentry.{k}.json" for k in CLOUD_KINDS}
     )
 
 
@@ -441,6 +451,7 @@ def test_data_schemas_match_the_model(
             "Instance": (Instance, schema["$defs"]["instance"]),
             "Scheduling": (Scheduling, schema["$defs"]["scheduling"]),
             "Upcoming": (Upcoming, schema["$defs"]["upcoming"]),
+            "CloudRecord": (CloudRecord, schema["$defs"]["cloud"]),
         }
         for label, (model, spec) in models.items():
             names = [f.name for f in fields(model)]

@@ -4,8 +4,12 @@ For every kind, `<kind>.json` is the structured-mode CloudEvent (what the stdout
 what structured content mode publishes) and `<kind>.pubsub.json` is the binary-mode Pub/Sub
 message: `{"attributes": {...}, "data": {...}}`, where `data` is the payload shown as a JSON
 object; the bytes on the wire are that object in compact UTF-8 JSON (`bridge.events.dumps`).
-`envelope.<path>.json` shows the maintenance.started message as each delivery path hands it to a
-subscriber, raw: a Pub/Sub pull response, a push request body, and the Eventarc
+For every kind of the cloud's events
+(bridge/cloud_kinds.py), `logentry.<kind>.json` is a system-event LogEntry as a log sink
+publishes it (written here from the documented shapes: no captured real entry of every kind is
+public) and `<kind>.json` / `<kind>.pubsub.json` the event `bridge.system_events.convert` makes
+of it. `envelope.<path>.json` shows the maintenance.started message as each delivery path
+hands it to a subscriber, raw: a Pub/Sub pull response, a push request body, and the Eventarc
 `messagePublished` CloudEvent (structured form; over HTTP its attributes come as ce-* headers and
 `data` as the body).
 
@@ -31,9 +35,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bridge.cloud_kinds import (
+    CLOUD_KEY,
+    CLOUD_KINDS,
+    GENERIC_KIND,
+    METHODS,
+    UPCOMING_COMPLETED,
+    UPCOMING_METHOD,
+    UPCOMING_SCHEDULED,
+    UPCOMING_UPDATED,
+)
 from bridge.events import Event, Instance, Scheduling, Transition, build_event
 from bridge.keys import HEARTBEAT_KEY, KINDS, MAINTENANCE, PREEMPTED, UPCOMING, WATCHED_KEYS
 from bridge.recorder import HEARTBEAT
+from bridge.system_events import convert
 from bridge.transitions import canonical, classify, notice_seconds
 
 HERE = Path(__file__).resolve().parent
@@ -41,7 +56,7 @@ DOCS = HERE.parents[1] / "docs" / "events.md"
 CONSUMER_SCHEMA = HERE.parent / "v1" / "event-data.schema.json"
 PRODUCER_SCHEMA = HERE.parent / "v1" / "event-data.producer.schema.json"
 EXAMPLE_BLOCK = re.compile(
-    r"(?P<head><!-- example: (?P<name>[a-z.]+) -->\n```json\n)(?P<body>.*?)(?P<tail>^```$)",
+    r"(?P<head><!-- example: (?P<name>[a-z._]+) -->\n```json\n)(?P<body>.*?)(?P<tail>^```$)",
     re.DOTALL | re.MULTILINE,
 )
 
@@ -172,6 +187,125 @@ def events() -> dict[str, Event]:
     return {kind: by_kind[kind] for kind in KINDS}
 
 
+# The cloud's record of the same weeks: (kind, method, status message, metadata, timestamp, VM).
+_WINDOW_METADATA = {
+    "@type": "type.googleapis.com/google.cloud.compute.v1.UpcomingMaintenance",
+    "canReschedule": True,
+    "maintenanceStatus": "PENDING",
+    "type": "SCHEDULED",
+    "windowStartTime": "2030-01-15T02:00:00Z",
+    "windowEndTime": "2030-01-15T06:00:00Z",
+    "latestWindowStartTime": "2030-01-29T02:00:00Z",
+}
+_MOVED_METADATA = {
+    **_WINDOW_METADATA,
+    "windowStartTime": "2030-01-20T02:00:00Z",
+    "windowEndTime": "2030-01-20T06:00:00Z",
+}
+CLOUD_TIMELINE: tuple[tuple[str, str, str, dict[str, Any] | None, str, Instance], ...] = (
+    (UPCOMING_SCHEDULED, UPCOMING_METHOD, "Maintenance window has been scheduled.",
+     _WINDOW_METADATA, "2030-01-08T08:59:58.512Z", STANDARD_VM),
+    (UPCOMING_UPDATED, UPCOMING_METHOD, "Maintenance window has been rescheduled.",
+     _MOVED_METADATA, "2030-01-09T16:30:10.004Z", STANDARD_VM),
+    ("cloud.migrated", "compute.instances.migrateOnHostMaintenance",
+     "Instance migrated during Compute Engine maintenance.", None,
+     "2030-01-20T02:01:02.290123Z", STANDARD_VM),
+    ("cloud.terminated_for_maintenance", "compute.instances.terminateOnHostMaintenance",
+     "Instance terminated during Compute Engine maintenance.", None,
+     "2030-01-20T02:55:01.133Z", STANDARD_VM),
+    ("cloud.automatic_restart", "compute.instances.automaticRestart",
+     "Instance automatically restarted by Compute Engine.", None,
+     "2030-01-20T02:56:40.020Z", STANDARD_VM),
+    (UPCOMING_COMPLETED, UPCOMING_METHOD, "Maintenance window has completed.", None,
+     "2030-01-20T02:57:00.000Z", STANDARD_VM),
+    ("cloud.host_error", "compute.instances.hostError", "Instance terminated by Compute Engine.",
+     None, "2030-01-27T04:12:33.626Z", STANDARD_VM),
+    ("cloud.preempted", "compute.instances.preempted", "Instance was preempted.", None,
+     "2030-02-03T11:42:37.118Z", SPOT_VM),
+    ("cloud.guest_terminated", "compute.instances.guestTerminate",
+     "Instance terminated by guest OS shutdown.", None, "2030-02-04T09:00:03.001Z", SPOT_VM),
+    ("cloud.halted_for_restart", "compute.instances.instanceManagerHaltForRestart",
+     "Instance halted by the instance group manager for a restart.", None,
+     "2030-02-05T10:20:00.100Z", SPOT_VM),
+    ("cloud.recreated", "compute.instances.repair.recreateInstance",
+     "Instance recreated by the instance group manager.", None,
+     "2030-02-05T10:21:30.700Z", SPOT_VM),
+    (GENERIC_KIND, "compute.instances.notifyInstanceLocation", "", None,
+     "2030-02-06T00:00:00.000Z", SPOT_VM),
+)  # fmt: skip
+
+
+def log_entry(
+    method: str,
+    message: str,
+    metadata: dict[str, Any] | None,
+    timestamp: str,
+    instance: Instance,
+    insert_id: str,
+) -> dict[str, Any]:
+    """A system-event LogEntry in the documented shape (FACTS.md section 8)."""
+    millis = int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp() * 1000)
+    payload: dict[str, Any] = {
+        "@type": "type.googleapis.com/google.cloud.audit.AuditLog",
+        "status": {"message": message} if message else {},
+        "authenticationInfo": {"principalEmail": "system@google.com"},
+        "requestMetadata": {"requestAttributes": {}, "destinationAttributes": {}},
+        "serviceName": "compute.googleapis.com",
+        "methodName": method,
+        "resourceName": (
+            f"projects/{instance.project_id}/zones/{instance.zone}/instances/{instance.name}"
+        ),
+        "request": {"@type": f"type.googleapis.com/{method}"},
+    }
+    if metadata is not None:
+        payload["metadata"] = metadata
+    return {
+        "protoPayload": payload,
+        "insertId": insert_id,
+        "resource": {
+            "type": "gce_instance",
+            "labels": {
+                "project_id": instance.project_id,
+                "instance_id": instance.id,
+                "zone": instance.zone,
+            },
+        },
+        "timestamp": timestamp,
+        "severity": "NOTICE" if method == UPCOMING_METHOD else "INFO",
+        "logName": f"projects/{instance.project_id}/logs/cloudaudit.googleapis.com%2Fsystem_event",
+        "operation": {
+            "id": f"systemevent-{millis}-{insert_id.strip('-')}",
+            "producer": method,
+            "first": True,
+            "last": True,
+        },
+        "receiveTimestamp": timestamp.replace("Z", "").ljust(29, "0")[:23] + "917422Z",
+    }
+
+
+def log_entries() -> dict[str, dict[str, Any]]:
+    """Cloud kind -> the LogEntry of the example timeline, in `CLOUD_KINDS` order."""
+    by_kind = {
+        kind: log_entry(method, message, metadata, at, vm, f"-{i:02d}e0ull7dew{i:02d}")
+        for i, (kind, method, message, metadata, at, vm) in enumerate(CLOUD_TIMELINE)
+    }
+    if sorted(by_kind) != sorted(CLOUD_KINDS):
+        raise AssertionError(f"cloud examples {sorted(by_kind)} != {sorted(CLOUD_KINDS)}")
+    known = {METHODS.get(e["protoPayload"]["methodName"]) for e in by_kind.values()}
+    if not set(METHODS.values()) <= known:
+        raise AssertionError("every mapped method needs an example")
+    return {kind: by_kind[kind] for kind in CLOUD_KINDS}
+
+
+def cloud_events() -> dict[str, Event]:
+    """Cloud kind -> the event the system-events function makes of its example entry."""
+    out = {kind: convert(entry) for kind, entry in log_entries().items()}
+    for kind, event in out.items():
+        if event.kind != kind:
+            raise AssertionError(f"{kind}: the example entry converts to {event.kind}")
+    return out
+
+
 def pubsub_form(event: Event) -> dict[str, Any]:
     """The binary-mode message: attributes, and the payload shown as a JSON object."""
     attributes, payload = event.to_pubsub("binary")
@@ -227,6 +361,11 @@ def render() -> dict[str, str]:
     for kind, event in events().items():
         files[f"{kind}.json"] = _text(event.to_structured())
         files[f"{kind}.pubsub.json"] = _text(pubsub_form(event))
+    entries = log_entries()
+    for kind, event in cloud_events().items():
+        files[f"{kind}.json"] = _text(event.to_structured())
+        files[f"{kind}.pubsub.json"] = _text(pubsub_form(event))
+        files[f"logentry.{kind}.json"] = _text(entries[kind])
     for path, envelope in envelopes(events()["maintenance.started"]).items():
         files[f"envelope.{path}.json"] = _text(envelope)
     return files
@@ -246,7 +385,7 @@ def producer_schema(consumer: dict[str, Any]) -> dict[str, Any]:
     )
     strict["required"] = [*consumer["required"], "at_startup", "stream_id"]
     key = strict["properties"]["key"]
-    known = [*WATCHED_KEYS, HEARTBEAT_KEY]
+    known = [*WATCHED_KEYS, HEARTBEAT_KEY, CLOUD_KEY]
     if key.pop("examples") != known:
         raise AssertionError(f"{CONSUMER_SCHEMA.name}: properties.key.examples must be {known}")
     key["enum"] = known
