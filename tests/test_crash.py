@@ -14,9 +14,22 @@ outbox). After the last round a clean run drains what is left, then:
 - the same id may be published twice (at least once: a kill between the write and the
   retirement); that count is reported, and every copy is identical.
 
-BRIDGE_CRASH_ROUNDS sets the number of rounds (CI default 20; the docs quote 100+);
-BRIDGE_TEST_SEED replays a run (a failure reports its seed; the timing of a machine is not
-replayed).
+- within each run, events go out in sequence order (what a restart resumes first included).
+
+Where a kill lands is luck, so the rounds are a soak: BRIDGE_CRASH_ROUNDS sets their number
+(CI default 20; the docs quote 100+); BRIDGE_TEST_SEED replays a run (a failure reports its
+seed; the timing of a machine is not replayed). The windows that matter most are also hit
+deterministically, each by a test of its own: the same `maintenance-bridge run` code in a
+process whose stdout sink is wrapped by a fault (`faulty`, below, started with `python -c`;
+nothing in the bridge knows of it) kills the process with SIGKILL at a named point:
+
+- at the send of an event, before the sink has it: the restart sends it once, under the id
+  it was recorded with (an event sent before its commit would be recorded again after the
+  restart, under a new id, flagged happened_while_down);
+- right after the sink has it, before it is retired: the restart sends it again under the same
+  id (at least once, never renamed);
+- with three events sent and none acknowledged: the restart sends all three, in sequence order
+  (a restart that resumed the outbox in another order is caught here).
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import os
 import random
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -37,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.harness import wait_for_text
+from support.harness import wait_for, wait_for_text
 
 from bridge.events import Event, decode_structured
 from bridge.keys import KEYS, MAINTENANCE, PREEMPTED, UPCOMING
@@ -106,9 +120,19 @@ class Driver:
         self.thread.join(5)
 
 
-def spawn(sim: Simulator, state: Path, out: Path, err: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    sim: Simulator,
+    state: Path,
+    out: Path,
+    err: Path,
+    fault: str = "",
+    fault_log: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """`maintenance-bridge run` on the stdout sink; with `fault`, the same run in a process whose
+    sink is wrapped by `faulty` (which notes each send it sees in `fault_log`)."""
+    command = [str(BIN)] if not fault else [sys.executable, "-c", CHILD]
     args = [
-        str(BIN),
+        *command,
         "run",
         "--metadata-url",
         sim.url,
@@ -124,10 +148,50 @@ def spawn(sim: Simulator, state: Path, out: Path, err: Path) -> subprocess.Popen
         "5",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "GCE_", "PUBSUB"))}
+    if fault:
+        env |= {"CRASH_FAULT": fault, "CRASH_FAULT_LOG": str(fault_log)}
     with out.open("ab") as stdout, err.open("ab") as stderr:
         return subprocess.Popen(
             args, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env
         )
+
+
+# A bridge process with a fault in its sink: this module, imported by `python -c`, runs the CLI.
+CHILD = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_crash; " + (
+    "test_crash.faulty()"
+)
+FAULTS = ("before_write", "after_write", "hold")
+
+
+def faulty() -> None:
+    """`maintenance-bridge run` (bridge.cli.main, the arguments after `-c CODE`) with its stdout
+    sink wrapped: every send is first noted, flushed and synced, in $CRASH_FAULT_LOG (the
+    process may die the next instant), then $CRASH_FAULT decides: `before_write` SIGKILLs the
+    process before the sink writes the event, `after_write` right after it wrote and flushed
+    it (before the bridge can retire it), `hold` never acknowledges it (the test kills)."""
+    from concurrent.futures import Future
+
+    from bridge.cli import main
+    from bridge.sinks.stdout import StdoutSink
+
+    fault, noted = os.environ["CRASH_FAULT"], Path(os.environ["CRASH_FAULT_LOG"])
+    assert fault in FAULTS, fault
+    send = StdoutSink.send
+
+    def faulty_send(self: StdoutSink, event: Event) -> Future[str]:
+        with noted.open("a") as f:
+            f.write(json.dumps({"id": event.id, "sequence": event.data.sequence}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if fault == "hold":
+            return Future()
+        if fault == "after_write":
+            send(self, event)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return Future()  # not reached: SIGKILL to itself is delivered before kill() returns
+
+    StdoutSink.send = faulty_send  # type: ignore[method-assign]
+    sys.exit(main(sys.argv[1:]))
 
 
 @contextlib.contextmanager
@@ -144,6 +208,35 @@ def final_canonical(key: str, value: str | None) -> str:
     if value is None:
         return KEYS[key].baseline
     return canonical(key, json.loads(value) if key == UPCOMING else value)
+
+
+def settle(proc: subprocess.Popen[bytes], state: Path, err: Path, wanted: dict[str, str]) -> None:
+    """Until the bridge has emptied its outbox and stored the `wanted` value of every key (what
+    a restart compares with the live values is then told), then SIGTERM: it must exit 0."""
+    deadline = time.monotonic() + 60
+
+    def settled() -> bool:
+        with contextlib.suppress(Exception):
+            status = read_status(state / "bridge.sqlite3")
+            stored = {k: v["value"] for k, v in status["keys"].items()}
+            return status["outbox_depth"] == 0 and all(
+                stored.get(k, KEYS[k].baseline) == v for k, v in wanted.items()
+            )
+        return False
+
+    wait_for_text(err, "watching")  # handlers installed
+    while not settled():
+        assert time.monotonic() < deadline, "the bridge did not catch up"
+        assert proc.poll() is None, err.read_text()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+def published(path: Path) -> tuple[list[Event], bool]:
+    """The events a run wrote to stdout, and whether its last line was torn (no ack)."""
+    body, _, tail = path.read_text().rpartition("\n")
+    return [decode_structured(json.loads(line)) for line in body.splitlines() if line], bool(tail)
 
 
 def test_kill_minus_nine_at_random_points(tmp_path, seed, rng):
@@ -176,24 +269,7 @@ def test_kill_minus_nine_at_random_points(tmp_path, seed, rng):
         out, err = logs / "out-final.jsonl", logs / "err-final.log"
         wanted = {key: final_canonical(key, value) for key, value in final.items()}
         with killing(spawn(sim, state, out, err)) as proc:
-            deadline = time.monotonic() + 60
-
-            def settled() -> bool:
-                with contextlib.suppress(Exception):
-                    status = read_status(state / "bridge.sqlite3")
-                    stored = {k: v["value"] for k, v in status["keys"].items()}
-                    return status["outbox_depth"] == 0 and all(
-                        stored.get(k, KEYS[k].baseline) == v for k, v in wanted.items()
-                    )
-                return False
-
-            wait_for_text(err, "watching")  # handlers installed
-            while not settled():
-                assert time.monotonic() < deadline, "the final run did not catch up"
-                assert proc.poll() is None, err.read_text()
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0
+            settle(proc, state, err, wanted)
         next_sequence = read_status(state / "bridge.sqlite3")["next_sequence"]
     finally:
         sim.stop()
@@ -202,10 +278,12 @@ def test_kill_minus_nine_at_random_points(tmp_path, seed, rng):
     copies: list[Event] = []
     torn = 0
     for path in sorted(logs.glob("out-*.jsonl")):
-        text = path.read_text()
-        body, _, tail = text.rpartition("\n")
-        torn += bool(tail)
-        copies += [decode_structured(json.loads(line)) for line in body.splitlines() if line]
+        events, was_torn = published(path)
+        torn += was_torn
+        copies += events
+        # Within one run, events go out in sequence order, what it resumed from the outbox first.
+        sequences = [e.data.sequence for e in events]
+        assert sequences == sorted(set(sequences)), f"{path.name} out of order: {sequences}"
     by_id: dict[str, Event] = {}
     for event in copies:
         first = by_id.setdefault(event.id, event)
@@ -265,3 +343,78 @@ def test_kill_minus_nine_at_random_points(tmp_path, seed, rng):
     }
     print(json.dumps(figures))
     write_figures("crash", figures)
+
+
+# -- kills at named points ------------------------------------------------------------------------
+
+QUIET = {MAINTENANCE: "NONE", PREEMPTED: "FALSE", UPCOMING: KEYS[UPCOMING].baseline}
+
+
+def noted(path: Path) -> list[dict[str, Any]]:
+    """What `faulty` noted: the id and sequence of each event its sink was given."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def outbox_rows(state: Path) -> list[tuple[int, str]]:
+    with contextlib.closing(sqlite3.connect(state / "bridge.sqlite3")) as db:
+        return db.execute("SELECT seq, id FROM outbox ORDER BY seq").fetchall()
+
+
+@pytest.mark.parametrize("point", ["before_write", "after_write"])
+def test_killed_at_the_send_a_restart_sends_the_event_under_its_first_id(
+    sim: Simulator, tmp_path: Path, point: str
+) -> None:
+    """SIGKILL at the moment the sink is handed the event (before it has it, or after it has it
+    and before the bridge retired it): the restart sends it under the id it was recorded with,
+    once more, and records nothing again (the new value was stored with the event)."""
+    state, logs = tmp_path / "state", tmp_path / "logs"
+    logs.mkdir()
+    fault_log = logs / "sends.jsonl"
+    out, err = logs / "out-1.jsonl", logs / "err-1.log"
+    with killing(spawn(sim, state, out, err, point, fault_log)) as proc:
+        wait_for_text(err, "watching")
+        sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+        assert proc.wait(30) == -signal.SIGKILL, err.read_text()
+    (attempt,) = noted(fault_log)
+    before, _ = published(out)
+    assert [e.id for e in before] == ([attempt["id"]] if point == "after_write" else [])
+    assert outbox_rows(state) == [(attempt["sequence"], attempt["id"])]
+    out, err = logs / "out-2.jsonl", logs / "err-2.log"
+    with killing(spawn(sim, state, out, err)) as proc:
+        settle(proc, state, err, QUIET | {MAINTENANCE: "MIGRATE_ON_HOST_MAINTENANCE"})
+    after, torn = published(out)
+    assert not torn
+    assert [(e.id, e.data.sequence) for e in after] == [(attempt["id"], attempt["sequence"])], (
+        "the restart did not send the recorded event once, under its first id"
+    )
+    assert after[0].kind == "maintenance.started"
+    assert not after[0].data.happened_while_down
+    assert before in ([], after), "the event sent again is not the one the sink had"
+
+
+def test_a_restart_sends_the_unacknowledged_events_in_sequence_order(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """Three events sent, none acknowledged, then SIGKILL: the restart sends all three before
+    anything else, in sequence order, under their ids."""
+    state, logs = tmp_path / "state", tmp_path / "logs"
+    logs.mkdir()
+    fault_log = logs / "sends.jsonl"
+    out, err = logs / "out-1.jsonl", logs / "err-1.log"
+    changes = {MAINTENANCE: VALUES[MAINTENANCE][0], PREEMPTED: "TRUE", UPCOMING: WINDOWS[0]}
+    with killing(spawn(sim, state, out, err, "hold", fault_log)) as proc:
+        wait_for_text(err, "watching")
+        for key, value in changes.items():
+            sim.set_value(key, value)
+        wait_for("three events in the outbox", lambda: len(outbox_rows(state)) == 3)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    held = outbox_rows(state)
+    assert [seq for seq, _ in held] == [1, 2, 3]
+    assert {n["id"] for n in noted(fault_log)} <= {event_id for _, event_id in held}
+    out, err = logs / "out-2.jsonl", logs / "err-2.log"
+    with killing(spawn(sim, state, out, err)) as proc:
+        wanted = {key: final_canonical(key, value) for key, value in changes.items()}
+        settle(proc, state, err, wanted)
+    after, _ = published(out)
+    assert [(e.data.sequence, e.id) for e in after] == held
