@@ -13,6 +13,7 @@ meanwhile waits in the outbox as it would during a Pub/Sub outage.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
@@ -29,6 +30,7 @@ from bridge.events import MAINTENANCE, Instance, Scheduling, rfc3339
 from bridge.metadata import MetadataClient, MetadataError, Reading
 from bridge.sinks import Sink, failures, make_sink, target
 from bridge.store import Store
+from bridge.supervise import supervised_thread
 
 if TYPE_CHECKING:
     import tenacity
@@ -55,7 +57,7 @@ def run(
     from bridge.health import Health
     from bridge.hooks import Hooks
     from bridge.metrics import Metrics
-    from bridge.recorder import Recorder
+    from bridge.recorder import STORE_RETRY, Recorder
     from bridge.relay import Relay
     from bridge.status import daemon_record
     from bridge.watcher import NoticeBoard, Watcher
@@ -73,11 +75,13 @@ def run(
     connect = _deferred_connect(sink)
     metrics, health = Metrics(), Health(max_outbox_age=config.ready_max_outbox_age)
     relay = Relay(sink, store, metrics, retry_cap=config.retry_cap, failures=failures(config))
+    relay.thread = supervised_thread(
+        "relay", relay.run, health, finished=lambda: relay.stopping, stop=stop
+    )
+    relay.parked = _parked(store)
     health.outbox = relay
     for seq, event, recorded_at in snapshot.pending:
-        # No change time to measure latency from, but the outbox age counts from the recording.
-        since = time.monotonic() - max(0.0, time.time() - recorded_at)
-        relay.enqueue(seq, event, None, [], since=since)
+        relay.enqueue(seq, event, None, [], since=_restored_since(recorded_at, config))
     if snapshot.pending:
         log.info("resuming: %d events from the outbox go out first", len(snapshot.pending))
     metrics.track_outbox(relay.depth, relay.oldest_seen, store.parked_count)
@@ -125,18 +129,20 @@ def run(
         board = NoticeBoard()  # while any key says a notice is on, every watcher polls briefly
         for key in config.keys:
             first = armed if key == MAINTENANCE else None
-            watchers.append(
-                Watcher(key, config, recorder.observe, stop, health, metrics, first, board)
+            watcher = Watcher(key, config, recorder.observe, stop, health, metrics, first, board)
+            # Supervised from outside: the watcher's own loop ends on an unexpected exception.
+            watcher.thread = supervised_thread(
+                watcher.thread.name, watcher._run, health, finished=stop.is_set, stop=stop
             )
-            watchers[-1].start()
+            watchers.append(watcher)
+            watcher.start()
         watching.set()
+        every = [(recorder.retry_store, STORE_RETRY, "store retry")]
         if config.heartbeat_interval:
-            threading.Thread(
-                target=_heartbeats,
-                args=(recorder, config.heartbeat_interval, stop),
-                name="heartbeat",
-                daemon=True,
-            ).start()
+            every.append((_heartbeat(recorder), config.heartbeat_interval, "heartbeat"))
+        for task, interval, name in every:
+            loop = functools.partial(_every, task, interval, stop)
+            supervised_thread(name, loop, health, finished=stop.is_set, stop=stop).start()
         health.ready = True
         while not stop.wait(0.5):  # a short wait keeps Ctrl+C working on Windows
             _take_redrives(store, relay)
@@ -149,6 +155,8 @@ def run(
             log.warning(
                 "stopping with %d events in the outbox; they go out on the next start", left
             )
+        if not relay.stopped:
+            log.warning("the sink %s is still blocked in a send: stopping without it", sink.name)
         hooks.close()
         sink.close()
         _note_daemon(store, {**record, "stopped_at": rfc3339(datetime.now(timezone.utc))})
@@ -168,6 +176,7 @@ def _take_redrives(store: Store, relay: Relay) -> None:
         return
     for seq, event, _ in taken:
         relay.enqueue(seq, event, None, [])
+    relay.unparked(len(taken))
     if taken:
         log.info("redrive: %d parked events back in the outbox", len(taken))
 
@@ -284,6 +293,27 @@ def _identity(
     return replace(instance, hostname=hostname), scheduling
 
 
-def _heartbeats(recorder: Recorder, interval: float, stop: threading.Event) -> None:
+def _parked(store: Store) -> int:
+    try:
+        return store.parked_count()
+    except sqlite3.Error:
+        return 0
+
+
+def _restored_since(recorded_at: float, config: Config) -> float:
+    """The monotonic time a restored event entered the outbox. Its wall-clock stamp may be
+    off by any step of the clock since: the age is clamped between 0 and the readiness
+    limit, so that it is neither negative nor huge, and a restored event still past the
+    limit turns /readyz red only if it does not go out at once."""
+    age = min(max(0.0, time.time() - recorded_at), config.ready_max_outbox_age)
+    return time.monotonic() - age
+
+
+def _heartbeat(recorder: Recorder) -> Callable[[], None]:
+    return lambda: recorder.heartbeat(datetime.now(timezone.utc), time.monotonic())
+
+
+def _every(task: Callable[[], None], interval: float, stop: threading.Event) -> None:
+    """`task` every `interval` seconds (monotonic: a step of the wall clock changes none)."""
     while not stop.wait(interval):
-        recorder.heartbeat(datetime.now(timezone.utc), time.monotonic())
+        task()

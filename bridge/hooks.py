@@ -3,7 +3,8 @@
 A hook starts the moment its event is recorded, on a bounded pool of its own: a hook that
 hangs is killed at its timeout, one that fails is logged and counted, and a flood of events
 past the pool's queue is counted as dropped rather than piling up threads or delaying the
-publish path.
+publish path. When the bridge stops, hooks still running are killed (their process groups),
+each said in the log: a hook must not hold the bridge past its service's stop timeout.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ class Hooks:
         self.environ = dict(environ)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hook")
         self._slots = threading.BoundedSemaphore(MAX_QUEUED)
+        self._running: dict[subprocess.Popen[bytes], str] = {}  # process -> what it runs for
+        self._closed = False
+        self._lock = threading.Lock()
 
     def dispatch(self, event: Event) -> None:
         for hook in self.hooks:
@@ -114,7 +118,16 @@ class Hooks:
                 )
 
     def close(self) -> None:
+        """No more runs; the queued are dropped and the running killed, said in the log."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            running = list(self._running.items())
+        posix = sys.platform != "win32"
+        for proc, what in running:
+            log.warning("hook %s killed: the bridge is stopping", what)
+            _kill(proc, posix, reap=False)
+        self._pool.shutdown(wait=True)
 
     def _run(self, hook: Hook, event: Event) -> None:
         started = time.monotonic()
@@ -142,14 +155,18 @@ class Hooks:
     def _execute(self, hook: Hook, event: Event) -> tuple[str, int | None]:
         posix = sys.platform != "win32"
         args = shlex.split(hook.command, posix=posix) if posix else hook.command
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=hook_environment(event, self.environ),
-            start_new_session=posix,  # its own process group, so a timeout kills its children
-        )
+        with self._lock:
+            if self._closed:
+                return "dropped", None
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=hook_environment(event, self.environ),
+                start_new_session=posix,  # its own process group: a kill reaches its children
+            )
+            self._running[proc] = f"{hook.command!r} for event {event.id}"
         try:
             proc.communicate(event.structured, timeout=self.timeout)
         except subprocess.TimeoutExpired:
@@ -157,13 +174,21 @@ class Hooks:
             return "timeout", None
         except BrokenPipeError:  # the hook did not read stdin: fine
             proc.wait(timeout=self.timeout)
+        finally:
+            with self._lock:
+                self._running.pop(proc, None)
+                killed = self._closed
+        if killed and proc.returncode is not None and proc.returncode < 0:
+            return "killed", proc.returncode
         return ("ok" if proc.returncode == 0 else "failed"), proc.returncode
 
 
-def _kill(proc: subprocess.Popen[bytes], posix: bool) -> None:
+def _kill(proc: subprocess.Popen[bytes], posix: bool, *, reap: bool = True) -> None:
+    """Kill the hook and its process group; `reap`: wait for it (else its runner does)."""
     if posix:
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, 9)
     else:
         proc.kill()
-    proc.wait()
+    if reap:
+        proc.wait()

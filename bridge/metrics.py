@@ -27,7 +27,7 @@ from bridge.metadata import FAILURE_CLASSES
 from bridge.sinks import failure_classes
 
 PUBLISH_FAILURE_CLASSES = failure_classes()  # what the registered sinks declare, and `other`
-HOOK_RESULTS = ("ok", "failed", "timeout", "error", "dropped")
+HOOK_RESULTS = ("ok", "failed", "timeout", "error", "dropped", "killed")
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 

@@ -1,25 +1,32 @@
 """The outbox relay: sends recorded events to the sink in order and retires the acknowledged.
 
+One thread, the relay's own, calls the sink and retires: the recorder only appends to the
+queue and wakes it (a Condition), so a sink that blocks (stdout into a full pipe) delays
+delivery and nothing else, and which thread does what never depends on timing. The relay's
+lock is held for queue bookkeeping only, never across a send, a wait or a store write.
+
 Events are sent in sequence order, several in flight at once; they leave the outbox only in
 that order and only once acknowledged. On a failure the relay stops at the first unacknowledged
 event, lets the sink recover (Pub/Sub pauses an ordering key after a failed publish) and sends
 again from there after a short back-off, so order per instance holds and an id is never
 replaced: a retry may deliver an event twice, always under the same id. An event the sink
 refuses for good (`Permanent`) is parked in the store instead, and the queue goes on.
+Heartbeats left waiting behind a newer one (after an outage) are coalesced: only the newest
+goes out.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import datetime, timezone
-from functools import partial
-from typing import Any
 
 from bridge.events import Event, rfc3339
+from bridge.keys import HEARTBEAT_KIND
 from bridge.metrics import Metrics
 from bridge.outage import Outage
 from bridge.retry import publish_policy
@@ -29,6 +36,15 @@ from bridge.store import Store
 log = logging.getLogger("bridge.relay")
 WINDOW = 100
 ACK_TIMEOUT = 60.0
+SEND_STUCK = 2.0  # a `send` (not its acknowledgement) taking longer is a blocked sink
+RETIRE_RETRY = 1.0  # how often retirements the store refused are tried again
+AWAIT_SLICE = 0.1  # an acknowledgement is awaited in slices this long, to see a drain end
+
+Item = tuple[int, Event, float | None]  # (seq, event, monotonic time the change was seen)
+
+
+class _DrainOver(Exception):
+    """The drain's deadline passed with this acknowledgement still awaited."""
 
 
 class Relay:
@@ -49,21 +65,24 @@ class Relay:
         self.metrics = metrics
         self.failures = failures
         self.retry = publish_policy(retry_cap)
-        # (seq, event, monotonic time the change was seen, or None when restored from disk)
-        self._queue: deque[tuple[int, Event, float | None]] = deque()
-        lock = threading.RLock()
+        self._queue: deque[Item] = deque()
+        lock = threading.Lock()
         self._cond = threading.Condition(lock)  # work for the relay thread, or stopping
         self._settled = threading.Condition(lock)  # an event left the queue (for `drain`)
         self._stopping = False
+        self._deadline = float("inf")  # monotonic: while stopping, no ack is awaited past it
+        self._heartbeats = 0  # heartbeats in the queue: more than one, and the older go
+        self._since: dict[int, float] = {}  # seq -> monotonic time it entered the outbox
+        # Touched by the relay thread only (the failure bookkeeping needs no lock).
         self._publishing = Outage(log, f"sink {sink.name} accepting again", logging.ERROR)
         self._full = Outage(log, level=logging.ERROR)  # ends with the publishing outage
         self._retiring = Outage(log, level=logging.ERROR)  # a store that cannot retire events
-        self._busy = False  # the relay thread is sending a batch
-        self._early: tuple[int, Any] | None = None  # (seq, future) sent by enqueue itself
-        self._since: dict[int, float] = {}  # seq -> monotonic time it entered the outbox
-        self.last_failure = ""  # why the sink refused, for /readyz; "" while it accepts
+        self._unretired: list[tuple[int, str]] = []  # acknowledged, the store refused to retire
         self._clear_error = True  # the store may hold an error from an earlier run or outage
-        self.thread = threading.Thread(target=self._run, name="relay", daemon=True)
+        self._sending_since: float | None = None  # monotonic start of a `send` in progress
+        self.last_failure = ""  # why the sink refused, for /readyz; "" while it accepts
+        self.parked = 0  # events parked in the store (the daemon sets it from the store)
+        self.thread = threading.Thread(target=self.run, name="relay", daemon=True)
 
     # -- producer side -------------------------------------------------------------------------
 
@@ -75,39 +94,13 @@ class Relay:
         dropped: list[int],
         *,
         since: float | None = None,
-        retire_later: bool = False,
-    ) -> Callable[[], None] | None:
-        """Queue a recorded event; `seen` times its latency, `since` (default: `seen` or now)
-        its age in the outbox.
-
-        An event the sink acknowledged within `send` (stdout) has left the queue when this
-        returns, and this thread retires it too: waking the relay thread for it cost more CPU,
-        in hand-offs of the GIL, than the work itself. `retire_later`: the rest of retiring it
-        (its log line, its removal from the store) is returned instead, for the caller to run
-        once its own work is done."""
-        finish = self._queue_and_send(seq, event, seen, dropped, since)
-        if finish is None or retire_later:
-            return finish
-        finish()
-        return None
-
-    def _queue_and_send(
-        self,
-        seq: int,
-        event: Event,
-        seen: float | None,
-        dropped: list[int],
-        since: float | None,
-    ) -> Callable[[], None] | None:
+    ) -> None:
+        """Queue a recorded event and wake the relay thread; never blocks on the sink.
+        `seen` times its latency, `since` (default: `seen` or now) its age in the outbox;
+        `dropped`: outbox seqs the store dropped to keep within its bound."""
         with self._cond:
-            self._since[seq] = since if since is not None else seen or time.monotonic()
             if dropped:
-                gone = set(dropped)
-                kept = [item for item in self._queue if item[0] not in gone]
-                for seq_gone in gone:
-                    self._since.pop(seq_gone, None)
-                self._queue.clear()
-                self._queue.extend(kept)
+                self._forget(set(dropped))
                 self.metrics.dropped.inc(len(dropped))
                 self._full.failed(
                     "full",
@@ -115,24 +108,13 @@ class Relay:
                     "drops are counted in maintenance_bridge_outbox_dropped_total",
                     len(dropped),
                 )
-            if seq not in set(dropped):
-                # Nothing queued or in flight: send it from this thread right away rather than
-                # wait for the relay thread to be scheduled (~0.7 ms on a busy machine); the
-                # relay still awaits the acknowledgement and retires the event, in order.
-                idle = not self._queue and not self._busy and self._early is None
-                self._queue.append((seq, event, seen))
-                if idle and not self._publishing.failures and not self._stopping:
-                    try:
-                        future = self.sink.send(event)
-                    except Exception:  # the relay sends it again and handles the failure
-                        future = None
-                    if future is not None and future.done() and future.exception() is None:
-                        now = time.monotonic()
-                        since = self._dequeue(seq)
-                        return partial(self._retired, seq, event, seen, since, now)
-                    self._early = (seq, future) if future is not None else None
+                if seq in dropped:
+                    return
+            self._since[seq] = since if since is not None else seen or time.monotonic()
+            self._queue.append((seq, event, seen))
+            if event.kind == HEARTBEAT_KIND:
+                self._heartbeats += 1
             self._cond.notify()
-        return None
 
     def depth(self) -> int:
         return len(self._queue)
@@ -141,79 +123,128 @@ class Relay:
         with self._cond:
             return self._since.get(self._queue[0][0]) if self._queue else None
 
+    def queued(self, seqs: list[int]) -> list[int]:
+        """Those of `seqs` still waiting for the sink."""
+        with self._cond:
+            waiting = {item[0] for item in self._queue}
+        return [seq for seq in seqs if seq in waiting]
+
+    def stuck(self, now: float) -> str:
+        """Why the sink takes nothing at all, for /readyz: its `send` blocking (stdout into a
+        pipe nobody reads) for more than SEND_STUCK; "" when it is not."""
+        since = self._sending_since
+        if since is None or now - since < SEND_STUCK:
+            return ""
+        return f"sink {self.sink.name} blocked in send for {now - since:.0f} s"
+
+    def unparked(self, count: int) -> None:
+        """`count` parked events went back into the outbox (redrive)."""
+        with self._cond:
+            self.parked = max(0, self.parked - count)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.thread.start()
 
     def drain(self, timeout: float) -> bool:
-        """Wait up to `timeout` for the outbox to empty, then stop; True when it emptied."""
+        """Wait up to `timeout` for the outbox to empty, then stop: acknowledgements that
+        came by then are retired by the relay thread before it ends; True when it emptied."""
         deadline = time.monotonic() + timeout
         with self._cond:
+            self._deadline = deadline
             while self._queue and time.monotonic() < deadline:
                 self._settled.wait(min(0.05, max(0.0, deadline - time.monotonic())))
             emptied = not self._queue
             self._stopping = True
             self._cond.notify_all()
-        self.thread.join(timeout=1.0)
+        # A relay blocked in `send` cannot be interrupted: the caller goes on without it.
+        if self.thread.is_alive():
+            self.thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
         return emptied
+
+    @property
+    def stopped(self) -> bool:
+        """True once the relay thread has ended (or never started)."""
+        return not self.thread.is_alive()
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The relay thread's loop, until `drain`; an unexpected exception propagates (the
+        daemon's supervisor logs it and calls this again)."""
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
+                while not self._stopping and not self._queue:
+                    self._cond.wait(RETIRE_RETRY if self._unretired else None)
+                    if self._unretired:
+                        break
                 if self._stopping:
                     return
-                batch = list(self._queue)[:WINDOW]
-                self._busy = True
-            sent = self._send(batch)
-            with self._cond:
-                self._busy = False
-            if not sent:
+                stale = self._stale_heartbeats() if self._heartbeats > 1 else set()
+                batch = [] if stale else list(itertools.islice(self._queue, WINDOW))
+            if stale:
+                self._coalesce(stale)
+                continue
+            self._retry_retirements()
+            if batch and not self._send(batch):
                 self._backoff()
 
-    def _send(self, batch: list[tuple[int, Event, float | None]]) -> bool:
+    def _send(self, batch: list[Item]) -> bool:
         """Send a batch and retire its acknowledged prefix; False on the first failure."""
-        futures = []
+        futures: list[tuple[int, Event, float | None, Future[str]]] = []
         for seq, event, seen in batch:
+            self._sending_since = time.monotonic()
             try:
-                early, self._early = self._early, None
-                future = early[1] if early and early[0] == seq else self.sink.send(event)
-                futures.append((seq, event, seen, future))
+                futures.append((seq, event, seen, self.sink.send(event)))
             except Exception as exc:  # the client refused it outright
                 self._failed(event, exc)
                 return False
+            finally:
+                self._sending_since = None
         for seq, event, seen, future in futures:
             try:
-                future.result(timeout=ACK_TIMEOUT)
+                self._await(future)
             except Permanent as exc:
                 self._park(seq, event, exc)
                 return True  # the queue goes on from the next event
+            except _DrainOver:  # not acknowledged within --drain-timeout: the next start's
+                return False
             except Exception as exc:
                 self._failed(event, exc)
                 return False
             self._retire(seq, event, seen)
         return True
 
-    def _retire(self, seq: int, event: Event, seen: float | None) -> None:
-        now = time.monotonic()
-        self._retired(seq, event, seen, self._dequeue(seq), now)
+    def _await(self, future: Future[str]) -> None:
+        """The acknowledgement, within ACK_TIMEOUT; looked at in short slices so that a drain
+        that runs out is seen at once (_DrainOver)."""
+        end = time.monotonic() + ACK_TIMEOUT
+        while True:
+            now = time.monotonic()
+            if now >= self._deadline and not future.done():
+                raise _DrainOver
+            try:
+                future.result(timeout=max(0.0, min(AWAIT_SLICE, end - now)))
+                return
+            except TimeoutError:
+                if future.done() or time.monotonic() >= end:
+                    raise
 
-    def _dequeue(self, seq: int) -> float | None:
-        """The acknowledged head leaves the queue; returns when it entered the outbox."""
+    def _retire(self, seq: int, event: Event, seen: float | None) -> None:
+        """Count, log and forget an acknowledged event; its outbox row goes too."""
+        now = time.monotonic()
         with self._cond:
             if self._queue and self._queue[0][0] == seq:
                 self._queue.popleft()
+                if event.kind == HEARTBEAT_KIND:
+                    self._heartbeats -= 1
+            since = self._since.pop(seq, None)
             self._settled.notify_all()
-            return self._since.pop(seq, None)
-
-    def _retired(
-        self, seq: int, event: Event, seen: float | None, since: float | None, now: float
-    ) -> None:
-        """Count, log and forget an event acknowledged at `now` (monotonic)."""
         if seen is not None:
             self.metrics.latency.observe(now - seen)
         self.metrics.published.inc()
@@ -221,7 +252,7 @@ class Relay:
         # subscribers saw; latency from the change (or, restored from disk, from recording).
         start = seen if seen is not None else since
         log.log(
-            logging.DEBUG if event.kind == "bridge.heartbeat" else logging.INFO,
+            logging.DEBUG if event.kind == HEARTBEAT_KIND else logging.INFO,
             "published %s event %s (sequence %d)",
             event.kind,
             event.id,
@@ -236,17 +267,58 @@ class Relay:
             self._full.recovered()
             self.last_failure = ""
             self._clear_error = True
+        if self._ack(seq, event.id):
+            self._clear_error = False
+        else:
+            self._unretired.append((seq, event.id))
+
+    def _ack(self, seq: int, event_id: str) -> bool:
         try:
             self.store.ack(
-                seq, event.id, rfc3339(datetime.now(timezone.utc)), clear_error=self._clear_error
+                seq, event_id, rfc3339(datetime.now(timezone.utc)), clear_error=self._clear_error
             )
-        except Exception as exc:  # already published: a later restart may send it again
+        except Exception as exc:  # already published: retried, else a restart sends it again
             self._retiring.failed(
-                "store", "could not retire event %s from the outbox: %s", event.id, exc
+                "store", "could not retire event %s from the outbox: %s", event_id, exc
             )
-        else:
-            self._retiring.recovered()
-            self._clear_error = False
+            return False
+        if self._retiring.recovered():
+            log.warning("retiring events from the outbox again")
+        return True
+
+    def _retry_retirements(self) -> None:
+        """Retire, in order, what the store refused to retire earlier (a full disk)."""
+        while self._unretired and self._ack(*self._unretired[0]):
+            self._unretired.pop(0)
+
+    def _stale_heartbeats(self) -> set[int]:
+        """Under the lock: every queued heartbeat but the newest."""
+        beats = [seq for seq, event, _ in self._queue if event.kind == HEARTBEAT_KIND]
+        return set(beats[:-1])
+
+    def _coalesce(self, stale: set[int]) -> None:
+        """Stale heartbeats leave the outbox, then the queue: after an outage a backlog of
+        them would only hold up the rest (a notice above all)."""
+        try:
+            self.store.forget(sorted(stale))
+        except Exception as exc:  # they stay, and go out: better than a store out of step
+            log.warning("could not coalesce %d stale heartbeats: %s", len(stale), exc)
+            with self._cond:
+                self._heartbeats = 1  # not tried again until the next heartbeat
+            return
+        with self._cond:
+            self._forget(stale)
+        log.info("coalesced %d stale heartbeats into the newest", len(stale))
+
+    def _forget(self, gone: set[int]) -> None:
+        """Under the lock: these seqs leave the in-memory queue."""
+        kept = [item for item in self._queue if item[0] not in gone]
+        self._heartbeats = sum(1 for _, event, _ in kept if event.kind == HEARTBEAT_KIND)
+        for seq in gone:
+            self._since.pop(seq, None)
+        self._queue.clear()
+        self._queue.extend(kept)
+        self._settled.notify_all()
 
     def _park(self, seq: int, event: Event, exc: Permanent) -> None:
         """Out of the queue and into the store's parked table: every parked event is news."""
@@ -262,10 +334,8 @@ class Relay:
             extra={"event_id": event.id, "kind": event.kind},
         )
         with self._cond:
-            if self._queue and self._queue[0][0] == seq:
-                self._queue.popleft()
-            self._since.pop(seq, None)
-            self._settled.notify_all()
+            self._forget({seq})
+            self.parked += 1
         try:
             self.store.park(seq, exc.status, str(exc), rfc3339(datetime.now(timezone.utc)))
         except Exception as sexc:  # it stays in the outbox: the next start sends it again

@@ -243,6 +243,45 @@ class Store:
                     )
             self._counted(removed=[seq])
 
+    def forget(self, seqs: list[int]) -> None:
+        """These events leave the outbox unpublished (stale heartbeats, coalesced); not synced
+        on its own: lost to a power cut, they are coalesced again."""
+        if not seqs:
+            return
+        with self._lock:
+            with self._transaction(durable=False):
+                self._db.executemany("DELETE FROM outbox WHERE seq=?", [(seq,) for seq in seqs])
+            self._counted(removed=seqs)
+
+    def rewrite(
+        self,
+        events: list[Event],
+        states: list[tuple[str, str, str]],
+        next_sequence: int,
+    ) -> None:
+        """What was published from memory while the store could not be written, written now:
+        the keys' values (`states`: key, value, observed_at), the events still waiting under
+        their own seq and id, and the sequence counter; one transaction."""
+        with self._lock, self._transaction():
+            if states:
+                self._db.executemany(
+                    "INSERT INTO state(key, value, observed_at) VALUES (?, ?, ?) ON CONFLICT(key) "
+                    "DO UPDATE SET value=excluded.value, observed_at=excluded.observed_at",
+                    states,
+                )
+            now = time.time()
+            self._db.executemany(
+                "INSERT OR IGNORE INTO outbox(seq, id, kind, body, recorded_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(e.data.sequence, e.id, e.kind, e.structured, now) for e in events],
+            )
+            self._db.execute(
+                "INSERT INTO meta(name, value) VALUES ('next_sequence', ?) ON CONFLICT(name) "
+                "DO UPDATE SET value=MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                (str(next_sequence),),
+            )
+        self._counted(added={e.data.sequence: len(e.structured) for e in events})
+
     def park(self, seq: int, status: int | None, reason: str, at: str) -> None:
         """The sink refused the event for good: out of the outbox, into the parked table (one
         transaction), so that the queue goes on and `redrive` can send it again later. Not
@@ -366,7 +405,12 @@ class _Transaction:
     def __enter__(self) -> None:
         if not self.durable:
             self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:  # no __exit__ follows: FULL again here, or it sticks
+            if not self.durable:
+                self.db.execute("PRAGMA synchronous=FULL")
+            raise
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
@@ -431,7 +475,8 @@ def _report(db: sqlite3.Connection) -> dict[str, Any]:
         "daemon": json.loads(meta["daemon"]) if "daemon" in meta else None,
         "keys": keys,
         "outbox_depth": depth,
-        "outbox_oldest_age_seconds": round(time.time() - oldest, 3) if oldest else None,
+        # Wall-clock stamps: after a clock step back the age would be negative, not news.
+        "outbox_oldest_age_seconds": round(max(0.0, time.time() - oldest), 3) if oldest else None,
         "last_publish": (
             {"at": meta["last_publish_at"], "event_id": meta["last_publish_id"]}
             if "last_publish_id" in meta

@@ -3,28 +3,32 @@
 A real state store in a temporary directory and the relay on an in-memory sink; no metadata
 server. What users rely on: one id and one sequence number per transition, the value and its
 event stored together before anything is sent, sequence numbers total across keys and sent in
-that order, the first send made by the recording thread when the relay is idle, restarts
-telling a change that happened while the bridge was down, and a broken disk costing the
-store, not the events.
+that order, every send and retirement made by the relay thread (a sink blocked in `send`
+delays delivery, never recording), restarts telling a change that happened while the bridge
+was down, a broken disk costing the store, not the events, and what it missed written the
+moment it takes writes again (one id per transition across a restart), a value the store
+cannot hold (a lone surrogate) recorded escaped, and a failed BEGIN leaving no commit unsynced.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from support.harness import INSTANCE, SCHEDULING, event_for
+from support.harness import INSTANCE, SCHEDULING, event_for, wait_for
 from support.memory_sink import MemorySink
 
+from bridge import relay as relay_module
 from bridge.config import Config
 from bridge.events import MAINTENANCE, PREEMPTED, UPCOMING, Event
 from bridge.health import Health
@@ -33,10 +37,10 @@ from bridge.metrics import Metrics
 from bridge.recorder import Recorder
 from bridge.relay import Relay
 from bridge.simulator import sample_window
-from bridge.sinks import StdoutSink
 from bridge.store import CHECKPOINT_EVERY, WAL_RESERVE_PAGES, Store
 
 WINDOW = sample_window()
+MIGRATE = "MIGRATE_ON_HOST_MAINTENANCE"
 
 
 @dataclass
@@ -124,14 +128,56 @@ def test_sequence_numbers_are_total_across_keys_and_sent_in_that_order(bridge):
         assert [e.data.current for e in events if e.data.key == key] == expected
 
 
-def test_the_recording_thread_sends_at_once_when_the_relay_is_idle(bridge):
-    bridge.observe(PREEMPTED, "TRUE")
-    # Sent before observe returned, by the thread that recorded it.
-    [send] = bridge.sink.sends
-    assert send.thread == threading.current_thread().name
-    assert send.event.kind == "preemption.started"
-    assert [e.id for e in bridge.published()] == [send.event.id]
-    assert len(bridge.sink.sends) == 1
+def test_only_the_relay_thread_sends_and_retires(bridge, caplog):
+    """Whatever the timing: the recording thread hands events over, the relay's sends them
+    and retires them (and says so in the log)."""
+    caplog.set_level(logging.INFO, logger="bridge.relay")
+    for value in ["TRUE", "FALSE"] * 10:
+        bridge.observe(PREEMPTED, value)
+    events = bridge.published()
+    assert len(events) == 20
+    assert {send.thread for send in bridge.sink.sends} == {"relay"}
+    retired = [r for r in caplog.records if r.getMessage().startswith("published ")]
+    assert len(retired) == 20
+    assert {r.threadName for r in retired} == {"relay"}
+
+
+class BlockedSink(MemorySink):
+    """A sink whose `send` blocks until `release` is set (stdout into a full pipe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def send(self, event: Event) -> Future[str]:
+        self.release.wait(30)
+        return super().send(event)
+
+
+def test_a_sink_blocked_in_send_delays_delivery_and_nothing_else(tmp_path, monkeypatch):
+    monkeypatch.setattr(relay_module, "SEND_STUCK", 0.2)
+    sink = BlockedSink()
+    r = rig(tmp_path, sink)
+    try:
+        values = [MIGRATE, "NONE"] * 30
+        for value in values:
+            started = time.monotonic()
+            r.observe(MAINTENANCE, value)
+            assert time.monotonic() - started < 0.5, "recording waited for the sink"
+        r.observe(PREEMPTED, "TRUE")
+        # Recorded, in the store, while the sink has not taken even the first one.
+        assert [seq for seq, _, _ in r.store.load().pending] == list(range(1, 62))
+        reason = wait_for("the relay said stuck", lambda: r.relay.stuck(time.monotonic()))
+        assert re.fullmatch(r"sink memory blocked in send for \d+ s", reason), reason
+        sink.release.set()
+        events = r.published()
+    finally:
+        sink.release.set()
+        r.close()
+    assert [e.data.sequence for e in events] == list(range(1, 62))
+    assert len(sink.sends) == 61, "an event was sent twice"
+    assert events[-1].kind == "preemption.started"
+    assert r.relay.stuck(time.monotonic()) == ""
 
 
 def test_a_heartbeat_is_numbered_in_the_same_stream_and_changes_no_value(bridge):
@@ -206,23 +252,100 @@ def test_the_outbox_bound_counts_what_an_earlier_run_left(tmp_path):
         store.close()
 
 
-def test_an_event_written_at_once_is_retired_by_the_thread_that_wrote_it(tmp_path, caplog):
-    """A sink that has acknowledged when `send` returns (stdout) costs no hand-off to the relay
-    thread: the event has left the outbox when `observe` returns, and the log says recorded,
-    then published."""
-    caplog.set_level(logging.INFO, logger="bridge")
-    out = io.StringIO()
-    r = rig(tmp_path, StdoutSink(out))  # type: ignore[arg-type]
+def test_a_value_the_store_cannot_hold_is_recorded_escaped_and_the_watch_goes_on(tmp_path):
+    """A lone surrogate (JSON `"\\ud800"` decodes to one) has no UTF-8 form: the value is kept
+    backslash-escaped, in memory, the store and the event, so a restart sees no change."""
+    first = rig(tmp_path)
     try:
-        r.observe(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
-        assert r.relay.depth() == 0
-        assert r.store.report()["outbox_depth"] == 0
-        [line] = out.getvalue().splitlines()
-        event_id = json.loads(line)["id"]
+        first.observe(MAINTENANCE, "NONE", first=True)
+        first.observe(MAINTENANCE, "\ud800")
+        first.observe(PREEMPTED, "TRUE")
+        events = first.published()
     finally:
-        r.close()
-    said = [rec.getMessage() for rec in caplog.records if event_id in rec.getMessage()]
-    assert [m.split()[0] for m in said] == ["maintenance.started:", "published"]
+        first.close()
+    assert [(e.kind, e.data.current) for e in events] == [
+        ("maintenance.started", "\\ud800"),
+        ("preemption.started", "TRUE"),
+    ]
+    assert json.loads(events[0].structured)["data"]["current"] == "\\ud800"
+    second = rig(tmp_path)
+    try:
+        assert second.recorder.values[MAINTENANCE] == "\\ud800"
+        second.observe(MAINTENANCE, "\ud800", first=True)  # the same value: no event
+        second.observe(MAINTENANCE, "NONE")
+        [ended] = second.published()
+    finally:
+        second.close()
+    assert (ended.kind, ended.data.previous, ended.data.sequence) == (
+        "maintenance.ended",
+        "\\ud800",
+        3,
+    )
+
+
+def query_only(store: Store, on: bool) -> None:
+    """As a read-only remount or a full disk would: every write fails, or works again."""
+    with store._lock:
+        store._db.execute(f"PRAGMA query_only = {int(on)}")
+
+
+def test_what_was_published_from_memory_is_written_when_the_store_takes_writes(tmp_path):
+    """Not persisted is a state: the values, the counter and every event still waiting go
+    into the store the moment it takes writes, without a new transition; health is green
+    then, and a restart sends nothing under a new id (and nothing already published)."""
+    sink = MemorySink(hold=True)
+    first = rig(tmp_path, sink)
+    try:
+        first.observe(MAINTENANCE, "NONE", first=True)
+        first.observe(PREEMPTED, "FALSE", first=True)
+        query_only(first.store, True)
+        first.observe(MAINTENANCE, MIGRATE)  # published from memory, acknowledged
+        sink.wait("the first send", lambda s: len(s.sends) == 1)
+        sink.ack()
+        wait_for("the first retired", lambda: first.relay.depth() == 0)
+        first.observe(PREEMPTED, "TRUE")  # published from memory, not yet acknowledged
+        sink.wait("the second send", lambda s: len(s.sends) == 2)
+        first.recorder.retry_store()
+        assert first.health.store_error, "still unwritable"
+        query_only(first.store, False)
+        first.recorder.retry_store()
+        assert first.health.store_error == ""
+        [(seq, waiting, _)] = first.store.load().pending
+        assert (seq, waiting.kind) == (2, "preemption.started")
+        snapshot = first.store.load()
+        assert snapshot.values == {MAINTENANCE: MIGRATE, PREEMPTED: "TRUE"}
+        assert snapshot.next_sequence == 3
+    finally:
+        sink.hold = False
+        sink.ack()
+        first.close()
+    second = rig(tmp_path)
+    try:
+        second.observe(MAINTENANCE, MIGRATE, first=True)
+        second.observe(PREEMPTED, "TRUE", first=True)
+        after = second.published()
+    finally:
+        second.close()
+    assert after == [], "a transition went out again after the restart"
+
+
+def test_a_failed_begin_leaves_commits_synced(tmp_path):
+    """A transaction not synced on its own (a retirement) sets synchronous=NORMAL for its
+    commit: a BEGIN that fails (the database locked) must not leave it so for the next."""
+    path = tmp_path / "bridge.sqlite3"
+    store = Store(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        event = event_for(MAINTENANCE, "NONE", MIGRATE)
+        store.record(event)
+        store._db.execute("PRAGMA busy_timeout = 10")
+        other.execute("BEGIN IMMEDIATE")  # holds the write lock
+        with pytest.raises(sqlite3.OperationalError):
+            store.ack(1, event.id, event.data.observed_at)
+        assert store._db.execute("PRAGMA synchronous").fetchone() == (2,), "FULL"
+    finally:
+        other.close()
+        store.close()
 
 
 def test_the_write_ahead_log_is_long_enough_before_the_first_change(tmp_path):

@@ -1,9 +1,10 @@
 """The outbox relay on its own: an in-memory sink, a real state store, no emulator.
 
-What users rely on: events reach the sink in sequence order, the first one of a quiet
-moment is sent by the recording thread itself, an event leaves the outbox only once the sink
-has it, a failing sink is retried with back-off under the same id, and an outage is logged
-once per failure class with one recovery line.
+What users rely on: events reach the sink in sequence order, sent by the relay thread alone
+(never the caller of `enqueue`), an event leaves the outbox only once the sink has it, a
+failing sink is retried with back-off under the same id, an outage is logged once per failure
+class with one recovery line, stale heartbeats are coalesced, and a drain retires what was
+acknowledged before it ends.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from support.harness import event_for, holds_for, wait_for
+from support.harness import INSTANCE, SCHEDULING, event_for, holds_for, wait_for
 from support.memory_sink import DENIED_HINT, FAILURES, MemorySink, SinkDenied, SinkDown, SinkPaused
 
-from bridge.events import MAINTENANCE, PREEMPTED, Event
+from bridge.events import MAINTENANCE, PREEMPTED, Event, build_event
 from bridge.metrics import Metrics
 from bridge.relay import Relay
 from bridge.retry import publish_policy
@@ -85,27 +89,76 @@ def test_events_reach_the_sink_in_sequence_order_and_each_once(store):
     assert pending(store) == []
 
 
-def test_the_recording_thread_sends_at_once_when_the_relay_is_idle(store):
+def test_the_relay_thread_alone_sends_even_when_it_is_idle(store):
     sink = MemorySink(hold=True)
     relay = start_relay(sink, store)
     try:
         first, second = numbered(2)
         record(relay, store, [first])
-        # Sent before enqueue returned, from the caller's thread: no wait for the relay thread.
-        assert [(s.event.id, s.thread) for s in sink.sends] == [
-            (first.id, threading.current_thread().name)
-        ]
-        # With an event in flight the relay is busy: the next one is the relay thread's to send.
+        sink.wait("the first send", lambda s: len(s.sends) == 1)
         record(relay, store, [second])
         sink.ack()
         sink.wait("the second send", lambda s: len(s.sends) == 2)
-        assert sink.sends[1].event.id == second.id
-        assert sink.sends[1].thread != threading.current_thread().name
+        assert [s.thread for s in sink.sends] == ["relay", "relay"]
     finally:
         sink.hold = False
         sink.ack()
         assert relay.drain(timeout=10)
-    assert sink.sent_ids() == [first.id, second.id], "an early send was sent again"
+    assert sink.sent_ids() == [first.id, second.id], "an event was sent twice"
+
+
+def heartbeat(sequence: int) -> Event:
+    from bridge.recorder import HEARTBEAT
+
+    return build_event(
+        HEARTBEAT,
+        event_id=str(uuid.uuid4()),
+        sequence=sequence,
+        observed_at=datetime.now(timezone.utc),
+        instance=INSTANCE,
+        scheduling=SCHEDULING,
+        happened_while_down=False,
+        notice_seconds=None,
+    )
+
+
+def test_stale_heartbeats_are_coalesced_and_never_hold_up_a_notice(store, caplog):
+    """After an outage the outbox holds a heartbeat per interval: only the newest goes out,
+    the others leave the outbox too, and the notices go out in order."""
+    caplog.set_level(logging.INFO, logger="bridge.relay")
+    sink = MemorySink()
+    relay = start_relay(sink, store, start=False)
+    events = [heartbeat(seq) for seq in range(1, 6)]
+    events.append(event_for(PREEMPTED, "FALSE", "TRUE", sequence=6))
+    events += [heartbeat(seq) for seq in range(7, 10)]
+    record(relay, store, events)
+    relay.start()
+    assert relay.drain(timeout=10)
+    assert [e.data.sequence for e in sink.acked] == [6, 9]
+    assert pending(store) == []
+    assert relay_lines(caplog, logging.INFO, "coalesced 7 stale heartbeats")
+
+
+def test_a_drain_retires_what_was_acknowledged_before_it_ends(store):
+    """SIGTERM while events are in flight: those acknowledged within the drain leave the
+    outbox (the relay thread retires them before it ends), the rest stay for the next start,
+    and the drain ends at its deadline."""
+    sink = MemorySink(hold=True)
+    relay = start_relay(sink, store, start=False)
+    events = numbered(3)
+    record(relay, store, events)  # queued together: one window, all three in flight
+    relay.start()
+    sink.wait("three sends", lambda s: len(s.sends) == 3)
+    timer = threading.Timer(0.2, sink.ack, args=(1,))
+    timer.start()
+    started = time.monotonic()
+    try:
+        assert not relay.drain(timeout=1.0)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 2.5
+    assert relay.stopped
+    assert pending(store) == [2, 3]
 
 
 def test_an_event_leaves_the_outbox_only_once_the_sink_has_it(store):
