@@ -23,7 +23,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python3 -m venv /opt/venv
 WORKDIR /src
 # Dependencies first, from the lock, wheels only (no compiler needed, or wanted): this layer is
-# reused across source edits.
+# reused across source edits. The default install: Pub/Sub over REST, no gRPC (for
+# --pubsub-transport grpc, also install deploy/constraints-grpc.txt's pins).
 COPY deploy/constraints.txt ./deploy/constraints.txt
 RUN /opt/venv/bin/pip install --only-binary=:all: --requirement deploy/constraints.txt
 COPY . .

@@ -21,6 +21,8 @@
 #   PYTHON            interpreter for the venv (default: python3 if >= 3.10, else python3.1x)
 #   PACKAGE_HASHES    sha256 hashes (hex, space-separated) that PACKAGE, a pinned name, must match:
 #                     it is downloaded with --require-hashes first, and refused on a mismatch
+#   EXTRAS            the package's extras, e.g. "grpc" (--pubsub-transport grpc; pin it with
+#                     deploy/constraints-grpc.txt in PIP_ARGS); default none: no gRPC
 #   PIP_ARGS          extra `pip install` arguments, split on spaces
 #                     (e.g. "--constraint /path/constraints.txt" or "--index-url URL")
 #   VENV_ARGS         extra `python -m venv` arguments
@@ -166,6 +168,10 @@ if [ -n "${PACKAGE_HASHES:-}" ]; then
   package=$(find "$download" -name 'maintenance_bridge-*' -print -quit)
 fi
 [ -z "${UPGRADE:-}" ] || pip_args+=(--upgrade)
+if [ -n "${EXTRAS:-}" ]; then
+  [[ "$EXTRAS" =~ ^[a-z]+(,[a-z]+)*$ ]] || die "EXTRAS=$EXTRAS: comma-separated extra names (grpc)"
+  package+="[$EXTRAS]"
+fi
 log "pip install $package"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
   "${pip_args[@]}" "$package"

@@ -2,7 +2,8 @@
 # The start-up script of the module's instance template (terraform/locals.tf puts the settings
 # below in front of this file, as exports): fetches the bridge, refuses it unless its sha256 is
 # the one Terraform recorded, installs it with deploy/install.sh (dependencies pinned by
-# deploy/constraints.txt) and configures the Ops Agent. It runs on every boot; install.sh
+# deploy/constraints.txt: the default install, Pub/Sub over REST, no gRPC; with MB_EXTRAS=grpc
+# also maintenance-bridge[grpc] at deploy/constraints-grpc.txt's pins) and configures the Ops Agent. It runs on every boot; install.sh
 # restarts the service only when something changed. tests/test_release.py runs this same file
 # against a locally built wheel.
 #
@@ -18,6 +19,8 @@
 #       it alone and never reaches a package index (VMs without external IP or Cloud NAT).
 #   MB_INSTALL_SH, MB_CONSTRAINTS   deploy/install.sh and deploy/constraints.txt (default: beside
 #                                   this file)
+#   MB_EXTRAS             "grpc": install maintenance-bridge[grpc] (--pubsub-transport grpc), pinned
+#                         by MB_CONSTRAINTS_GRPC (default: constraints-grpc.txt beside this file)
 #   MB_OPS_AGENT          "configure": write ops-agent/config.yaml (beside this file) as the Ops
 #                         Agent's configuration and restart the agent if it changed; "install":
 #                         the same, installing the agent from Google's repository when missing
@@ -86,6 +89,15 @@ fetch() {
 }
 
 pip_args=(--constraint "$constraints")
+case "${MB_EXTRAS:-}" in
+  "") ;;
+  grpc)
+    constraints_grpc=${MB_CONSTRAINTS_GRPC:-$here/constraints-grpc.txt}
+    [ -f "$constraints_grpc" ] || die "MB_EXTRAS=grpc: constraints not found at $constraints_grpc"
+    pip_args+=(--constraint "$constraints_grpc")
+    ;;
+  *) die "MB_EXTRAS=$MB_EXTRAS: the only extra is grpc" ;;
+esac
 if [ -n "${MB_WHEELHOUSE_URL:-}" ]; then
   fetch "$MB_WHEELHOUSE_URL" "${MB_WHEELHOUSE_SHA256:-}" "$work/wheelhouse.tar.gz"
   mkdir "$work/wheelhouse"
@@ -111,7 +123,8 @@ else
   die "nothing to install: set MB_WHEEL_URL and MB_WHEEL_SHA256, or MB_PACKAGE and MB_PACKAGE_HASHES"
 fi
 
-PACKAGE="$package" PACKAGE_HASHES="$package_hashes" PIP_ARGS="${pip_args[*]}" bash "$install_sh"
+EXTRAS="${MB_EXTRAS:-}" PACKAGE="$package" PACKAGE_HASHES="$package_hashes" PIP_ARGS="${pip_args[*]}" \
+  bash "$install_sh"
 
 case "${MB_OPS_AGENT:-}" in
   "") exit 0 ;;

@@ -1,6 +1,8 @@
 # The example VM: an instance template whose start-up script installs the bridge from an artifact
 # Terraform uploaded and hashed (locals.tf, deploy/vm-install.sh), turns on its metrics and
-# heartbeats, and wires the Ops Agent; and the least privilege that needs.
+# heartbeats, and wires the Ops Agent; and the least privilege that needs. It installs the default
+# maintenance-bridge, pinned by deploy/constraints.txt: the Pub/Sub sink over the REST API, no
+# gRPC, protobuf or google-cloud-pubsub on the VM (maintenance-bridge[grpc] is not installed).
 
 # The wheel (and the optional wheelhouse), named by their sha256: a rebuilt wheel is a new object,
 # so a VM never reads a half-replaced one, and the start-up script checks the same hash.

@@ -129,13 +129,32 @@ def test_dockerignore_admits_what_the_build_copies() -> None:
         assert needed in lines
 
 
-def test_constraints_pin_every_dependency_within_range() -> None:
+def _pins(name: str) -> dict[str, str]:
     pins: dict[str, str] = {}
-    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+    for line in (DEPLOY / name).read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, sep, version = line.partition("==")
             assert sep and version.strip(), f"not pinned: {line}"
             pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_the_default_install_has_no_grpc_and_the_extra_pins_it_apart() -> None:
+    """The VM and the image install constraints.txt: REST only. [grpc] adds its own pins."""
+    default, extra = _pins("constraints.txt"), _pins("constraints-grpc.txt")
+    for heavy in ("grpcio", "protobuf", "google-cloud-pubsub", "google-api-core"):
+        assert heavy not in default and heavy in extra, heavy
+    assert not set(default) & set(extra), "a package pinned in both files"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not any(Requirement(s).name == "google-cloud-pubsub" for s in project["dependencies"])
+    for spec in project["optional-dependencies"]["grpc"]:
+        requirement = Requirement(spec)
+        name = canonicalize_name(requirement.name)
+        assert requirement.specifier.contains(extra[name]), f"{name}=={extra[name]} vs {spec}"
+
+
+def test_constraints_pin_every_dependency_within_range() -> None:
+    pins = _pins("constraints.txt")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     for spec in project["dependencies"]:
         requirement = Requirement(spec)
