@@ -314,8 +314,10 @@ class Connection:
             reader = self._open(until)
             reader.send(head, until)
             response, keep = reader.response(until, self.max_body)
-        except TimeoutError:
+        except TimeoutError as exc:
             self.close()
+            if exc.errno is not None:  # ETIMEDOUT: the keepalive probes gave the peer up
+                raise
             raise ReadTimeout(f"no complete answer within {deadline:g} s") from None
         except BaseException:
             self.close()
