@@ -107,6 +107,8 @@ class Simulator:
         # wakes the polls on its own key and on the directories above it, as a real server
         # answers them, not every hanging poll of every key.
         self._waits: dict[str, threading.Condition] = {}
+        self._hanging: Counter[str] = Counter()  # polls waiting for a change, by path
+        self._forgets = 0  # a poll that began before a forget ends (its connection is gone)
         for key, value in (identity or {}).items():
             self.set_value(key, value)
         self._lock = threading.Lock()  # faults, stats and freezes
@@ -222,7 +224,12 @@ class Simulator:
         """Drop every open connection with a reset, hanging polls included, without answering
         (control API ``POST forget``): the host after a live migration. Run it while the link
         is down and the reset is lost; returns how many connections there were."""
-        return self._server.forget_connections()
+        forgotten = self._server.forget_connections()
+        with self._guard:  # end their polls: nobody is left to answer
+            self._forgets += 1
+            for waiting in self._waits.values():
+                waiting.notify_all()
+        return forgotten
 
     def freeze(self) -> None:
         """Take requests and never answer them, from now on and the polls already hanging
@@ -331,6 +338,7 @@ class Simulator:
         limit = self.max_wait if q.timeout is None else min(q.timeout, self.max_wait)
         deadline = time.monotonic() + limit
         with self._guard:
+            forgets = self._forgets
             while True:
                 reply = self._render(rel, q)
                 if (
@@ -338,6 +346,7 @@ class Simulator:
                     or reply.status != 200
                     or reply.etag != q.last_etag
                     or self._stopping.is_set()
+                    or self._forgets != forgets
                 ):
                     return reply
                 remaining = deadline - time.monotonic()
@@ -346,7 +355,17 @@ class Simulator:
                 waiting = self._waits.get(rel)
                 if waiting is None:
                     waiting = self._waits[rel] = threading.Condition(self._guard)
-                waiting.wait(remaining)
+                self._hanging[rel] += 1
+                try:
+                    waiting.wait(remaining)
+                finally:
+                    self._hanging[rel] -= 1
+
+    def hanging(self, path: str) -> int:
+        """How many polls on `path` are waiting for a change right now (a watcher that is armed;
+        forgotten or frozen ones still count until their own time-out)."""
+        with self._guard:
+            return self._hanging[metadata_key(path)]
 
     def _identity_token(self, rel: str, query: str) -> Reply:
         with self._guard:
