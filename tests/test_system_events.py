@@ -1,0 +1,472 @@
+"""The cloud's side: Compute Engine system-event LogEntries as events of the contract.
+
+The converter (bridge/system_events.py) is pure, so most of it is held by properties over
+generated entries in the documented shapes (FACTS.md section 8: the samples of gcpdiag,
+iap-desktop and scylla-cluster-tests were read for the shapes, none copied); the golden
+`schemas/examples/logentry.<kind>.json` files are the inputs of the rest. End to end, the
+system-events function runs from its zip (tests/test_functions.py's `Function`) against the
+official Pub/Sub emulator: an entry published on a log topic as a sink publishes it, delivered
+Eventarc-style, comes out on a main topic that enforces the Avro schema, decoded by the
+project's decoder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.pubsub import PubSubAdmin, PubSubServer
+from test_avro_schema import avro_topic  # noqa: F401  (the fixture: a topic enforcing the .avsc)
+from test_functions import Function, deliver, message_published, stop, wait_for_port
+
+from bridge.cloud_kinds import (
+    CLOUD_KEY,
+    CLOUD_KINDS,
+    GENERIC_KIND,
+    METHODS,
+    UPCOMING_COMPLETED,
+    UPCOMING_METHOD,
+    UPCOMING_SCHEDULED,
+    UPCOMING_UPDATED,
+)
+from bridge.events import DEFAULT_TYPE_PREFIX, decode_pubsub, dumps
+from bridge.system_events import NotASystemEvent, convert, event_id, parse, stream_of
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "schemas" / "examples"
+CONSUMER = json.loads((REPO / "schemas" / "v1" / "event-data.schema.json").read_text())
+PRODUCER = json.loads((REPO / "schemas" / "v1" / "event-data.producer.schema.json").read_text())
+AVRO = json.loads((REPO / "schemas" / "v1" / "event-data.avsc").read_text())
+CHECKER = jsonschema.Draft202012Validator.FORMAT_CHECKER
+SYSTEM_LOG = "cloudaudit.googleapis.com%2Fsystem_event"
+
+
+def golden(kind: str) -> dict[str, Any]:
+    return json.loads((EXAMPLES / f"logentry.{kind}.json").read_text(encoding="utf-8"))
+
+
+def valid(data: dict[str, Any]) -> None:
+    """Both schemas: the consumer one (published) and the producer one (exactly this release)."""
+    jsonschema.validate(data, CONSUMER, format_checker=CHECKER)
+    jsonschema.validate(data, PRODUCER, format_checker=CHECKER)
+
+
+def nanos_of(moment: datetime, frac: str) -> int:
+    whole = (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(seconds=1)
+    return whole * 10**9 + int(frac.ljust(9, "0") or "0")
+
+
+# --- the goldens -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", CLOUD_KINDS)
+def test_each_golden_entry_is_its_golden_event(kind: str) -> None:
+    event = convert(golden(kind))
+    form = json.loads((EXAMPLES / f"{kind}.pubsub.json").read_text(encoding="utf-8"))
+    assert event.to_pubsub("binary") == (form["attributes"], dumps(form["data"]))
+    assert event.kind == kind and event.type == f"{DEFAULT_TYPE_PREFIX}.{kind}"
+    valid(event.data.to_json())
+    assert decode_pubsub(*event.to_pubsub("binary")) == event
+    assert decode_pubsub(*event.to_pubsub("structured")) == event
+
+
+def test_every_mapped_method_has_its_own_kind_and_unknown_ones_the_generic() -> None:
+    assert len(set(METHODS.values())) == len(METHODS)
+    for method, kind in METHODS.items():
+        entry = golden("cloud.host_error")
+        entry["protoPayload"]["methodName"] = method
+        assert convert(entry).kind == kind
+    entry["protoPayload"]["methodName"] = "compute.instances.somethingGoogleAddsTomorrow"
+    event = convert(entry)
+    assert event.kind == GENERIC_KIND
+    assert event.data.current == event.data.cloud.method == entry["protoPayload"]["methodName"]
+
+
+def test_the_event_says_it_came_from_the_cloud_and_keeps_a_bridges_envelope() -> None:
+    entry = golden("cloud.host_error")
+    event = convert(entry)
+    labels = entry["resource"]["labels"]
+    assert event.source == (
+        "//compute.googleapis.com/projects/demo-project/zones/us-central1-a/instances/demo-vm"
+    )
+    assert event.extensions == {
+        "instanceid": labels["instance_id"],
+        "zone": labels["zone"],
+        "project": labels["project_id"],
+    }
+    attributes, _ = event.to_pubsub("binary")
+    assert {"ce-instanceid", "ce-zone", "ce-project", "ce-type"} <= set(attributes)
+    d = event.data
+    assert (d.key, d.origin, event.subject, d.previous) == (CLOUD_KEY, "cloud", CLOUD_KEY, "")
+    assert d.cloud.method == d.current == "compute.instances.hostError"
+    assert d.cloud.timestamp == entry["timestamp"] == d.observed_at == event.time
+    assert d.cloud.receive_timestamp == entry["receiveTimestamp"]
+    assert d.cloud.operation_id == entry["operation"]["id"]
+    assert d.cloud.status_message == "Instance terminated by Compute Engine."
+    assert d.cloud.principal == "system@google.com"
+    assert d.notice_seconds is None and d.upcoming is None
+    assert d.stream_id == stream_of(labels["project_id"], labels["instance_id"])
+
+
+# --- redelivery and identity -----------------------------------------------------------------
+
+
+def test_a_redelivered_entry_is_the_same_event_and_another_entry_another() -> None:
+    entry = golden("cloud.preempted")
+    first = convert(entry)
+    assert convert(copy.deepcopy(entry)) == first  # Pub/Sub redelivers the same bytes
+    again = copy.deepcopy(entry)
+    again["receiveTimestamp"] = "2030-02-03T11:43:00.000000001Z"  # re-exported, re-received
+    assert convert(again).id == first.id
+    assert convert(parse(json.dumps(entry) + "\n")).id == first.id  # a sink's newline
+    other = {**entry, "insertId": entry["insertId"] + "x"}
+    assert convert(other).id != first.id
+    elsewhere = {**entry, "logName": f"projects/other-project/logs/{SYSTEM_LOG}"}
+    assert convert(elsewhere).id != first.id
+    assert first.id == event_id(entry["logName"], entry["insertId"])
+    assert str(uuid.UUID(first.id)) == first.id
+
+
+def test_folder_and_organization_sinks_deliver_project_scoped_entries() -> None:
+    """Through a folder or organization sink an entry keeps its own project's logName and
+    labels: the event is that project's, on the hub's topic."""
+    entry = golden("cloud.host_error")
+    entry["logName"] = f"projects/team-b-prod/logs/{SYSTEM_LOG}"
+    entry["resource"]["labels"]["project_id"] = "team-b-prod"
+    entry["protoPayload"]["resourceName"] = (
+        "projects/team-b-prod/zones/europe-west1-b/instances/db-3"
+    )
+    entry["resource"]["labels"]["zone"] = "europe-west1-b"
+    event = convert(entry)
+    assert event.extensions["project"] == event.data.instance.project_id == "team-b-prod"
+    assert event.source.endswith("/projects/team-b-prod/zones/europe-west1-b/instances/db-3")
+    assert convert({**entry, "logName": entry["logName"].replace("%2F", "/")}).kind == event.kind
+
+
+# --- maintenance windows ---------------------------------------------------------------------
+
+WINDOW = {
+    "canReschedule": True,
+    "maintenanceStatus": "PENDING",
+    "type": "SCHEDULED",
+    "windowStartTime": "2030-01-15T02:00:00Z",
+    "windowEndTime": "2030-01-15T06:00:00Z",
+    "latestWindowStartTime": "2030-01-29T02:00:00Z",
+}
+
+
+def _snake(form: dict[str, Any]) -> dict[str, Any]:
+    return {"".join("_" + c.lower() if c.isupper() else c for c in k): v for k, v in form.items()}
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"@type": "type.googleapis.com/google.cloud.compute.v1.UpcomingMaintenance", **WINDOW},
+        {"upcomingMaintenance": WINDOW},
+        _snake(WINDOW),
+        {**WINDOW, "canReschedule": "true", "addedTomorrow": {"x": 1}, "maintenanceReasons": "X"},
+    ],
+    ids=["flat", "nested", "snake_case", "text-flag-and-unknown-fields"],
+)
+def test_a_window_is_read_from_either_metadata_form(metadata: dict[str, Any]) -> None:
+    entry = golden("cloud.maintenance_scheduled")
+    entry["protoPayload"]["metadata"] = metadata
+    event = convert(entry)
+    assert event.kind == UPCOMING_SCHEDULED
+    window = event.data.upcoming
+    assert window is not None
+    assert (window.window_start_time, window.window_end_time) == (
+        "2030-01-15T02:00:00Z",
+        "2030-01-15T06:00:00Z",
+    )
+    assert (window.can_reschedule, window.type, window.maintenance_status) == (
+        True,
+        "SCHEDULED",
+        "PENDING",
+    )
+    valid(event.data.to_json())
+
+
+def test_window_updated_completed_and_unreadable() -> None:
+    entry = golden("cloud.maintenance_scheduled")
+    entry["protoPayload"]["status"] = {"message": "Maintenance window has been rescheduled."}
+    assert convert(entry).kind == UPCOMING_UPDATED
+    done = golden("cloud.maintenance_completed")
+    assert "metadata" not in done["protoPayload"]
+    assert convert(done).kind == UPCOMING_COMPLETED and convert(done).data.upcoming is None
+    bare = copy.deepcopy(done)
+    bare["protoPayload"]["status"] = {}
+    assert convert(bare).kind == GENERIC_KIND  # passed on, never read as a window it is not
+    assert convert(bare).data.current == UPCOMING_METHOD
+
+
+# --- properties over generated entries -------------------------------------------------------
+
+_ids = st.integers(min_value=1, max_value=2**64 - 1).map(str)
+_names = st.from_regex(r"[a-z]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True)
+_projects = st.from_regex(r"[a-z][-a-z0-9]{4,20}[a-z0-9]", fullmatch=True)
+_zones = st.sampled_from(["us-central1-a", "europe-west4-b", "asia-east1-c"])
+_methods = st.one_of(
+    st.sampled_from([*METHODS, UPCOMING_METHOD]),
+    st.from_regex(r"compute\.instances\.[a-z][A-Za-z]{2,30}", fullmatch=True),
+)
+_moments = st.datetimes(
+    min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(timezone.utc)
+).map(lambda m: m.replace(microsecond=0))
+_fracs = st.one_of(st.just(""), st.from_regex(r"[0-9]{1,9}", fullmatch=True))
+_offsets = st.sampled_from(["Z", "+00:00", "+05:30", "-08:00"])
+_extras = st.dictionaries(
+    st.from_regex(r"x[A-Za-z]{1,10}", fullmatch=True),
+    st.one_of(st.text(max_size=5), st.integers(), st.lists(st.booleans(), max_size=2)),
+    max_size=3,
+)
+
+
+def _stamp(moment: datetime, frac: str, offset: str) -> str:
+    local = (
+        moment
+        if offset in ("Z", "+00:00")
+        else moment.astimezone(datetime.strptime(offset.replace(":", ""), "%z").tzinfo)
+    )
+    return f"{local:%Y-%m-%dT%H:%M:%S}" + (f".{frac}" if frac else "") + offset
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    method=_methods,
+    instance_id=_ids,
+    name=_names,
+    project=_projects,
+    zone=_zones,
+    insert_id=st.text(min_size=1, max_size=40),
+    moment=_moments,
+    frac=_fracs,
+    offset=_offsets,
+    extras=_extras,
+    severity=st.sampled_from(["INFO", "NOTICE", None]),
+    metadata=st.one_of(st.none(), st.just(WINDOW), st.just({"upcomingMaintenance": WINDOW})),
+)
+def test_any_entry_of_the_log_is_exactly_one_valid_event(
+    method: str,
+    instance_id: str,
+    name: str,
+    project: str,
+    zone: str,
+    insert_id: str,
+    moment: datetime,
+    frac: str,
+    offset: str,
+    extras: dict[str, Any],
+    severity: str | None,
+    metadata: dict[str, Any] | None,
+) -> None:
+    entry = golden("cloud.migrated")
+    entry.update(extras)
+    entry["protoPayload"].update(extras)
+    entry["protoPayload"]["methodName"] = method
+    entry["protoPayload"]["resourceName"] = f"projects/{project}/zones/{zone}/instances/{name}"
+    if metadata is not None:
+        entry["protoPayload"]["metadata"] = metadata
+    entry["insertId"] = insert_id
+    entry["timestamp"] = _stamp(moment, frac, offset)
+    entry["logName"] = f"projects/{project}/logs/{SYSTEM_LOG}"
+    entry["resource"]["labels"] = {"instance_id": instance_id, "zone": zone, "project_id": project}
+    if severity is None:
+        del entry["severity"]
+    else:
+        entry["severity"] = severity
+
+    event = convert(entry)
+
+    if method in METHODS:
+        assert event.kind == METHODS[method]
+    elif method == UPCOMING_METHOD:
+        assert event.kind in (
+            UPCOMING_SCHEDULED,
+            UPCOMING_UPDATED,
+            UPCOMING_COMPLETED,
+            GENERIC_KIND,
+        )
+        assert (event.data.upcoming is not None) == (metadata is not None)
+    else:
+        assert event.kind == GENERIC_KIND
+    assert event.id == event_id(entry["logName"], insert_id)
+    assert event.extensions["instanceid"] == event.data.instance.id == instance_id
+    assert event.data.sequence == nanos_of(moment, frac)
+    assert event.time == event.data.observed_at
+    assert event.time.endswith("Z") and (not frac or event.time.endswith(f".{frac}Z"))
+    data = event.data.to_json()
+    valid(data)
+    assert {f["name"] for f in AVRO["fields"]} <= set(data)  # what the topic's schema demands
+    assert decode_pubsub(*event.to_pubsub("binary")) == event
+    assert convert(copy.deepcopy(entry)) == event  # pure: the same entry, the same event
+
+
+# --- what is not published -------------------------------------------------------------------
+
+
+def _without(path: str) -> dict[str, Any]:
+    entry = golden("cloud.host_error")
+    *parents, last = path.split(".")
+    target = entry
+    for part in parents:
+        target = target[part]
+    del target[last]
+    return entry
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    entry = golden("cloud.host_error")
+    *parents, last = path.split(".")
+    target = entry
+    for part in parents:
+        target = target[part]
+    target[last] = value
+    return entry
+
+
+UNRELATED = {
+    "activity log": _with("logName", "projects/p/logs/cloudaudit.googleapis.com%2Factivity"),
+    "another resource": _with("resource.type", "gce_disk"),
+    "another service": _with("protoPayload.serviceName", "container.googleapis.com"),
+}
+MALFORMED = {
+    "not an object": [],
+    "no logName": _without("logName"),
+    "no resource": _without("resource"),
+    "no protoPayload": _without("protoPayload"),
+    "no methodName": _without("protoPayload.methodName"),
+    "no insertId": _without("insertId"),
+    "empty insertId": _with("insertId", ""),
+    "no timestamp": _without("timestamp"),
+    "timestamp not RFC 3339": _with("timestamp", "14/12/2019 01:50"),
+    "timestamp out of range": _with("timestamp", "1969-12-31T23:59:59Z"),
+    "no instance_id": _without("resource.labels.instance_id"),
+    "no zone": _without("resource.labels.zone"),
+    "labels not an object": _with("resource.labels", "x"),
+    "no resourceName": _without("protoPayload.resourceName"),
+    "resourceName of a disk": _with("protoPayload.resourceName", "projects/p/zones/z/disks/d"),
+}
+
+
+@pytest.mark.parametrize("case", [*UNRELATED, *MALFORMED])
+def test_an_unrelated_or_malformed_entry_is_refused_saying_which(case: str) -> None:
+    entry = UNRELATED.get(case, MALFORMED.get(case))
+    with pytest.raises(NotASystemEvent) as refused:
+        convert(entry)
+    assert refused.value.unrelated == (case in UNRELATED), refused.value
+
+
+def test_not_json_is_refused() -> None:
+    for raw in (b"{not json", b"\xff\xfe", "[" * 100_000):
+        with pytest.raises(NotASystemEvent):
+            parse(raw)
+
+
+# --- end to end: the function from its zip, the official emulator, the Avro topic ------------
+
+
+def _log_message(entry: Any) -> tuple[bytes, dict[str, str]]:
+    """What a log sink publishes: the LogEntry JSON (with a newline), one attribute."""
+    raw = entry if isinstance(entry, bytes) else (json.dumps(entry) + "\n").encode()
+    return raw, {"logging.googleapis.com/timestamp": "2030-01-20T02:01:02.290123Z"}
+
+
+@pytest.fixture
+def system_events(
+    pubsub: PubSubServer,
+    avro_topic: tuple[PubSubAdmin, str, str],  # noqa: F811
+    tmp_path: Path,
+) -> Any:
+    """(function, admin, log topic, log subscription, main subscription)."""
+    api, topic, main_subscription = avro_topic
+    name = f"logs-{uuid.uuid4().hex[:8]}"
+    log_topic = api.create_topic(name)
+    log_subscription = api.create_subscription(log_topic, f"{name}-sub", ordering=False)
+    env = {
+        "PUBSUB_EMULATOR_HOST": pubsub.host_port,
+        "GOOGLE_CLOUD_PROJECT": pubsub.project,
+        "EVENTS_TOPIC": topic,
+    }
+    function = Function("system-events", env, tmp_path)
+    try:
+        wait_for_port(function.port, function.proc, function.log, time.monotonic() + 120)
+        yield function, api, log_topic, log_subscription, main_subscription
+    finally:
+        stop(function.proc)
+
+
+def _through_the_log_topic(api: PubSubAdmin, log_topic: str, sub: str, entry: Any) -> dict:
+    """Publish as the sink does, pull it back, and hand it over as Eventarc's delivery would."""
+    raw, attributes = _log_message(entry)
+    api.publisher_api.publish(log_topic, raw, **attributes).result(timeout=10)
+    (message,) = api.pull_until(sub, 1)
+    return message_published(message.attributes, message.data, message.message_id)
+
+
+def test_each_entry_becomes_one_event_on_the_avro_topic_end_to_end(system_events: Any) -> None:
+    function, api, log_topic, log_sub, main_sub = system_events
+    entries = {kind: golden(kind) for kind in CLOUD_KINDS}
+    for entry in entries.values():
+        response = deliver(function.port, _through_the_log_topic(api, log_topic, log_sub, entry))
+        assert response.status_code == 200, function.log.read_text()[-2000:]
+    got = api.pull_until(main_sub, len(entries), timeout=30)
+    events = [decode_pubsub(m.attributes, m.data) for m in got]
+    assert sorted(e.kind for e in events) == sorted(CLOUD_KINDS)
+    for message, event in zip(got, events, strict=True):
+        entry = entries[event.kind]
+        assert event.id == event_id(entry["logName"], entry["insertId"])
+        assert message.ordering_key == event.extensions["instanceid"]
+        assert message.attributes["content-type"] == "application/json"  # binary mode
+        assert event == convert(entry)
+        jsonschema.validate(json.loads(message.data), CONSUMER, format_checker=CHECKER)
+
+    # Redelivered (a new Pub/Sub message of the same entry): the same event, the same id.
+    again = deliver(
+        function.port, _through_the_log_topic(api, log_topic, log_sub, entries["cloud.host_error"])
+    )
+    assert again.status_code == 200
+    (copy_of,) = api.pull_until(main_sub, 1, timeout=30)
+    assert decode_pubsub(copy_of.attributes, copy_of.data) == convert(entries["cloud.host_error"])
+
+    # Unrelated and malformed: acknowledged (200), logged once each, nothing published: the
+    # next message on the main topic is the sentinel delivered after them.
+    refused = [b"{not json", *(json.dumps(e).encode() for e in UNRELATED.values())]
+    refused += [json.dumps(MALFORMED[c]).encode() for c in ("no insertId", "no resourceName")]
+    for raw in refused:
+        response = deliver(function.port, _through_the_log_topic(api, log_topic, log_sub, raw))
+        assert response.status_code == 200
+    not_base64 = {"subscription": "s", "message": {"data": "!!", "messageId": "m"}}
+    assert deliver(function.port, not_base64).status_code == 200
+    sentinel = golden("cloud.preempted")
+    sentinel["insertId"] = "sentinel"
+    assert deliver(function.port, _through_the_log_topic(api, log_topic, log_sub, sentinel)).ok
+    (after,) = api.pull_until(main_sub, 1, timeout=30)
+    assert decode_pubsub(after.attributes, after.data).id == event_id(
+        sentinel["logName"], "sentinel"
+    )
+    acked = [r for r in function.logs() if "acked" in r.get("message", "")]
+    assert len(acked) == len(refused) + 1, acked
+    assert sum("unrelated" in r["message"] for r in acked) == len(UNRELATED)
+    published = [r for r in function.logs() if r.get("message") == "cloud event published"]
+    assert len(published) == len(entries) + 2
+
+
+def test_a_publish_the_topic_refuses_is_retried_not_acked(system_events: Any) -> None:
+    """Pub/Sub down or refusing: the function answers an error, so that the trigger retries."""
+    function, api, log_topic, log_sub, _ = system_events
+    api.delete_topic(function.env["EVENTS_TOPIC"])  # NotFound: the main topic is gone
+    delivery = _through_the_log_topic(api, log_topic, log_sub, golden("cloud.host_error"))
+    response = deliver(function.port, delivery)
+    assert response.status_code >= 500
+    assert any("will be retried" in r.get("message", "") for r in function.logs())
