@@ -104,12 +104,14 @@ def new_transport(options: PubSubOptions) -> Transport:
         return RestTransport(
             options.topic,
             options.pubsub_emulator_host,
+            secure=False,
             tokens=None,
             max_latency=options.publish_latency,
         )
     return RestTransport(
         options.topic,
         options.pubsub_endpoint or GLOBAL_ENDPOINT,
+        secure=True,
         tokens=MetadataTokens(options.metadata_url),
         max_latency=options.publish_latency,
     )

@@ -114,19 +114,22 @@ class _Message:
 
 
 class RestTransport:
-    """Publishes to `topic` at `host` (host[:port]): https with `tokens`, or plain http to an
-    emulator (`tokens` None). `max_latency` > 0 holds a request that long for more messages."""
+    """Publishes to `topic` at `host` (host[:port]): https (`secure`), or plain http to an
+    emulator; with `tokens`, each request carries the access token. `max_latency` > 0 holds a
+    request that long for more messages."""
 
     def __init__(
         self,
         topic: str,
         host: str,
         *,
+        secure: bool,
         tokens: MetadataTokens | None,
         max_latency: float = 0.0,
         timeout: float = 20.0,
     ) -> None:
         self.host = host
+        self.secure = secure
         self.path = f"/v1/{topic}:publish"
         self.tokens = tokens
         self.max_latency = max_latency
@@ -272,7 +275,7 @@ class RestTransport:
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
-            if self.tokens is None:
+            if not self.secure:
                 self._conn = _Plain(self.host, timeout=self.timeout)
             else:
                 context = ssl.create_default_context()

@@ -1,0 +1,368 @@
+"""The Pub/Sub sink's two transports, held to one contract against the official emulator.
+
+REST (the default, the standard library) and gRPC (google-cloud-pubsub) must be
+interchangeable: the same message on the topic (binary or structured mode, ordering key =
+instance id), the same pause-and-resume of a key after a failed publish, the same failure
+classes. The access-token path (which the emulator does not check) is tested against the
+simulator's token endpoint and a loopback stand-in for the API that insists on the token.
+Finally, the default path must not load gRPC at all: that is what halves the bridge's memory.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from support.bridge import BridgeProcess
+from support.harness import free_port, wait_for
+from support.pubsub import PubSubAdmin, PubSubServer, admin
+
+from bridge.events import (
+    MAINTENANCE,
+    Event,
+    Instance,
+    Scheduling,
+    Transition,
+    build_event,
+    decode_pubsub,
+)
+from bridge.simulator import Simulator
+from bridge.sinks import sink_type
+from bridge.sinks.pubsub import TRANSPORTS, PubSubOptions, PubSubSink, classify, hint
+from bridge.sinks.pubsub.rest import (
+    TOKEN_PATH,
+    MetadataTokens,
+    PublishFailed,
+    RestTransport,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+INSTANCE = Instance("4520031799277035437", "vm-1", "projects/1/zones/us-central1-a", "p-1", "1")
+SCHEDULING = Scheduling(on_host_maintenance="MIGRATE", automatic_restart="TRUE")
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def adm(pubsub: PubSubServer) -> Iterator[PubSubAdmin]:
+    with admin(pubsub) as a:
+        yield a
+
+
+@pytest.fixture
+def topic(adm: PubSubAdmin) -> tuple[str, str]:
+    suffix = uuid.uuid4().hex[:10]
+    path = adm.create_topic(f"sink-{suffix}")
+    return path, adm.create_subscription(path, f"sink-sub-{suffix}", ordering=True)
+
+
+def sink_for(server: PubSubServer, topic: str, transport: str, **kw: Any) -> PubSubSink:
+    options = PubSubOptions(
+        topic=topic, pubsub_transport=transport, pubsub_emulator_host=server.host_port, **kw
+    )
+    return PubSubSink(options)
+
+
+def event(sequence: int, instance: Instance = INSTANCE) -> Event:
+    return build_event(
+        Transition(MAINTENANCE, "NONE", "MIGRATE_ON_HOST_MAINTENANCE", "maintenance.started"),
+        event_id=str(uuid.uuid4()),
+        sequence=sequence,
+        observed_at=datetime.now(timezone.utc),
+        instance=instance,
+        scheduling=SCHEDULING,
+        happened_while_down=False,
+        notice_seconds=60,
+    )
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_events_arrive_in_order_under_their_ids_with_the_ordering_key(
+    pubsub, adm, topic, transport, mode
+):
+    path, sub = topic
+    sink = sink_for(pubsub, path, transport, content_mode=mode)
+    sent = [event(i) for i in range(1, 8)]
+    try:
+        futures = [sink.send(e) for e in sent]
+        ids = [f.result(timeout=30) for f in futures]
+    finally:
+        sink.close()
+    assert len(set(ids)) == len(sent), "one message id per event"
+    got = adm.pull_until(sub, len(sent))
+    assert [m.ordering_key for m in got] == [INSTANCE.id] * len(sent)
+    assert [decode_pubsub(m.attributes, m.data).id for m in got] == [e.id for e in sent]
+    first = got[0]
+    if mode == "binary":
+        assert first.attributes["ce-id"] == sent[0].id
+        assert first.attributes["content-type"] == "application/json"
+        assert json.loads(first.data)["sequence"] == 1
+    else:
+        assert first.attributes["content-type"].startswith("application/cloudevents+json")
+        assert json.loads(first.data)["id"] == sent[0].id
+
+
+def test_a_failed_publish_pauses_its_key_until_recovered(pubsub, adm, topic, transport):
+    """As the library does with message ordering: the key fails fast (class paused) until
+    `recover`, another key is not held up, and after recovery the key publishes again."""
+    path, sub = topic
+    sink = sink_for(pubsub, path, transport)
+    try:
+        key = INSTANCE.id
+        bad = sink.transport.publish(key, {}, b"")  # the emulator refuses an empty message
+        with pytest.raises(Exception, match="empty") as refused:
+            bad.result(timeout=30)
+        assert classify(refused.value) == "other"
+        held = event(1)
+        with pytest.raises(Exception) as paused:
+            sink.send(held).result(timeout=30)
+        assert classify(paused.value) == "paused"
+        other = event(1, Instance("77", "vm-2", INSTANCE.zone, "p-1", "1"))
+        sink.send(other).result(timeout=30)
+        sink.recover(held)
+        sink.send(held).result(timeout=30)
+    finally:
+        sink.close()
+    got = adm.pull_until(sub, 2)
+    assert sorted(decode_pubsub(m.attributes, m.data).id for m in got) == sorted(
+        [held.id, other.id]
+    )
+
+
+def test_missing_topic_is_not_found_and_the_hint_names_it(pubsub, transport):
+    missing = f"projects/{pubsub.project}/topics/missing-{uuid.uuid4().hex[:8]}"
+    sink = sink_for(pubsub, missing, transport)
+    try:
+        with pytest.raises(Exception) as failed:
+            sink.send(event(1)).result(timeout=30)
+    finally:
+        sink.close()
+    cls = classify(failed.value)
+    assert cls == "not_found"
+    assert missing in hint(cls, sink.options)
+
+
+def test_nothing_listening_is_unavailable(transport):
+    """A refused connection (the emulator gone) is an outage to wait out, not a refusal."""
+    options = PubSubOptions(
+        topic="projects/test-project/topics/gone",
+        pubsub_transport=transport,
+        pubsub_emulator_host=f"127.0.0.1:{free_port()}",
+    )
+    sink = PubSubSink(options)
+    if transport == "grpc":  # the library waits for the channel until its own deadline
+        sink.transport.timeout = 2.0
+    try:
+        with pytest.raises(Exception) as failed:
+            sink.send(event(1)).result(timeout=30)
+    finally:
+        sink.close()
+    assert classify(failed.value) == "unavailable", failed.value
+
+
+# --- the access token ---------------------------------------------------------------------
+
+
+def set_token(sim: Simulator, token: str, expires_in: int) -> None:
+    payload = {"access_token": token, "expires_in": expires_in, "token_type": "Bearer"}
+    sim.set_value(TOKEN_PATH, json.dumps(payload))
+
+
+def test_the_token_is_cached_and_asked_again_before_it_expires(sim):
+    tokens = MetadataTokens(sim.url)
+    try:
+        set_token(sim, "ya29.first", 3599)
+        assert tokens.get() == "ya29.first"
+        set_token(sim, "ya29.second", 3599)
+        assert tokens.get() == "ya29.first", "a fresh token is reused"
+        assert sim.stats()[TOKEN_PATH] == 1
+        set_token(sim, "ya29.short", 60)  # under the refresh margin: asked every time
+        tokens.forget()
+        assert tokens.get() == "ya29.short"
+        set_token(sim, "ya29.next", 3599)
+        assert tokens.get() == "ya29.next"
+    finally:
+        tokens.close()
+
+
+def test_no_service_account_is_a_permission_failure(sim):
+    tokens = MetadataTokens(sim.url)  # the simulator holds no token unless given one
+    try:
+        with pytest.raises(PublishFailed) as failed:
+            tokens.get()
+    finally:
+        tokens.close()
+    assert classify(failed.value) == "permission"
+
+
+class TokenCheckingApi(http.server.BaseHTTPRequestHandler):
+    """Stands in for Pub/Sub's authentication only (the emulator checks none): answers
+    `topics.publish` as the API does when the bearer token is `accepted`, 401 otherwise."""
+
+    accepted: ClassVar[str] = ""
+    seen: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        auth = self.headers.get("Authorization", "")
+        self.seen.append(auth)
+        if auth != f"Bearer {self.accepted}":
+            answer, status = {"error": {"code": 401, "status": "UNAUTHENTICATED"}}, 401
+        else:
+            answer, status = {"messageIds": [str(i) for i, _ in enumerate(body["messages"])]}, 200
+        raw = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+def test_each_publish_carries_the_token_and_a_refused_one_is_replaced(sim):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TokenCheckingApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    TokenCheckingApi.seen = []
+    TokenCheckingApi.accepted = "ya29.good"
+    set_token(sim, "ya29.revoked", 3599)
+    transport = RestTransport(
+        "projects/p-test1/topics/t-1",
+        f"127.0.0.1:{server.server_address[1]}",
+        secure=False,
+        tokens=MetadataTokens(sim.url),
+    )
+    try:
+        with pytest.raises(PublishFailed) as failed:
+            transport.publish("k", {}, b"x").result(timeout=10)
+        assert classify(failed.value) == "permission"
+        set_token(sim, "ya29.good", 3599)
+        transport.resume("k")
+        assert transport.publish("k", {}, b"x").result(timeout=10) == "0"
+    finally:
+        transport.close()
+        server.shutdown()
+        server.server_close()
+    assert TokenCheckingApi.seen == ["Bearer ya29.revoked", "Bearer ya29.good"]
+    assert sim.stats()[TOKEN_PATH] == 2, "the refused token was forgotten, the new one asked"
+
+
+# --- the default path stays light -----------------------------------------------------------
+
+PROBE = """
+import sys
+from bridge.cli import parser
+from bridge.config import build
+from bridge.sinks import make_sink
+from bridge.sinks.pubsub import PubSubSink
+args = parser().parse_args(["run", *sys.argv[2:]])
+config = build(args, {"PUBSUB_EMULATOR_HOST": sys.argv[1]}, check_dirs=False)
+sink = make_sink(config)
+sink.connect()
+print(sink.transport.publish("k", {"ce-id": "probe"}, b"{}").result(timeout=30))
+heavy = ("grpc", "google.protobuf", "google.api_core", "google.cloud.pubsub_v1")
+print(" ".join(sorted(m for m in sys.modules if m in heavy)))
+"""
+
+
+@pytest.mark.parametrize("flags", [(), ("--pubsub-transport", "grpc")], ids=["rest", "grpc"])
+def test_the_default_path_never_imports_grpc(pubsub, topic, flags):
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, pubsub.host_port, "--topic", topic[0], *flags],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    message_id, loaded = [*result.stdout.splitlines(), ""][:2]
+    assert message_id
+    if flags:  # the check can fail: the gRPC transport loads all of it
+        heavy = ("grpc", "google.protobuf", "google.api_core", "google.cloud.pubsub_v1")
+        assert loaded.split() == sorted(heavy)
+    else:
+        assert loaded == "", f"the REST path loaded {loaded}"
+
+
+def test_the_pubsub_options_are_the_sinks_own(tmp_path):
+    """The registry fills the sink's option type from the Config, nothing more."""
+    from bridge.config import Config
+
+    config = Config(
+        topic="projects/p-test1/topics/t-1",
+        sink="pubsub",
+        pubsub_transport="grpc",
+        pubsub_endpoint="us-east1-pubsub.googleapis.com",
+        state_dir=tmp_path,
+    )
+    options = sink_type("pubsub").settings_from(config)
+    assert options == PubSubOptions(
+        topic="projects/p-test1/topics/t-1",
+        pubsub_transport="grpc",
+        pubsub_endpoint="us-east1-pubsub.googleapis.com",
+        metadata_url=config.metadata_url,
+    )
+
+
+# --- the real bridge, both transports ---------------------------------------------------------
+
+
+def test_the_bridge_delivers_every_event_once_in_order(pubsub, adm, topic, transport, tmp_path):
+    """`maintenance-bridge run --topic` with heartbeats on: every transition arrives once, in
+    order, in binary mode under its ordering key; no error line."""
+    path, sub = topic
+    state = tmp_path / "state"
+    state.mkdir()
+    with Simulator().start() as sim:
+        bridge = BridgeProcess(
+            sim.url, state, "--topic", path, "--pubsub-transport", transport,
+            "--heartbeat-interval", "0.5", "--keys", MAINTENANCE,
+            env=pubsub.env(),
+        )  # fmt: skip
+        try:
+            wait_for("the first long-poll", lambda: sim.stats().get(MAINTENANCE, 0) >= 1)
+            values = ["MIGRATE_ON_HOST_MAINTENANCE", "NONE"] * 3
+            for i, value in enumerate(values, start=1):
+                sim.set_value(MAINTENANCE, value)
+                bridge.wait_for_log(f"(sequence {i})", timeout=15)
+            events: dict[str, Event] = {}
+            copies: list[str] = []
+            deadline = time.monotonic() + 60
+
+            def done() -> bool:
+                kinds = [e.kind for e in events.values()]
+                beats = kinds.count("bridge.heartbeat")
+                return beats > 0 and len(kinds) - beats == len(values)
+
+            while not done():
+                assert time.monotonic() < deadline, [e.kind for e in events.values()]
+                for m in adm.pull_until(sub, 1, timeout=15):
+                    decoded = decode_pubsub(m.attributes, m.data)
+                    assert m.ordering_key == decoded.extensions["instanceid"]
+                    assert "ce-id" in m.attributes, "binary mode"
+                    copies.append(decoded.id)
+                    events.setdefault(decoded.id, decoded)
+        finally:
+            assert bridge.terminate() == 0, bridge.logs()[-5:]
+    notices = [e for e in events.values() if e.kind != "bridge.heartbeat"]
+    assert [e.kind for e in notices] == ["maintenance.started", "maintenance.ended"] * 3
+    sequences = [e.data.sequence for e in events.values()]
+    assert sequences == sorted(sequences), "in order"
+    assert len(copies) == len(set(copies)), "once"
+    assert any(e.kind == "bridge.heartbeat" for e in events.values())
+    assert not [r for r in bridge.logs() if r.get("severity") == "ERROR"], bridge.logs()[-5:]
