@@ -825,6 +825,44 @@ def test_disk_full_mid_run(sim, bridge_logs, tmp_path):
         )
 
 
+def test_disk_full_then_freed_heals_without_a_transition_and_repeats_nothing(
+    sim, bridge_logs, tmp_path
+):
+    """Not persisted is a state: an event published from memory while the disk was full is
+    written once space is freed, on a timer: /healthz green within seconds with no new
+    transition, and after a restart nothing goes out again (no new id, no second seq 1)."""
+    if not can_mount():
+        pytest.skip("a tmpfs state dir needs mount(2): root on Linux")
+    with tmpfs(tmp_path / "state", "1m") as state:
+        sink = MemorySink()
+        config = make_config(sim, state)
+        with in_process(config, sink) as bridge:
+            wait_ready(bridge, sim)
+            wait_for("the window present at start", lambda: len(sink.events(UPCOMING)) == 1)
+            filler = _fill(state)
+            sim.set_value(PREEMPTED, "TRUE")
+            wait_for("the preemption, from memory", lambda: len(sink.events(PREEMPTED)) == 1)
+            assert bridge.get("/healthz").status_code == 503
+            filler.unlink()
+            freed = time.monotonic()
+            wait_for("/healthz green", lambda: bridge.get("/healthz").status_code == 200, 10)
+            healed = time.monotonic() - freed
+            assert healed < 5, f"green {healed:.1f} s after the space was freed"
+            assert len(sink.events()) == 2, "healed by a new transition"
+        first = [e.id for e in sink.events()]
+        status = read_status(state / "bridge.sqlite3")
+        assert status["keys"][PREEMPTED]["value"] == "TRUE"
+        assert status["next_sequence"] == 3
+        again = MemorySink()
+        with in_process(make_config(sim, state, http_port=free_port()), again) as bridge:
+            wait_ready(bridge, sim)
+            sim.set_value(MAINTENANCE, MAINTENANCE_VALUES[0])  # a later change: seq 3
+            wait_for("the later change", lambda: len(again.events(MAINTENANCE)) == 1)
+    assert [e.data.sequence for e in again.events()] == [3], "something went out again"
+    assert again.events()[0].id not in first
+    write_figures("disk_full_then_freed", {"seconds_to_green": round(healed, 2)})
+
+
 def test_disk_read_only_mid_run(sim, stores, bridge_logs, tmp_path):
     def query_only(on: bool) -> None:
         store = stores[0]
