@@ -70,14 +70,16 @@ def expected_current(key: str, value: str | None) -> str:
     return canonical(key, json.loads(value) if key == UPCOMING else value)
 
 
-@pytest.fixture(params=["stdout", "pubsub"])
+@pytest.fixture(params=["stdout", "pubsub-rest", "pubsub-grpc"])
 def sink(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """How the bridge publishes and how the test reads back: args, env, a reader."""
+    """How the bridge publishes and how the test reads back: args, env, a reader. Pub/Sub on
+    each transport of its sink (REST, the default, and gRPC)."""
     if request.param == "stdout":
         yield {"name": "stdout", "args": [], "env": {}, "reader": None, "n": TRANSITIONS["stdout"]}
         return
     from support.pubsub import admin, emulator_or_skip
 
+    transport = request.param.removeprefix("pubsub-")
     server = emulator_or_skip()
     try:
         with admin(server) as adm:
@@ -96,8 +98,15 @@ def sink(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, A
                         put(decode_pubsub(m.attributes, m.data))
 
             yield {
-                "name": f"pubsub ({server.kind})",
-                "args": ["--topic", topic, "--publish-latency", "0.0005"],
+                "name": f"pubsub {transport} ({server.kind})",
+                "args": [
+                    "--topic",
+                    topic,
+                    "--publish-latency",
+                    "0.0005",
+                    "--pubsub-transport",
+                    transport,
+                ],
                 "env": server.env(),
                 "reader": reader,
                 "n": TRANSITIONS["pubsub"],
@@ -226,7 +235,7 @@ def test_soak(sink, tmp_path):
         "transitions_under_two_ids": 0,
     }
     print(json.dumps(figures))
-    write_figures(f"soak_{sink['name'].split()[0]}", figures)
+    write_figures("soak_" + "_".join(sink["name"].split()[:2]), figures)
     assert growth < RSS_SLACK, f"RSS grew by {growth / 2**20:.1f} MiB after the warm-up"
 
 
