@@ -12,7 +12,13 @@ from bridge.events import MAINTENANCE
 from bridge.health import Health
 from bridge.metadata import MetadataError
 from bridge.metrics import Metrics
-from bridge.retry import FAST_ATTEMPTS, RetryPolicy, metadata_policy, publish_policy
+from bridge.retry import (
+    FAST_ATTEMPTS,
+    RECONNECT_CAP,
+    RetryPolicy,
+    metadata_policy,
+    publish_policy,
+)
 from bridge.simulator import Simulator
 from bridge.watcher import Watcher
 
@@ -96,3 +102,18 @@ def test_the_loop_continues_the_schedule_of_attempts_made_before_it():
     loop = policy.retrying(slept.append, lambda state: None, already_failed=1)
     assert loop(flaky) == "answered"
     assert slept == [policy.delay(2), policy.delay(3)] == [0.05, 0.1]
+
+
+def test_a_lost_network_is_retried_within_a_second_even_after_the_quick_phase() -> None:
+    """A blackout longer than the quick phase (a 30 s migration blackout) must not leave the
+    watcher in the slow back-off: the first attempt after the network returns comes within
+    RECONNECT_CAP, while a server answering 5xx still backs off to the cap."""
+    policy = metadata_policy(2.0)
+    for cls in ("connection", "timeout"):
+        later = [
+            policy.delay(n, cls, rand=0.0) for n in range(FAST_ATTEMPTS + 1, FAST_ATTEMPTS + 400)
+        ]
+        assert max(later) == RECONNECT_CAP == 1.0
+        assert min(later) >= 0.1  # still backing off from the quick phase: no tight loop
+    assert policy.delay(FAST_ATTEMPTS + 40, "http_5xx", rand=0.0) == 2.0
+    assert metadata_policy(0.5).delay(FAST_ATTEMPTS + 40, "connection", rand=0.0) == 0.5

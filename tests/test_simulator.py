@@ -584,3 +584,82 @@ def test_stop_closes_idle_keep_alive_connections():
         assert conn.recv(65536).startswith(b"HTTP/1.1 200")
         s.stop()
         assert conn.recv(65536) == b""  # FIN, not a recv timeout
+
+
+# -- disruptions ----------------------------------------------------------------------------
+
+
+def _hanging_raw_poll(sim, path):
+    """A raw socket with a long-poll on `path`'s current ETag, hanging in the simulator."""
+    etag = get(sim, path).headers["ETag"]
+    conn = socket.create_connection(("127.0.0.1", sim.port), timeout=5)
+    conn.sendall(
+        f"GET /computeMetadata/v1/{path}?wait_for_change=true&last_etag={etag} HTTP/1.1\r\n"
+        "Host: x\r\nMetadata-Flavor: Google\r\n\r\n".encode()
+    )
+    deadline = time.monotonic() + 5
+    while sim.hanging(path) < 1:
+        assert time.monotonic() < deadline, "the poll never hung"
+        time.sleep(0.005)
+    return conn
+
+
+def test_forget_resets_every_connection_without_answering(sim):
+    poll_conn = _hanging_raw_poll(sim, EVENT)
+    idle = requests.Session()  # a kept-alive idle connection
+    assert idle.get(sim.url + EVENT, headers=FLAVOR, timeout=5).text == "NONE"
+    assert sim.forget() >= 2
+    with pytest.raises(ConnectionResetError):  # the link is up here: the reset arrives
+        poll_conn.recv(100)
+    poll_conn.close()
+    idle.close()
+    deadline = time.monotonic() + 5
+    while sim.hanging(EVENT):  # the forgotten poll ends on the server too
+        assert time.monotonic() < deadline, "the forgotten poll still hangs"
+        time.sleep(0.005)
+    sim.set_value(EVENT, "MIGRATE_ON_HOST_MAINTENANCE")
+    assert get(sim, EVENT).text == "MIGRATE_ON_HOST_MAINTENANCE"  # new connections are served
+
+
+def test_a_frozen_server_takes_requests_and_never_answers_them(sim):
+    before = _hanging_raw_poll(sim, EVENT)
+    sim.freeze()
+    with pytest.raises(requests.Timeout):
+        get(sim, EVENT, timeout=0.5)
+    sim.set_value(EVENT, "MIGRATE_ON_HOST_MAINTENANCE")  # would answer the hanging poll
+    sim.thaw()
+    before.settimeout(0.5)
+    with pytest.raises(TimeoutError):  # taken before the freeze: lost for good
+        before.recv(100)
+    before.close()
+    assert get(sim, EVENT).text == "MIGRATE_ON_HOST_MAINTENANCE"  # thawed: answered again
+
+
+@pytest.mark.parametrize(
+    ("settings", "value", "status", "body"),
+    [
+        ({"empty_upcoming": "503"}, None, 503, NO_NOTIFICATION),
+        ({"empty_upcoming": "404"}, None, 404, b"Not Found"),
+        ({"plain_alt_json": "raw"}, "NONE", 200, b"NONE"),
+        ({"plain_alt_json": "string"}, "NONE", 200, b'"NONE"'),
+        ({}, "{}", 200, b"{}"),
+        ({}, "{ }", 200, b"{ }"),
+    ],
+)
+def test_every_nothing_scheduled_form_can_be_served(sim, settings, value, status, body):
+    path = "instance/upcoming-maintenance"
+    control = f"http://{sim.host_port}/simulator/v1/"
+    assert requests.post(control + "settings", json=settings, timeout=5).status_code == 204
+    if value is None:
+        sim.delete_value(path)
+    else:
+        sim.set_value(path, value)
+    answer = get(sim, path, alt="json")
+    assert (answer.status_code, answer.content) == (status, body)
+
+
+def test_settings_refuse_unknown_names_and_values(sim):
+    control = f"http://{sim.host_port}/simulator/v1/settings"
+    assert requests.post(control, json={"empty_upcoming": "418"}, timeout=5).status_code == 400
+    assert requests.post(control, json={"colour": "red"}, timeout=5).status_code == 400
+    assert sim.empty_upcoming == "503"

@@ -16,7 +16,7 @@ from bridge.events import (
     decode_structured,
 )
 from bridge.keys import KEYS, KINDS, MAINTENANCE, PREEMPTED, UPCOMING, Key
-from bridge.transitions import canonical, classify, notice_seconds
+from bridge.transitions import canonical, classify, is_notice, notice_seconds
 
 INSTANCE = Instance(
     id="42",
@@ -215,3 +215,26 @@ def test_a_new_key_is_one_declaration(monkeypatch: pytest.MonkeyPatch) -> None:
     event = _event((path, "IDLE", "DRAINING"))
     assert event.kind == "host.begun" and event.data.notice_seconds == 120
     assert event.data.upcoming is None
+
+
+@pytest.mark.parametrize("nothing", [None, {}, "", "NONE", " NONE\n"])
+def test_every_nothing_scheduled_form_reads_as_the_baseline(nothing: object) -> None:
+    """`{}`, `{ }` (decoded: {}), the 503/404 (None), and `NONE` as text or as JSON `"NONE"`."""
+    assert canonical(UPCOMING, nothing) == KEYS[UPCOMING].baseline == ""
+
+
+def test_an_unknown_upcoming_shape_is_passed_on() -> None:
+    assert canonical(UPCOMING, "SOMETHING_NEW") == '"SOMETHING_NEW"'
+    assert canonical(UPCOMING, [1]) == "[1]"
+    assert classify(UPCOMING, "", canonical(UPCOMING, "SOMETHING_NEW")) is not None
+
+
+def test_what_counts_as_a_notice() -> None:
+    assert not is_notice(MAINTENANCE, "NONE")
+    assert is_notice(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+    assert is_notice(MAINTENANCE, "FUTURE_VALUE")
+    assert is_notice(PREEMPTED, "TRUE") and not is_notice(PREEMPTED, "FALSE")
+    ongoing = canonical(UPCOMING, {"maintenanceStatus": "ONGOING", "type": "SCHEDULED"})
+    assert is_notice(UPCOMING, ongoing)
+    assert not is_notice(UPCOMING, canonical(UPCOMING, {"maintenance_status": "PENDING"}))
+    assert not is_notice(UPCOMING, "") and not is_notice(UPCOMING, '"SOMETHING_NEW"')

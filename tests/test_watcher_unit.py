@@ -19,11 +19,12 @@ import pytest
 from support.harness import wait_for
 
 from bridge.config import Config
-from bridge.events import MAINTENANCE, PREEMPTED
+from bridge.events import MAINTENANCE, PREEMPTED, UPCOMING
 from bridge.health import Health
+from bridge.metadata import CLIENT_SLACK, Reading
 from bridge.metrics import Metrics
 from bridge.simulator import Simulator
-from bridge.watcher import Watcher
+from bridge.watcher import NOTICE_POLL, NOTICE_SLACK, NoticeBoard, Watcher
 
 ABSENT_INTERVAL = 0.2
 
@@ -45,7 +46,14 @@ class Observed:
 
 
 class Watch:
-    def __init__(self, sim: Simulator, key: str, state_dir: Path) -> None:
+    def __init__(
+        self,
+        sim: Simulator,
+        key: str,
+        state_dir: Path,
+        board: NoticeBoard | None = None,
+        poll_timeout: int = 1,
+    ) -> None:
         self.sim, self.key = sim, key
         self.metrics = Metrics()
         self.observed = Observed()
@@ -53,11 +61,13 @@ class Watch:
         config = Config(
             metadata_url=sim.url,
             state_dir=state_dir,
-            poll_timeout=1,
+            poll_timeout=poll_timeout,
             retry_cap=0.2,
             absent_interval=ABSENT_INTERVAL,
         )
-        self.watcher = Watcher(key, config, self.observed, self.stop, Health(), self.metrics)
+        self.watcher = Watcher(
+            key, config, self.observed, self.stop, Health(), self.metrics, board=board
+        )
 
     def errors(self, cls: str) -> float:
         value = self.metrics.registry.get_sample_value(
@@ -70,6 +80,7 @@ class Watch:
 
     def close(self, timeout: float = 10.0) -> None:
         self.stop.set()
+        self.watcher.hurry()  # a poll in flight ends now, not at its timeout_sec
         self.watcher.thread.join(timeout)
         assert not self.watcher.thread.is_alive(), f"the watcher did not stop within {timeout} s"
 
@@ -158,3 +169,63 @@ def test_stop_ends_the_watch_in_the_middle_of_retrying(watch, sim):
     sim.inject("status", 1_000_000, MAINTENANCE, status=503)
     wait_for("a few failed requests", lambda: watch.errors("http_5xx") >= 3)
     watch.close(timeout=5)  # the back-off sleep ends on stop: no waiting out a million 503s
+
+
+class _Asked:
+    """A client that records how each long-poll was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, float]] = []
+
+    def watch(
+        self, path: str, etag: str, timeout_sec: int, alt: str | None, slack: float = CLIENT_SLACK
+    ) -> Reading:
+        self.asked.append((timeout_sec, slack))
+        return Reading("NONE", "e", 0.0)
+
+
+def test_while_any_notice_is_on_every_key_is_asked_briefly(sim, tmp_path):
+    """Calm: one request a minute per key; while any key says a notice is on, a poll the
+    server never answers costs at most NOTICE_POLL + NOTICE_SLACK = 13 s (target: 15 s)."""
+    board = NoticeBoard()
+    w = Watch(sim, PREEMPTED, tmp_path, board, poll_timeout=60)
+    client = _Asked()
+    window = '{"maintenance_status":"ONGOING","type":"SCHEDULED"}'
+    for key, value, on in [
+        (UPCOMING, "", False),
+        (MAINTENANCE, "NONE", False),
+        (MAINTENANCE, "SOME_FUTURE_VALUE", True),  # unknown values are notices too
+        (MAINTENANCE, "NONE", False),
+        (PREEMPTED, "TRUE", True),
+        (UPCOMING, window, True),  # two keys on: one going off leaves the other
+        (PREEMPTED, "FALSE", True),
+        (UPCOMING, window.replace("ONGOING", "PENDING"), False),
+    ]:
+        board.update(key, value)
+        w.watcher._poll(client, "e")  # type: ignore[arg-type]
+        assert client.asked[-1] == ((NOTICE_POLL, NOTICE_SLACK) if on else (60, CLIENT_SLACK))
+    assert NOTICE_POLL + NOTICE_SLACK <= 15
+
+
+def test_a_notice_cuts_the_other_watchers_calm_polls_short(sim, tmp_path, caplog):
+    """The preempted watcher's calm poll (timeout_sec=60) is re-asked at once when
+    maintenance-event turns: silently, since nothing failed."""
+    caplog.set_level(logging.INFO, logger="bridge.watcher")
+    board = NoticeBoard()
+    watches = [
+        Watch(sim, key, tmp_path, board, poll_timeout=60) for key in (MAINTENANCE, PREEMPTED)
+    ]
+    for w in watches:
+        w.watcher.start()
+    try:
+        wait_for("both polls hanging", lambda: sim.hanging(MAINTENANCE) and sim.hanging(PREEMPTED))
+        asked = watches[1].requests()  # the first answer (last_etag=0) and the hanging poll
+        sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+        wait_for("preempted asked again", lambda: watches[1].requests() == asked + 1, 5)
+        sim.set_value(PREEMPTED, "TRUE")
+        wait_for("its change", lambda: watches[1].observed.values() == ["FALSE", "TRUE"], 5)
+    finally:
+        for w in watches:
+            w.close()
+    assert not lines(caplog, logging.WARNING, "metadata"), "a hurried poll is not an outage"
+    assert watches[1].errors("connection") == 0
