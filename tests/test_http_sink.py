@@ -10,6 +10,7 @@ expiry) with google-auth, and both parse binary and structured content mode.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -494,7 +495,7 @@ def test_keep_alive_without_a_nagle_stall(receiver: Receiver) -> None:
             start = time.perf_counter()
             sink.send(an_event(sequence)).result(timeout=5)
             times.append(time.perf_counter() - start)
-        assert sink._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sink._reader.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         sink.close()
     assert len(receiver.peers) == 1, "one keep-alive connection"
@@ -748,6 +749,8 @@ def test_a_refusal_echoing_the_secrets_is_parked_and_logged_without_them(
         AUDIENCE,
         "--http-header",
         f"X-Api-Key={SECRET}",
+        "--http-refusal-grace",
+        "0",
     )
     try:
         flip(sim, MIGRATE, bridge, 1)
@@ -760,3 +763,231 @@ def test_a_refusal_echoing_the_secrets_is_parked_and_logged_without_them(
     assert parked["status"] == 403 and "key ***" in parked["reason"]
     assert token not in parked["reason"] and SECRET not in parked["reason"]
     no_secret_logged(bridge, SECRET, token)
+
+
+# --- refusals that settle: 401, 403, 404 ------------------------------------------------------
+
+
+def test_a_403_for_30_s_then_200_parks_nothing_and_delivers_in_order(
+    sim: Simulator, receiver: Receiver, tmp_path: Path
+) -> None:
+    """An IAM binding still propagating: the receiver refuses with 403 for 30 s. The events
+    wait in the outbox (not parked), /readyz says 503 within the outbox-age limit, and once the
+    receiver accepts, every event arrives in order, each under one id."""
+    refusing = threading.Event()
+    refusing.set()
+    receiver.answer = lambda event: (403, {}, b"permission denied") if refusing.is_set() else None
+    port = free_port()
+    state = tmp_path / "state"
+    bridge = start_bridge(
+        sim,
+        state,
+        receiver.url,
+        "--http-audience",
+        AUDIENCE,
+        "--http-port",
+        str(port),
+        "--ready-max-outbox-age",
+        "2",
+    )
+    readyz = f"http://127.0.0.1:{port}/readyz"
+    try:
+        began = time.monotonic()
+        for sequence, value in enumerate([MIGRATE, "NONE", MIGRATE], start=1):
+            flip(sim, value, bridge, sequence)
+        wait_for("/readyz 503", lambda: requests.get(readyz, timeout=5).status_code == 503)
+        not_ready = time.monotonic() - began
+        wait_for("refusals retried", lambda: len(receiver.requests) >= 5)
+        assert status_of(state)["parked_count"] == 0
+        wait_for("30 s of refusals", lambda: time.monotonic() - began >= 30, timeout=40)
+        assert status_of(state)["parked_count"] == 0, "parked during the refusal"
+        refusing.clear()
+        wait_for("3 events accepted", lambda: len(receiver.ids()) == 3)
+        wait_for("/readyz 200", lambda: requests.get(readyz, timeout=5).status_code == 200)
+        report = status_of(state)
+    finally:
+        assert bridge.terminate() == 0
+    assert not_ready < 5, f"/readyz 503 only {not_ready:.1f} s after the first refusal"
+    assert report["parked_count"] == 0 and report["outbox_depth"] == 0
+    assert [e.get_data()["sequence"] for e in receiver.accepted] == [1, 2, 3]
+    refused = [r for r in receiver.requests if r["headers"]["ce-id"] in receiver.ids()]
+    assert {r["headers"]["ce-id"] for r in refused} == receiver.ids()  # retried under one id
+    lines = [r["message"] for r in bridge.logs() if "HTTP 403" in r.get("message", "")]
+    assert len(lines) == 1, lines  # one line per outage, not one per retry
+
+
+def test_a_refusal_that_outlasts_the_grace_parks_and_the_next_refusal_at_once(
+    sim: Simulator, receiver: Receiver, tmp_path: Path
+) -> None:
+    """--http-refusal-grace bounds the retrying: counted from the first refusal since the
+    last 2xx, so a receiver that refuses for good parks the first event after the grace and
+    each later one at its first refusal, not one grace per event."""
+    receiver.answer = lambda event: (404, {}, b"no such service")
+    state = tmp_path / "state"
+    bridge = start_bridge(
+        sim, state, receiver.url, "--http-audience", AUDIENCE, "--http-refusal-grace", "2"
+    )
+    try:
+        began = time.monotonic()
+        flip(sim, MIGRATE, bridge, 1)
+        bridge.wait_for_log("parked event")
+        parked_after = time.monotonic() - began
+        flip(sim, "NONE", bridge, 2)
+        wait_for("both parked", lambda: status_of(state)["parked_count"] == 2)
+    finally:
+        assert bridge.terminate() == 0
+    assert 1.9 < parked_after < 6, parked_after
+    second = [r for r in receiver.requests if r["headers"]["ce-type"].endswith("ended")]
+    assert len(second) == 1, "the second event was retried through a grace of its own"
+
+
+def test_a_401_drops_the_cached_token_and_the_retry_carries_a_fresh_one(
+    sim: Simulator, receiver: Receiver, tmp_path: Path
+) -> None:
+    """A token refused (clock skew, revoked): the bridge does not keep sending it. The
+    simulator counts the token fetches: one at the start, one after the 401."""
+    answers = iter([(401, {}, b"token refused")])
+    receiver.answer = lambda event: next(answers, None)
+    state = tmp_path / "state"
+    bridge = start_bridge(sim, state, receiver.url, "--http-audience", AUDIENCE)
+    try:
+        flip(sim, MIGRATE, bridge, 1)
+        wait_for("the event, after the 401", lambda: len(receiver.ids()) == 1)
+        flip(sim, "NONE", bridge, 2)
+        wait_for("the next event", lambda: len(receiver.ids()) == 2)
+    finally:
+        assert bridge.terminate() == 0
+    assert sim.stats()["instance/service-accounts/default/identity"] == 2
+    assert status_of(state)["parked_count"] == 0
+    assert [e.get_data()["sequence"] for e in receiver.accepted] == [1, 2]
+
+
+# --- the transport's framing (bridge/http1.py's Reader) ----------------------------------------
+
+
+class RawReceiver:
+    """A receiver that answers each POST with scripted bytes (`answers`, in turn; the last one
+    repeats), and counts connections."""
+
+    def __init__(self, *answers: bytes) -> None:
+        import socket
+
+        self.answers = list(answers)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/events"
+        self.connections = 0
+        self.bodies: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: Any) -> None:
+        with conn, contextlib.suppress(OSError):
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+                while len(data) < length:
+                    data += conn.recv(65536)
+                self.bodies.append(data[:length])
+                data = data[length:]
+                answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+                conn.sendall(answer)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+OK_EMPTY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_the_sink_closes_a_connection_with_bytes_left_after_an_answer() -> None:
+    """Two answers in one write: the second is never taken for the next event's answer."""
+    refusal = b"HTTP/1.1 500 No\r\nContent-Length: 0\r\n\r\n"
+    rx = RawReceiver(OK_EMPTY + refusal, OK_EMPTY)
+    sink = direct_sink(rx.url)
+    try:
+        for sequence in (1, 2, 3):
+            sink.send(an_event(sequence)).result(timeout=5)
+    finally:
+        sink.close()
+        rx.close()
+    assert rx.connections == 2 and len(rx.bodies) == 3
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokxx0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nok",
+    ],
+    ids=["0x chunk size", "no CRLF after chunk data", "two lengths"],
+)
+def test_the_sink_refuses_broken_framing_as_a_connection_failure(answer: bytes) -> None:
+    from bridge.sinks.http_post import classify
+
+    rx = RawReceiver(answer)
+    sink = direct_sink(rx.url)
+    try:
+        with pytest.raises(Exception) as failed:
+            sink.send(an_event(1)).result(timeout=5)
+    finally:
+        sink.close()
+        rx.close()
+    assert classify(failed.value) == "connection", failed.value
+
+
+def test_a_big_2xx_body_is_cut_and_still_acknowledges() -> None:
+    big = b"x" * (70 * 1024)
+    rx = RawReceiver(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big))
+    sink = direct_sink(rx.url)
+    try:
+        for sequence in (1, 2):
+            sink.send(an_event(sequence)).result(timeout=5)
+    finally:
+        sink.close()
+        rx.close()
+    assert rx.connections == 2, "a connection with an unread body left was reused"
+
+
+def test_a_trickling_receiver_cannot_stretch_the_read_timeout() -> None:
+    """One byte every 50 ms: the answer must be whole within --http-read-timeout."""
+    import socket
+
+    from bridge.sinks.http_post import classify
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn, contextlib.suppress(OSError):  # the sink hangs up at its deadline
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
+                conn.sendall(bytes([byte]))
+                threading.Event().wait(0.05)  # the receiver's pace: what the test is about
+
+    threading.Thread(target=trickle, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/events"
+    sink = direct_sink(url, "--http-read-timeout", "1")
+    try:
+        began = time.monotonic()
+        with pytest.raises(Exception) as failed:
+            sink.send(an_event(1)).result(timeout=10)
+        took = time.monotonic() - began
+    finally:
+        sink.close()
+        listener.close()
+    assert classify(failed.value) == "timeout" and took < 1.6, (failed.value, took)

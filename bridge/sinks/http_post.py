@@ -5,15 +5,21 @@ Binary content mode by default (`ce-*` headers, `Content-Type: application/json`
 the body), `--content-mode structured` for `application/cloudevents+json`. The outbox semantics
 are Pub/Sub's: recorded before sending, sent one at a time in order, retired only on a 2xx.
 Connection errors, time-outs, 408, 429 (its `Retry-After` is honoured) and 5xx are retried by
-the relay under the same id; any other 4xx is `Refused`: the relay parks the event (see
-`bridge.store.Store.park`) and the queue goes on. Redirects are never followed.
+the relay under the same id. 401, 403 and 404 are what an IAM binding still propagating, a token
+refused for clock skew or a service being deployed answer: they are retried too (class
+`refused`, a 401 with a freshly fetched token) for `--http-refusal-grace`, counted from the
+first refusal since the last 2xx, and only then `Refused`; any other 4xx is `Refused` at once:
+the relay parks the event (see `bridge.store.Store.park`) and the queue goes on. Redirects are
+never followed.
 `--http-audience` adds the VM service account's ID token from the metadata server
 (google-auth's `IDTokenCredentials`, refreshed before it expires); header values and the token
 are never logged.
 
 The transport is the standard library, not requests: one kept-alive socket (TCP_NODELAY, https
-verified against the system trust store, no proxy), each request written in one piece, the
-answer parsed by `http.client.HTTPResponse`. requests' per-request work and the hand-off to a
+verified against the system trust store, no proxy, TCP keepalive), each request written in
+one piece, the answer read by bridge/http1.py's `Reader` (strict framing, bytes left after an
+answer close the connection, one deadline for the whole answer). requests' per-request work
+and the hand-off to a
 worker thread cost about a millisecond per event; now, when the connection is idle, the calling
 thread writes the request itself (see `HttpSink`).
 """
@@ -21,10 +27,9 @@ thread writes the request itself (see `HttpSink`).
 from __future__ import annotations
 
 import contextlib
-import http.client
 import ipaddress
+import math
 import re
-import select
 import socket
 import ssl
 import threading
@@ -39,11 +44,13 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from bridge import __version__
 from bridge.events import Event
+from bridge.http1 import ProtocolError, Reader, Response, keepalive
 from bridge.options import ConfigError, Option, boolean, positive
 from bridge.sinks import Permanent, SinkType, register
 
 RESPONSE_KEPT = 1024  # characters of a refusal's body kept with the parked event
 MAX_BODY = 64 * 1024  # bytes of an answer read; a longer one costs the connection, not memory
+REFUSALS = (401, 403, 404)  # what a receiver says while its IAM or deployment settles
 _AGENT = f"User-Agent: maintenance-bridge/{__version__}\r\n"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)
 _RESERVED = ("content-type", "content-length", "host", "connection", "transfer-encoding")
@@ -102,8 +109,26 @@ OPTIONS = (
         default=False,
     ),
     Option("http_connect_timeout", "connect time-out, seconds", parse=positive(float), default=3.0),
-    Option("http_read_timeout", "response time-out, seconds", parse=positive(float), default=10.0),
+    Option(
+        "http_read_timeout",
+        "the whole answer within, seconds, from when the request is written",
+        parse=positive(float),
+        default=10.0,
+    ),
+    Option(
+        "http_refusal_grace",
+        "retry 401/403/404 for this long (seconds since the first refusal) before parking",
+        parse=lambda text: _grace(text),
+        default=600.0,
+    ),
 )
+
+
+def _grace(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"not a number of seconds, 0 or more: {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -117,11 +142,13 @@ class HttpOptions:
     http_allow_insecure: bool = False
     http_connect_timeout: float = 3.0
     http_read_timeout: float = 10.0
+    http_refusal_grace: float = 600.0
     content_mode: str = "binary"
 
 
 class Refused(Permanent):
-    """A 4xx other than 408 and 429: sending the same request again cannot succeed."""
+    """A 4xx other than 408 and 429 (401/403/404 once the refusal grace is over): sending the
+    same request again cannot succeed."""
 
 
 class Retryable(Exception):
@@ -141,7 +168,7 @@ class _Job:
     future: Future[str]
     headers: dict[str, str] = field(repr=False)
     body: bytes = field(repr=False)
-    written: bool = False  # by the calling thread: the worker only reads the answer
+    written: float = 0.0  # when the calling thread wrote it (monotonic): the worker only reads
 
 
 class HttpSink:
@@ -162,6 +189,7 @@ class HttpSink:
         self.mode = config.content_mode
         self.connect_timeout = config.http_connect_timeout
         self.read_timeout = config.http_read_timeout
+        self.refusal_grace = config.http_refusal_grace
         self.headers = {header.name: header.value for header in config.http_header}
         self.audience = config.http_audience
         parts = urlsplit(config.http_url)
@@ -180,7 +208,8 @@ class HttpSink:
         self._generation = 0  # bumped by `recover`: sends from before it are stale
         self._failed: int | None = None  # the generation a send failed in
         self._not_before = 0.0  # monotonic time a Retry-After asked to wait until
-        self._sock: socket.socket | None = None  # kept alive; used by one thread at a time
+        self._reader: Reader | None = None  # the kept-alive socket; one thread at a time
+        self._refused_since: float | None = None  # the first 401/403/404 since the last 2xx
         self._tls_context: ssl.SSLContext | None = None
         self._credentials: Any = None
         self._token_request: Any = None
@@ -193,7 +222,7 @@ class HttpSink:
             if self._closed:
                 raise RuntimeError("the http sink is closed")
             job.generation = self._generation
-            if not self._jobs and not self._busy and self._sock is not None:
+            if not self._jobs and not self._busy and self._reader is not None:
                 job.written = self._write_now(job)
             self._jobs.append(job)
             if self._thread is None:
@@ -216,33 +245,34 @@ class HttpSink:
             job.future.cancel()
         self._drop()  # a worker blocked on a read gets an error at once
 
-    def _write_now(self, job: _Job) -> bool:
-        """The fast path, under the lock: write on the idle connection without blocking; False
-        leaves the job to the worker (paused, throttled, no valid token, or it did not fit)."""
-        sock = self._sock
-        if sock is None or self._failed == job.generation or self._not_before > time.monotonic():
-            return False
+    def _write_now(self, job: _Job) -> float:
+        """The fast path, under the lock: write on the idle connection without blocking; the
+        time it was written, or 0 to leave the job to the worker (paused, throttled, no valid
+        token, bytes waiting on the connection, or it did not fit)."""
+        reader = self._reader
+        if reader is None or self._failed == job.generation or self._not_before > time.monotonic():
+            return 0.0
         if self.audience:
             if self._credentials is None or not self._credentials.valid:
-                return False  # fetching one is the worker's job
+                return 0.0  # fetching one is the worker's job
             job.headers["Authorization"] = f"Bearer {self._credentials.token}"
         try:
             data = self._encode(job)
         except ValueError:  # a header value that is not Latin-1: the worker fails the event
-            return False
+            return 0.0
+        sock = reader.sock
         try:
-            if _readable(sock):  # the receiver closed it while idle: the worker reconnects
+            if not reader.idle():  # closed by the receiver, or it sent something unasked
                 raise ConnectionResetError
             sock.settimeout(0.0)
             sent = sock.send(data)
-            sock.settimeout(self.read_timeout)
             if sent == len(data):
-                return True
+                return time.monotonic()
         except (OSError, ValueError):  # would block (SSLWantWriteError too), reset, closed
             pass
-        self._sock = None  # a request cut short: the worker sends it whole on a new connection
+        self._reader = None  # a request cut short: the worker sends it whole on a new connection
         _close(sock)
-        return False
+        return 0.0
 
     def _work(self) -> None:
         """The worker: one job at a time, in order; the job's outcome resolves its future."""
@@ -268,6 +298,9 @@ class HttpSink:
                 job.future.set_result(result)
 
     def _exchange(self, job: _Job) -> str:
+        """Send the job (unless the caller did) and read its answer: the whole answer within
+        the read time-out of the request's writing, however slowly it trickles."""
+        reader = self._reader
         if not job.written:
             with self._lock:
                 if job.generation != self._generation or self._failed == job.generation:
@@ -278,50 +311,63 @@ class HttpSink:
             if self.audience:
                 job.headers["Authorization"] = self._bearer()
             data = self._encode(job)
+            if reader is not None and not reader.idle():
+                self._drop()  # closed by the receiver while idle, or bytes nobody asked for
+            reader = self._reader or self._connect()
+        elif reader is None:
+            raise Retryable("connection", "the sink was closed")
+        until = (job.written or time.monotonic()) + self.read_timeout
         try:
-            sock = self._sock
             if not job.written:
-                if sock is not None and _readable(sock):
-                    self._drop()  # closed by the receiver while idle
-                sock = self._sock or self._connect()
-                sock.sendall(data)
-            elif sock is None:
-                raise ConnectionAbortedError("the sink was closed")
-            response = http.client.HTTPResponse(sock, method="POST")
-            response.begin()
-            text = response.read(MAX_BODY + 1)
-            if not response.isclosed() or response.will_close:
-                self._drop()  # more than we read, or the receiver closes it: not reusable
-            response.close()
-        except TimeoutError:
+                reader.send(data, until)
+            response, keep = reader.response(until, MAX_BODY, truncate=True)
+        except TimeoutError as exc:
             self._drop()
-            raise Retryable(
-                "timeout", f"no answer from {self.where} within {self.read_timeout:g} s"
-            ) from None
-        except (OSError, http.client.HTTPException) as exc:
+            if exc.errno is None:  # the deadline, not the keepalive probes giving up
+                raise Retryable(
+                    "timeout", f"no answer from {self.where} within {self.read_timeout:g} s"
+                ) from None
+            raise Retryable("connection", f"{self.where}: {_reason(exc)}") from None
+        except (OSError, ProtocolError) as exc:
             self._drop()
             raise Retryable("connection", f"{self.where}: {_reason(exc)}") from None
-        return self._judge(job, response, text)
+        if not keep:
+            self._drop()  # the receiver closes it, or more came than the answer
+        return self._judge(job, response)
 
-    def _judge(self, job: _Job, response: http.client.HTTPResponse, content: bytes) -> str:
+    def _judge(self, job: _Job, response: Response) -> str:
         """The answer's meaning: the event id on a 2xx, else the failure to raise."""
         status = response.status
         if 200 <= status < 300:
+            self._refused_since = None
             return job.event.id
         # Masked before it is cut: a secret cut in two would no longer be recognised.
-        text = _scrub(content.decode("utf-8", "replace"), job.headers)[:RESPONSE_KEPT]
+        text = _scrub(response.body.decode("utf-8", "replace"), job.headers)[:RESPONSE_KEPT]
         if 300 <= status < 400:
-            where = _without_query(response.getheader("Location", "(no Location)"))
+            where = _without_query(response.headers.get("location", "(no Location)"))
             raise Retryable(
                 "redirect", f"HTTP {status} redirect to {where} not followed: set --http-url to it"
             )
         if status == 429:
-            wait = _retry_after(response.getheader("Retry-After"))
+            wait = _retry_after(response.headers.get("retry-after"))
             with self._lock:
                 self._not_before = time.monotonic() + wait
             raise Retryable("throttled", f"HTTP 429 from {self.where}: {text}")
         if status == 408 or status >= 500:
             raise Retryable("server", f"HTTP {status} from {self.where}: {text}")
+        if status in REFUSALS:
+            if status == 401:  # a token refused (clock skew, revoked): the next try fetches one
+                with self._lock:
+                    self._credentials = None
+            now = time.monotonic()
+            if self._refused_since is None:
+                self._refused_since = now
+            left = self.refusal_grace - (now - self._refused_since)
+            if left > 0:
+                raise Retryable(
+                    "refused",
+                    f"HTTP {status} from {self.where}: {text} (parks in {left:.0f} s)",
+                )
         raise Refused(status, f"HTTP {status} from {self.where}: {text}")
 
     def _encode(self, job: _Job) -> bytes:
@@ -330,12 +376,15 @@ class HttpSink:
         head = f"{self._head}Content-Length: {len(job.body)}\r\n{''.join(lines)}\r\n"
         return head.encode("latin-1") + job.body
 
-    def _connect(self) -> socket.socket:
-        """A new connection (TCP_NODELAY; https verified against the system trust store),
-        within the connect time-out; on the worker only."""
+    def _connect(self) -> Reader:
+        """A new connection (TCP_NODELAY, TCP keepalive: a receiver that forgot it during a
+        blackout is noticed about a second after the network is back, not at the read time-out;
+        https verified against the system trust store), within the connect time-out; on the
+        worker only."""
         try:
             sock = socket.create_connection(self._address, timeout=self.connect_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keepalive(sock)
             if self._tls:
                 if self._tls_context is None:
                     self._tls_context = ssl.create_default_context()
@@ -347,18 +396,18 @@ class HttpSink:
             ) from None
         except OSError as exc:  # refused, unreachable, unresolvable, a certificate refused
             raise Retryable("connection", f"{self.where}: {_reason(exc)}") from None
-        sock.settimeout(self.read_timeout)
+        reader = Reader(sock)
         with self._lock:
             if self._closed:
                 _close(sock)
                 raise Retryable("connection", "the sink was closed")
-            self._sock = sock
-        return sock
+            self._reader = reader
+        return reader
 
     def _drop(self) -> None:
         with self._lock:
-            sock, self._sock = self._sock, None
-        _close(sock)
+            reader, self._reader = self._reader, None
+        _close(reader.sock if reader else None)
 
     def _bearer(self) -> str:
         """The ID token, fetched once and again only shortly before it expires (google-auth's
@@ -382,17 +431,6 @@ class HttpSink:
             except exceptions.GoogleAuthError as exc:
                 raise Retryable("token", f"no ID token from the metadata server: {exc}") from None
         return f"Bearer {self._credentials.token}"
-
-
-def _readable(sock: socket.socket) -> bool:
-    """An idle kept-alive connection that is readable was closed by the receiver (or it sent
-    something unasked): reusing it would fail the next request. poll where there is one:
-    select refuses descriptors over 1023."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(0))
-    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _close(sock: socket.socket | None) -> None:
@@ -496,7 +534,10 @@ def classify(exc: BaseException) -> str:
 
 def hint(failure_class: str, config: HttpOptions) -> str:
     return {
-        "refused": " (parked, the queue goes on; once fixed: maintenance-bridge redrive)",
+        "refused": (
+            " (check the receiver's IAM binding and URL; 401/403/404 are retried for"
+            " --http-refusal-grace, then parked; once fixed: maintenance-bridge redrive)"
+        ),
         "connection": f" (is the receiver {_without_query(config.http_url)} up? events wait)",
         "token": " (does the VM have a service account? events wait)",
         "redirect": " (events wait)",
