@@ -28,6 +28,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 PREFIX = "/compute/v1/"
+# A fault status: the request is carried out, then the connection closes without an answer.
+LOST = 0
 _URL = "https://www.googleapis.com/compute/v1/"
 
 # The undocumented refusal of performMaintenance for an instance that is not PENDING and
@@ -124,6 +126,9 @@ class ComputeApi(ThreadingHTTPServer):
         self.by_request_id: dict[str, str] = {}
         self.calls: list[dict[str, Any]] = []
         self.faults: list[tuple[str, int]] = []  # (verb or "get", status) answered once each
+        # instance path -> the upcomingMaintenance it has once a GET answered: the state moving
+        # between the autopilot's instances.get and its performMaintenance
+        self.after_get: dict[str, dict[str, Any] | None] = {}
         self.lock = threading.Lock()
         self._ids = itertools.count(1)
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -188,22 +193,38 @@ class ComputeApi(ThreadingHTTPServer):
         target = "/".join(segments[:6])
         with self.lock:
             self.calls.append({"method": method, "path": target, "verb": verb, "query": query})
-            for i, (fault_verb, status) in enumerate(self.faults):
-                if fault_verb == verb:
-                    del self.faults[i]
-                    return status, _error(status, "backendError", "injected fault")
-            if len(segments) == 6 and segments[4] == "instances" and method == "GET":
-                inst = self.instances.get(target)
-                if inst is None:
-                    return 404, _error(404, "notFound", f"The resource '{target}' was not found")
-                return 200, inst.resource()
-            if len(segments) == 7 and segments[4] == "instances" and verb == "performMaintenance":
-                return self._perform(target, query.get("requestId"))
-            if len(segments) >= 6 and segments[4] == "operations":
-                op = self.operations.get(segments[5])
-                if op is None:
-                    return 404, _error(404, "notFound", f"The resource '{path}' was not found")
-                return 200, dict(op)
+            fault = next((f for f in self.faults if f[0] == verb), None)
+            if fault is not None:
+                self.faults.remove(fault)
+                if fault[1] != LOST:
+                    return fault[1], _error(fault[1], "backendError", "injected fault")
+            status, body = self._route(method, path, segments, target, verb, query)
+            return (LOST, {}) if fault is not None else (status, body)
+
+    def _route(
+        self,
+        method: str,
+        path: str,
+        segments: list[str],
+        target: str,
+        verb: str,
+        query: dict[str, str],
+    ) -> tuple[int, dict[str, Any]]:
+        if len(segments) == 6 and segments[4] == "instances" and method == "GET":
+            inst = self.instances.get(target)
+            if inst is None:
+                return 404, _error(404, "notFound", f"The resource '{target}' was not found")
+            answer = inst.resource()
+            if target in self.after_get:
+                inst.upcoming = self.after_get.pop(target)
+            return 200, answer
+        if len(segments) == 7 and segments[4] == "instances" and verb == "performMaintenance":
+            return self._perform(target, query.get("requestId"))
+        if len(segments) >= 6 and segments[4] == "operations":
+            op = self.operations.get(segments[5])
+            if op is None:
+                return 404, _error(404, "notFound", f"The resource '{path}' was not found")
+            return 200, dict(op)
         return 404, _error(404, "notFound", f"no such method {method} {path}")
 
     def _perform(self, target: str, request_id: str | None) -> tuple[int, dict[str, Any]]:
@@ -218,8 +239,8 @@ class ComputeApi(ThreadingHTTPServer):
         inst = self.instances.get(target)
         if inst is None:
             return 404, _error(404, "notFound", f"The resource '{target}' was not found")
-        up = inst.upcoming
-        if not up or up.get("canReschedule") is not True or up.get("maintenanceStatus") != "PENDING":
+        up = inst.upcoming or {}
+        if up.get("canReschedule") is not True or up.get("maintenanceStatus") != "PENDING":
             status, reason = self.refusal
             message = "The instance has no pending maintenance that can be rescheduled."
             return status, _error(status, reason, message)
@@ -260,6 +281,9 @@ class _Handler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
         status, body = self.server.answer(self.command, self.path)
+        if status == LOST:
+            self.close_connection = True
+            return
         out = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json; charset=UTF-8")

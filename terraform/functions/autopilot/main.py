@@ -17,7 +17,7 @@ Configuration (environment, read once at import into `SETTINGS`):
 
 The record, `autopilot` in `<collection>/<doc>` (dotted updates only, so the fields the ledger
 writes are never touched):
-  state        starting | started | done | refused | retry
+  state        starting (claimed; the call's outcome unknown) | started | done | refused
   window       `<doc>/<windowStartTime>`: the one window the record is about
   request_id   the performMaintenance requestId (uuid5 of `window`)
   operation    the zonal operation it answered; started_at, done_at, done_by
@@ -374,7 +374,10 @@ class Tick:
             )
             return
         final = answer.status in FINAL
-        self._failed(c.key, doc, record, wid, answer, final, state="refused" if final else "retry")
+        # Not final (unreachable, 403, 429, 5xx): the call may or may not have reached Compute, so
+        # the claim stays "starting": next tick the instance is ONGOING (it did) or still PENDING
+        # (it did not, and the same requestId goes again).
+        self._failed(c.key, doc, record, wid, answer, final, state="refused" if final else None)
 
     def _claim(self, key: str, wid: str, up: dict[str, Any], request_id: str, group: str) -> bool:
         """Take the window in a transaction: false if a record for it exists (another tick)."""
@@ -446,7 +449,7 @@ class Tick:
         state: str | None = None,
     ) -> None:
         """Summarise a failed call; log it only when it differs from the instance's last."""
-        error = {"call": call, "status": answer.status, "message": answer.message, "window": wid}
+        error = {"call": call, "status": answer.status, "detail": answer.message, "window": wid}
         self.summary["failed"].append({**_entry(doc, **error), "retry": not final})
         last = record.get("error") or {}
         if any(last.get(k) != error[k] for k in ("call", "status", "window")):

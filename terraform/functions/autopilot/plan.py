@@ -331,7 +331,7 @@ def _why_not(
         return "cannot be rescheduled: Google starts it in its own window"
     if c.status != "PENDING":
         return f"maintenance {c.status or 'status unknown'}, not PENDING"
-    if c.key in occupied.get(c.zone, set()):
+    if any(c.key in keys for keys in occupied.values()):
         return "maintenance under way"
     if c.blocked:
         return c.blocked
