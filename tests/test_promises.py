@@ -191,14 +191,24 @@ def stored(db_path: Path) -> dict[str, str]:
             return {}
 
 
-def watching(bridge: InProcessBridge, db_path: Path) -> None:
-    """Until every watched key has answered once and its value is in the store."""
-    wait_for(
-        "every key's first value in the store",
-        lambda: set(bridge.config.keys) <= set(stored(db_path)),
-        timeout=10,
-        detail=lambda: bridge.errors,
-    )
+@contextlib.contextmanager
+def running(
+    sim: Simulator, state_dir: Path, sink: Any, **overrides: Any
+) -> Iterator[InProcessBridge]:
+    """The bridge in-process on `state_dir`, once every watcher has handled its first answer
+    (the simulator has been asked each key again since) and every key's value is stored: a
+    change made from then on is one the bridge sees while running."""
+    config = config_for(sim, state_dir, **overrides)
+    db_path, asked = state_dir / DB_NAME, sim.stats()
+    with in_process(config, sink) as bridge:
+
+        def ready() -> bool:
+            now = sim.stats()
+            answered = all(now.get(key, 0) >= asked.get(key, 0) + 2 for key in config.keys)
+            return answered and set(config.keys) <= set(stored(db_path))
+
+        wait_for("every watcher past its first answer", ready, 10, detail=lambda: bridge.errors)
+        yield bridge
 
 
 @pytest.fixture
@@ -215,8 +225,7 @@ def test_every_event_is_in_the_store_when_the_sink_gets_it(sim: Simulator, state
     commit is held up, nothing is sent at all."""
     db_path = state / DB_NAME
     sink = ProbingSink(db_path)
-    with in_process(config_for(sim, state), sink) as bridge:
-        watching(bridge, db_path)
+    with running(sim, state, sink):
         with stalled(db_path):
             sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
             holds_for("nothing sent while the commit waits", lambda: not sink.sends, STALL)
@@ -246,8 +255,7 @@ def test_hooks_start_only_once_the_event_is_durable(
     script.write_text(HOOK)
     hook = f"{sys.executable} {script} {db_path} {out}"
     sink = MemorySink()
-    with in_process(config_for(sim, state, exec=(hook,)), sink) as bridge:
-        watching(bridge, db_path)
+    with running(sim, state, sink, exec=(hook,)):
         with stalled(db_path):
             sim.set_value(PREEMPTED, "TRUE")
             holds_for("no hook started while the commit waits", lambda: not out.exists(), STALL)
@@ -276,8 +284,7 @@ def test_an_event_stays_in_the_outbox_until_the_sink_acknowledges_it(
     next one waits behind it); it leaves only when the sink says it has it."""
     db_path = state / DB_NAME
     sink = MemorySink(hold=True)
-    with in_process(config_for(sim, state), sink) as bridge:
-        watching(bridge, db_path)
+    with running(sim, state, sink):
         sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
         (sent,) = sink.wait("the event sent", lambda s: s.sends)
         sim.set_value(PREEMPTED, "TRUE")
@@ -299,8 +306,7 @@ def test_events_left_unacknowledged_go_out_after_a_restart_once_under_their_ids(
     was first sent with; nothing already acknowledged and no change is told again."""
     db_path = state / DB_NAME
     first = MemorySink()
-    with in_process(config_for(sim, state, drain_timeout=0.1), first) as bridge:
-        watching(bridge, db_path)
+    with running(sim, state, first, drain_timeout=0.1):
         sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
         first.wait("the first event acknowledged", lambda s: len(s.acked) == 1)
         wait_for("the first event retired", lambda: not outbox(db_path))
@@ -312,9 +318,8 @@ def test_events_left_unacknowledged_go_out_after_a_restart_once_under_their_ids(
     left = outbox(db_path)
     assert [seq for seq, _ in left] == [2, 3]
     second = MemorySink()
-    with in_process(config_for(sim, state), second) as bridge:
+    with running(sim, state, second):
         second.wait("the outbox resent", lambda s: len(s.acked) == 2)
-        watching(bridge, db_path)
         holds_for("nothing more sent", lambda: len(second.sends) == 2, 0.2)
     assert [(e.data.sequence, e.id) for e in second.acked] == left
     sent_first = {e.event.id: e.event.to_structured() for e in first.sends}
@@ -331,8 +336,7 @@ def test_order_per_instance_and_one_id_per_event_through_a_sink_outage(
     again, from the first unacknowledged event on, under the same id and with the same body."""
     db_path = state / DB_NAME
     sink = ProbingSink(db_path)
-    with in_process(config_for(sim, state), sink) as bridge:
-        watching(bridge, db_path)
+    with running(sim, state, sink):
         sink.fail = SinkDown("down for the test")
         sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
         sim.set_value(PREEMPTED, "TRUE")
@@ -377,8 +381,7 @@ def test_heartbeats_are_recorded_numbered_events_of_the_same_stream(
     a key changes."""
     db_path, interval = state / DB_NAME, 0.1
     sink = ProbingSink(db_path)
-    with in_process(config_for(sim, state, heartbeat_interval=interval), sink) as bridge:
-        watching(bridge, db_path)
+    with running(sim, state, sink, heartbeat_interval=interval):
         sink.wait("two heartbeats", lambda s: len(s.acked) >= 2)
         sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
         sink.wait("the migration", lambda s: any(e.data.key == MAINTENANCE for e in s.acked))
@@ -412,18 +415,15 @@ def test_a_change_while_down_is_told_once_flagged_and_nothing_is_told_again(
     bridge never had a value). A restart that finds other values: one event per key that
     differs, both flags set; a key that did not change says nothing; a change seen while
     running has neither flag; the sequence goes on."""
-    db_path = state / DB_NAME
     sim.set_value(MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE")
     first = MemorySink()
-    with in_process(config_for(sim, state), first) as bridge:
-        watching(bridge, db_path)
+    with running(sim, state, first):
         first.wait("the notice already on", lambda s: len(s.acked) == 1)
     sim.set_value(MAINTENANCE, "NONE")  # while the bridge is not running
     sim.set_value(PREEMPTED, "TRUE")
     second = MemorySink()
-    with in_process(config_for(sim, state), second) as bridge:
+    with running(sim, state, second):
         second.wait("what changed while down", lambda s: len(s.acked) == 2)
-        watching(bridge, db_path)
         sim.set_value(UPCOMING, json.dumps(sample_window()))
         second.wait("a change while running", lambda s: len(s.acked) == 3)
         holds_for("nothing else told", lambda: len(second.sends) == 3, 0.2)
