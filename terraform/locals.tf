@@ -9,7 +9,10 @@ locals {
 
   # Every event kind the bridge emits (bridge/keys.py KINDS; tests/test_terraform.py holds them
   # equal): what the functions' `kinds` settings may name.
-  kinds = ["maintenance.started", "maintenance.changed", "maintenance.ended", "preemption.started", "preemption.changed", "preemption.ended", "upcoming.scheduled", "upcoming.updated", "upcoming.cleared", "bridge.heartbeat"]
+  bridge_kinds = ["maintenance.started", "maintenance.changed", "maintenance.ended", "preemption.started", "preemption.changed", "preemption.ended", "upcoming.scheduled", "upcoming.updated", "upcoming.cleared", "bridge.heartbeat"]
+  # And the cloud's (bridge/cloud_kinds.py CLOUD_KINDS, held equal too), made by system-events.
+  cloud_kinds = ["cloud.host_error", "cloud.automatic_restart", "cloud.preempted", "cloud.migrated", "cloud.terminated_for_maintenance", "cloud.guest_terminated", "cloud.halted_for_restart", "cloud.recreated", "cloud.maintenance_scheduled", "cloud.maintenance_updated", "cloud.maintenance_completed", "cloud.system_event"]
+  kinds       = concat(local.bridge_kinds, local.cloud_kinds)
 
   # Attribute filters per function: kinds expand to full ce-type values. Applied inside the
   # function always (EVENT_FILTER) and, with function_delivery = "push", by Pub/Sub as well.
@@ -66,7 +69,7 @@ locals {
     }
   }
   functions    = { for fn, s in local.function_settings : fn => s if s.enabled }
-  any_function = length(local.functions) > 0
+  any_function = length(local.functions) > 0 || var.system_events.enabled # system_events.tf
 
   apis = toset(concat(
     ["pubsub.googleapis.com", "iam.googleapis.com"],

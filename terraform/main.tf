@@ -24,6 +24,7 @@ locals {
   delivering_subscriptions = merge(
     { for fn, sub in google_pubsub_subscription.push : fn => sub.name },
     var.bigquery_history.enabled ? { bigquery = google_pubsub_subscription.bigquery[0].name } : {},
+    { for fn, sub in google_pubsub_subscription.system_events_push : fn => sub.name }, # system_events.tf
   )
 }
 

@@ -106,3 +106,13 @@ output "monitoring" {
     dashboard      = try(google_monitoring_dashboard.bridge[0].id, null)
   }
 }
+
+output "system_events" {
+  description = "The cloud's side, or null when system_events.enabled = false: the log topic, the sink (its resource id and the writer identity granted publisher on the log topic only) and the system-events function."
+  value = var.system_events.enabled ? {
+    topic           = google_pubsub_topic.system_events[0].id
+    sink            = one(concat(google_logging_project_sink.system_events[*].id, google_logging_folder_sink.system_events[*].id, google_logging_organization_sink.system_events[*].id))
+    writer_identity = local.system_events_writer
+    function        = google_cloudfunctions2_function.system_events["system-events"].name
+  } : null
+}

@@ -423,3 +423,35 @@ variable "monitoring" {
     error_message = "monitoring.notification_channels must be notification channel ids: projects/P/notificationChannels/N."
   }
 }
+
+# --- the cloud's side: system-event audit logs ------------------------------------------------
+
+variable "system_events" {
+  description = "Compute Engine's system-event audit logs (host errors, preemptions, migrations, ...) routed by a log sink to a topic of their own and published by the system-events function on the main topic as CloudEvents. scope: \"project\" (the module's project), \"folder\" (folder_id) or \"organization\" (organization_id), with include_children for the last two: one sink for a fleet across projects. max_instances: of the function."
+  type = object({
+    enabled          = optional(bool, true)
+    scope            = optional(string, "project")
+    folder_id        = optional(string)
+    organization_id  = optional(string)
+    include_children = optional(bool, true)
+    max_instances    = optional(number, 5)
+  })
+  default = {}
+
+  validation {
+    condition     = contains(["project", "folder", "organization"], var.system_events.scope)
+    error_message = "system_events.scope must be \"project\", \"folder\" or \"organization\"."
+  }
+  validation {
+    condition     = var.system_events.scope != "folder" || can(regex("^(folders/)?[0-9]+$", coalesce(var.system_events.folder_id, "-")))
+    error_message = "system_events.scope = \"folder\" needs folder_id: the numeric id, or folders/ID."
+  }
+  validation {
+    condition     = var.system_events.scope != "organization" || can(regex("^[0-9]+$", coalesce(var.system_events.organization_id, "-")))
+    error_message = "system_events.scope = \"organization\" needs organization_id: the numeric id."
+  }
+  validation {
+    condition     = var.system_events.max_instances >= 1 && floor(var.system_events.max_instances) == var.system_events.max_instances
+    error_message = "system_events.max_instances must be a positive integer."
+  }
+}

@@ -126,6 +126,8 @@ def test_function_triggers_point_at_the_module_topic(module) -> None:
     for name, fn in functions.items():
         if name == "board":  # an HTTP function, no trigger: tests/test_board.py
             continue
+        if name == "system_events":  # triggered by the log topic: test_system_events_wiring
+            continue
         trigger = block(fn, "event_trigger")
         assert trigger["pubsub_topic"] == "${google_pubsub_topic.events.id}", name
         assert trigger["event_type"] == "google.cloud.pubsub.topic.v1.messagePublished"
@@ -139,7 +141,7 @@ def test_function_triggers_point_at_the_module_topic(module) -> None:
         ), "each function runs as its own service account"
         assert service["ingress_settings"] == "ALLOW_INTERNAL_ONLY"
     for name, sub in resources(module, "google_pubsub_subscription").items():
-        if name != "dead_letter":
+        if name not in ("dead_letter", "system_events_push"):
             assert sub["topic"] == "${google_pubsub_topic.events.id}", name
     push = resources(module, "google_pubsub_subscription")["push"]
     assert (
@@ -148,11 +150,63 @@ def test_function_triggers_point_at_the_module_topic(module) -> None:
     )
 
 
+def test_system_events_wiring(module) -> None:
+    """Sink -> log topic (its writer identity the only publisher) -> function (Eventarc or a
+    push subscription with the main topic's dead letters) -> the main topic."""
+    sinks = {
+        kind: resources(module, f"google_logging_{kind}_sink")["system_events"]
+        for kind in ("project", "folder", "organization")
+    }
+    for kind, sink in sinks.items():
+        assert sink["destination"] == (
+            "pubsub.googleapis.com/${google_pubsub_topic.system_events[0].id}"
+        ), kind
+        assert sink["filter"] == "${local.system_events_filter}", kind
+        assert f'var.system_events.scope == "{kind}"' in sink["count"], kind
+    assert sinks["project"]["unique_writer_identity"] is True
+    assert sinks["folder"]["include_children"] == "${var.system_events.include_children}"
+    assert sinks["organization"]["include_children"] == "${var.system_events.include_children}"
+    filter_text = (MODULE / "system_events.tf").read_text()
+    for part in (
+        'log_id(\\"cloudaudit.googleapis.com/system_event\\")',
+        'resource.type=\\"gce_instance\\"',
+        'protoPayload.serviceName=\\"compute.googleapis.com\\"',
+    ):
+        assert part in filter_text, part
+    topic = resources(module, "google_pubsub_topic")["system_events"]
+    main = resources(module, "google_pubsub_topic")["events"]
+    for safety in ("message_retention_duration", "kms_key_name"):
+        assert topic[safety] == main[safety], safety
+    grants = resources(module, "google_pubsub_topic_iam_member")
+    writer = grants["system_events_writer"]
+    assert writer["topic"] == "${google_pubsub_topic.system_events[0].name}"
+    assert (writer["role"], writer["member"]) == (
+        "roles/pubsub.publisher",
+        "${local.system_events_writer}",
+    )
+    publisher = grants["system_events_publisher"]
+    assert publisher["topic"] == "${google_pubsub_topic.events.name}"
+    assert "google_service_account.system_events[0].email" in publisher["member"]
+    fn = resources(module, "google_cloudfunctions2_function")["system_events"]
+    trigger = block(fn, "event_trigger")
+    assert trigger["pubsub_topic"] == "${google_pubsub_topic.system_events[0].id}"
+    assert trigger["retry_policy"] == "RETRY_POLICY_RETRY"
+    assert block(fn, "build_config")["entry_point"] == "handle"
+    service = block(fn, "service_config")
+    assert service["environment_variables"]["EVENTS_TOPIC"] == "${google_pubsub_topic.events.id}"
+    assert service["ingress_settings"] == "ALLOW_INTERNAL_ONLY"
+    push = resources(module, "google_pubsub_subscription")["system_events_push"]
+    assert push["topic"] == "${google_pubsub_topic.system_events[0].id}"
+    dead = block(push, "dead_letter_policy")
+    assert dead["dead_letter_topic"] == "${google_pubsub_topic.dead_letter.id}"
+    assert "local.system_events" in module["locals"]["function_archives"]
+
+
 def test_one_function_per_example_directory(module) -> None:
     settings = module["locals"]["function_settings"]
     folders = [p for p in (MODULE / "functions").iterdir() if p.is_dir()]
     on_disk = {p.name for p in folders if not p.name.startswith("_")}
-    assert set(settings) == on_disk - {"board"} == {"notify", "ledger", "drain"}
+    assert set(settings) == on_disk - {"board", "system-events"} == {"notify", "ledger", "drain"}
     for name in on_disk:
         assert (MODULE / "functions" / name / "main.py").is_file()
         assert (MODULE / "functions" / name / "requirements.txt").is_file()
@@ -321,6 +375,8 @@ def test_function_zips_vendor_the_decoder(module) -> None:
         "bridge/__init__.py",
         "bridge/events.py",
         "bridge/keys.py",
+        "bridge/cloud_kinds.py",  # the cloud's kinds, which the decoder accepts
+        "bridge/system_events.py",  # the system-events function's converter
     }
     for fn in ("notify", "ledger", "drain"):
         for filename, relative in files.items():
@@ -597,10 +653,14 @@ def test_function_settings_match_what_the_functions_parse(console: Console) -> N
 
 
 def test_kind_validation_lists_every_kind_the_bridge_emits() -> None:
+    from bridge.cloud_kinds import CLOUD_KINDS
     from bridge.keys import KINDS
 
-    kinds = re.search(r"^  kinds = (\[[^\]]*\])$", (MODULE / "locals.tf").read_text(), re.M)
-    assert kinds and json.loads(kinds.group(1)) == list(KINDS)
+    text = (MODULE / "locals.tf").read_text()
+    for name, expected in (("bridge_kinds", KINDS), ("cloud_kinds", CLOUD_KINDS)):
+        kinds = re.search(rf"^  {name} += (\[[^\]]*\])$", text, re.M)
+        assert kinds and json.loads(kinds.group(1)) == list(expected), name
+    assert re.search(r"^  kinds += concat\(local.bridge_kinds, local.cloud_kinds\)$", text, re.M)
     text = (MODULE / "variables.tf").read_text()
     for fn in ("notify", "ledger", "drain"):
         assert f"for k in var.{fn}.kinds : contains(local.kinds, k)" in text, fn
