@@ -554,7 +554,7 @@ def test_foreign_imports_sees_nested_and_from_imports() -> None:
     assert foreign_imports(source, {"bridge"}) == {"requests"}
 
 
-@pytest.mark.parametrize("name", ["notify", "ledger", "drain", "autopilot"])
+@pytest.mark.parametrize("name", ["notify", "ledger", "drain", "autopilot", "system-events"])
 def test_vendored_modules_import_only_the_standard_library(name: str) -> None:
     """Everything in the zip but main.py (bridge/events.py, subscriber.py) runs on any runtime:
     a new dependency of bridge/events.py would otherwise break every deployed function."""
@@ -586,7 +586,7 @@ def test_terraform_zips_exactly_what_the_tests_run(tmp_path: Path) -> None:
         assert value.startswith("${") and value.endswith("}"), value
         return value[2:-1].replace("source.key", "k").replace("source.value", "v")
 
-    names = ["notify", "ledger", "drain", "autopilot"]
+    names = ["notify", "ledger", "drain", "autopilot", "system-events"]
     each, member, body = map(expr, (source["for_each"], content["filename"], content["content"]))
     inner = f"{{for k, v in {each} : {member} => {body}}}".replace("each.key", "fn")
     expression = f"jsonencode({{for fn in {json.dumps(names)} : fn => {inner}}})"
