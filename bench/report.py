@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from bench.phases import STAGES
+from bench.phases_disruption import disruption_rows, disruption_text
 from bench.phases_load import RECOVERY_CLIENTS
 from bench.plan import NAGLE_CLUSTER, TARGETS, Dist, fmt_ms, median, ratio, verdict, worst
 from bench.report_text import CHANGES, HISTORY
@@ -57,6 +58,7 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         ok = fleet["complete"] == n and fleet["in_order"] == n
         shown = f"{fleet['complete']}/{n} complete, {fleet['in_order']}/{n} in order"
         rows.append(("fleet: every event delivered, per-instance order", shown, "all", ok))
+    rows += disruption_rows(r)
     ng = r.get("nagle")
     if ng:
         hits, n = ng["stdout_hits"] + ng["ack_hits"], ng["stdout_n"] + ng["ack_n"]
@@ -318,6 +320,7 @@ def markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
         w(f"| {label} | {shown} | {limit} | {verdict(met)} |")
     w("")
     w(sample_text(r))
+    w(disruption_text(r))
     lat = r.get("latency")
     if lat:
         w("## Change to event, side by side")

@@ -30,14 +30,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script inside the namespace
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 from bridge.keys import MAINTENANCE, PREEMPTED, UPCOMING
 from bridge.simulator import Simulator, sample_window
 from bridge.simulator.handler import _LINGER_RST
-from tests.support.bridge import REPO, BridgeProcess
-from tests.support.harness import wait_for
+
+from .bridge import REPO, BridgeProcess
+from .harness import wait_for
 
 SAMPLE = REPO / "bench" / "baselines" / "google_sample.py"
 NOTICE_VALUES = {MAINTENANCE: "MIGRATE_ON_HOST_MAINTENANCE", PREEMPTED: "TRUE"}
@@ -279,6 +277,21 @@ def frozen(work: Path, rounds: int) -> dict[str, Any]:
     return {"rounds": out}
 
 
+def calm(work: Path, seconds: float) -> dict[str, Any]:
+    """Requests per minute per key while nothing happens, over `seconds` after every watch is
+    armed, at the default poll_timeout (60 s)."""
+    with _lab(work, "--absent-interval", "60", sample=False) as (sim, _, _):
+        before = sim.stats()
+        start = time.monotonic()
+        time.sleep(seconds)  # the measurement window
+        after = sim.stats()
+        minutes = (time.monotonic() - start) / 60
+    return {
+        "seconds": seconds,
+        "per_min": {k: (after.get(k, 0) - before.get(k, 0)) / minutes for k in CALM_VALUES},
+    }
+
+
 class _Receiver(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
@@ -365,6 +378,7 @@ CASES: dict[str, Callable[..., dict[str, Any]]] = {
     "blackouts": blackouts,
     "frozen": frozen,
     "http_peer": http_peer,
+    "calm": calm,
 }
 
 
