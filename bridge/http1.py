@@ -142,7 +142,7 @@ class Reader:
         if status == 101:
             raise ProtocolError("HTTP 101: the server switched protocols")
         tokens = headers.get("connection", "").lower()
-        keep = "close" not in tokens and (version == "HTTP/1.1" or "keep-alive" in tokens)
+        keep = "close" not in tokens and version != "HTTP/1.0"  # no 1.0 keep-alive, as h11
         if status in NO_BODY:
             body = b""
         elif "transfer-encoding" in headers:
