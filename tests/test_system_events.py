@@ -26,7 +26,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.pubsub import PubSubAdmin, PubSubServer
 from test_avro_schema import avro_topic  # noqa: F401  (the fixture: a topic enforcing the .avsc)
-from test_functions import Function, deliver, message_published, stop, wait_for_port
+from test_functions import (
+    MIGRATE,
+    Function,
+    _load_module,
+    deliver,
+    maintenance,
+    message_published,
+    stop,
+    vm,
+    wait_for_port,
+)
 
 from bridge.cloud_kinds import (
     CLOUD_KEY,
@@ -38,7 +48,7 @@ from bridge.cloud_kinds import (
     UPCOMING_SCHEDULED,
     UPCOMING_UPDATED,
 )
-from bridge.events import DEFAULT_TYPE_PREFIX, decode_pubsub, dumps
+from bridge.events import DEFAULT_TYPE_PREFIX, Scheduling, decode_pubsub, dumps
 from bridge.system_events import NotASystemEvent, convert, event_id, parse, stream_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -470,3 +480,110 @@ def test_a_publish_the_topic_refuses_is_retried_not_acked(system_events: Any) ->
     response = deliver(function.port, delivery)
     assert response.status_code >= 500
     assert any("will be retried" in r.get("message", "") for r in function.logs())
+
+
+# --- the ledger reconciles both streams (pure part, in-process) -------------------------------
+
+ledger = _load_module("ledger")
+
+
+def cloud_event_of(kind: str, instance: Any, at: datetime, insert_id: str = "") -> Any:
+    """The cloud's event of `kind` about `instance`, made by the converter from a golden entry."""
+    entry = golden(kind)
+    entry["insertId"] = insert_id or f"{kind}-{at.isoformat()}"
+    entry["timestamp"] = at.isoformat().replace("+00:00", "Z")
+    entry["logName"] = f"projects/{instance.project_id}/logs/{SYSTEM_LOG}"
+    entry["resource"]["labels"] = {
+        "instance_id": instance.id,
+        "zone": instance.zone,
+        "project_id": instance.project_id,
+    }
+    entry["protoPayload"]["resourceName"] = (
+        f"projects/{instance.project_id}/zones/{instance.zone}/instances/{instance.name}"
+    )
+    return convert(entry)
+
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def _apply(events: list[Any]) -> tuple[list[dict[str, Any]], list[str | None]]:
+    disruptions: list[dict[str, Any]] = []
+    parts = []
+    for event in events:
+        disruptions, part = ledger.reconcile(disruptions, event)
+        parts.append(part)
+    return disruptions, parts
+
+
+def test_notice_cloud_record_and_end_are_one_disruption_in_any_order() -> None:
+    started = maintenance("maintenance.started", sequence=1, observed=T0)
+    migrated = cloud_event_of("cloud.migrated", vm(), T0 + timedelta(seconds=62))
+    ended = maintenance(
+        "maintenance.ended",
+        sequence=2,
+        previous=MIGRATE,
+        current="NONE",
+        observed=T0 + timedelta(seconds=75),
+    )
+    for order in (
+        [started, migrated, ended],
+        [migrated, started, ended],
+        [started, ended, migrated],
+    ):
+        disruptions, parts = _apply(order)
+        assert len(disruptions) == 1, (order, disruptions)
+        (one,) = disruptions
+        assert len(set(parts)) == 1 and parts[0] == one["id"]
+        assert one["cause"] == "migration" and one["seen_by"] == ["bridge", "cloud"]
+        assert one["ended_at"] == ended.data.observed_at and one["ended_by"] == "bridge"
+        assert sorted(one["events"]) == sorted(e.id for e in order)
+
+
+def test_host_error_without_a_bridge_and_during_a_notice() -> None:
+    error = cloud_event_of("cloud.host_error", vm(), T0)
+    (alone,), _ = _apply([error])
+    assert (alone["cause"], alone["seen_by"], alone["ended_by"]) == (
+        "host_error",
+        ["cloud"],
+        "cloud",
+    )
+    assert alone["error"] == "Instance terminated by Compute Engine."
+    started = maintenance("maintenance.started", sequence=1, observed=T0)
+    crash = cloud_event_of("cloud.host_error", vm(), T0 + timedelta(seconds=20))
+    restart = cloud_event_of("cloud.automatic_restart", vm(), T0 + timedelta(seconds=90))
+    (one,), parts = _apply([started, crash, restart])
+    assert one["host_error"] is True and one["ended_by"] == "cloud"
+    assert one["ended_at"] == crash.data.observed_at and one["restarted_at"] == restart.time
+    assert parts == [one["id"]] * 3
+
+
+def test_a_preemption_the_cloud_logged_confirms_and_ends_the_notice() -> None:
+    spot = vm("spot-vm", 7)
+    notice = ledger_event_of_preemption(spot, T0)
+    preempted = cloud_event_of("cloud.preempted", spot, T0 + timedelta(seconds=30))
+    (one,), _ = _apply([notice, preempted])
+    assert one["seen_by"] == ["bridge", "cloud"] and one["ended_by"] == "cloud"
+    far = cloud_event_of("cloud.preempted", spot, T0 + timedelta(days=2))
+    assert len(_apply([notice, far])[0]) == 2  # days apart: another preemption
+
+
+def test_windows_and_unknown_methods_are_no_disruption() -> None:
+    for kind in ("cloud.maintenance_scheduled", "cloud.maintenance_completed", GENERIC_KIND):
+        assert _apply([cloud_event_of(kind, vm(), T0)]) == ([], [None])
+
+
+def ledger_event_of_preemption(instance: Any, at: datetime) -> Any:
+    from bridge.events import Transition, build_event
+    from bridge.keys import PREEMPTED
+
+    return build_event(
+        Transition(key=PREEMPTED, previous="FALSE", current="TRUE", kind="preemption.started"),
+        event_id=str(uuid.uuid4()),
+        sequence=1,
+        observed_at=at,
+        instance=instance,
+        scheduling=Scheduling(preemptible="TRUE"),
+        happened_while_down=False,
+        notice_seconds=30,
+    )

@@ -18,6 +18,11 @@ Document `<collection>/<project_id>_<instance_id>`:
   heartbeat    the latest `bridge.heartbeat` (observed_at, sequence, stream_id, and
                interval_seconds, the gap to the one before): is the bridge alive?
   expired      set while a notice was expired because the bridge fell silent
+  has_bridge   False when only the cloud's events (cloud.*, the system-events function) ever
+               named the instance: it has no bridge, or one that never published
+  disruptions  the last DISRUPTION_LIMIT disruptions, each one record whichever side saw it
+               (see reconcile): cause, started_at, ended_at (ended_by), seen_by (`bridge`,
+               `cloud`), the events it is made of, the cloud's message (`error`)
 and one sub-document `events/<stream_id>:<sequence>` per processed event (`<sha256(source, id)>`
 for events of bridges older than stream_id): the de-duplication key, written in the same
 transaction as the state, so a redelivered event changes nothing.
@@ -27,6 +32,14 @@ store) a family's state only moves forward in `data.sequence`; an older event st
 history. A new stream (the VM's bridge started on an empty state dir and counts from 1 again)
 supersedes the old one: streams of one instance follow each other, so the one observed later
 is current.
+
+The cloud's events (`data.origin` "cloud": Compute Engine's system-event log) are recorded in
+the same document: under `state.cloud` (their own stream, ordered by the entry's timestamp),
+in the history, and reconciled with the bridge's into `disruptions`: a bridge's
+`maintenance.started`, the cloud's `cloud.migrated` and the bridge's `maintenance.ended` are one
+disruption seen by both; a host error or a preemption the cloud logged confirms or closes the
+disruption the VM announced, or is one of its own when no bridge saw it. Their markers are keyed
+on the event id (derived from the log entry), so a redelivered entry changes nothing.
 
 A VM deleted during a notice never sends its `ended`: its document would say `disrupting`
 forever. Every heartbeat (from any VM) sweeps the disrupting documents whose own bridge used to
@@ -47,12 +60,17 @@ from google.api_core import exceptions as gexc
 from google.cloud import firestore
 from subscriber import event_key, load_filter, log, parse_time, unwrap
 
+from bridge.cloud_kinds import CLOUD_KEY, UPCOMING_COMPLETED, UPCOMING_SCHEDULED, UPCOMING_UPDATED
 from bridge.events import Event
 
 COLLECTION = os.environ.get("LEDGER_COLLECTION", "maintenance-ledger")
 DATABASE = os.environ.get("FIRESTORE_DATABASE", "(default)")
 HISTORY_LIMIT = int(os.environ.get("HISTORY_LIMIT", "50"))
 SILENT_INTERVALS = float(os.environ.get("SILENT_INTERVALS", "3"))
+# How far apart the VM's notice and the cloud's record of one disruption may be: a TERMINATE
+# notice comes an hour ahead, and the log is written when the disruption happens.
+MATCH_SECONDS = float(os.environ.get("MATCH_SECONDS", "7200"))
+DISRUPTION_LIMIT = 20
 FILTER = load_filter()
 
 _client: firestore.Client | None = None
@@ -95,6 +113,15 @@ def _entry(event: Event, envelope: dict[str, Any]) -> dict[str, Any]:
         "subscription": envelope.get("subscription"),
         "message_id": envelope.get("message_id"),
     }
+    if d.cloud is not None:
+        entry["origin"] = d.origin
+        entry["cloud"] = {
+            "method": d.cloud.method,
+            "status_message": d.cloud.status_message,
+            "operation_id": d.cloud.operation_id,
+            "log_name": d.cloud.log_name,
+            "insert_id": d.cloud.insert_id,
+        }
     if d.upcoming is not None:
         entry["upcoming"] = {
             "type": d.upcoming.type,
@@ -110,6 +137,145 @@ def _disrupting(state: dict[str, Any]) -> bool:
     maintenance = state.get("maintenance", {}).get("current", "NONE")
     preempted = state.get("preemption", {}).get("current", "FALSE")
     return maintenance not in ("NONE", "") or preempted == "TRUE"
+
+
+# --- one disruption, whichever side saw it -----------------------------------------------------
+
+KNOWN_BY_BRIDGE = ("maintenance", "preemption", "upcoming")
+# The cloud's window kinds that set upcoming_window_start where no bridge reports windows; a
+# completed window clears it.
+CLOUD_WINDOWS = (UPCOMING_SCHEDULED, UPCOMING_UPDATED, UPCOMING_COMPLETED)
+MAINTENANCE_CAUSES = {
+    "MIGRATE_ON_HOST_MAINTENANCE": "migration",
+    "TERMINATE_ON_HOST_MAINTENANCE": "maintenance_termination",
+}
+# The cloud's record of what a bridge announces: confirms the notice (the same cause).
+CLOUD_CONFIRMS = {
+    "cloud.migrated": "migration",
+    "cloud.terminated_for_maintenance": "maintenance_termination",
+    "cloud.preempted": "preemption",
+}
+# What the cloud logs with no notice: stand alone unless they end a disruption under way.
+CLOUD_ALONE = ("cloud.host_error", "cloud.guest_terminated", "cloud.halted_for_restart")
+CLOUD_ALONE += ("cloud.recreated", "cloud.automatic_restart")
+
+
+def _near(a: str | None, b: str | None) -> bool:
+    x, y = parse_time(a), parse_time(b)
+    return bool(x and y and abs((x - y).total_seconds()) <= MATCH_SECONDS)
+
+
+def _latest(disruptions: list[dict[str, Any]], wanted: Any) -> dict[str, Any] | None:
+    found = [d for d in disruptions if wanted(d)]
+    return max(found, key=lambda d: _text(d.get("started_at")), default=None)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def reconcile(
+    disruptions: list[dict[str, Any]], event: Event
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The instance's disruptions with `event` applied, and the id of the one it is part of
+    (None: the event is no part of a disruption, e.g. a window or an unknown method). Pure.
+
+    A bridge's `started` opens one (or joins the cloud's record of it, when that came first);
+    its `changed` moves the cause, its `ended` ends it. The cloud's `migrated`,
+    `terminated_for_maintenance` and `preempted` join the disruption of that cause within
+    MATCH_SECONDS (a preemption also ends it: the VM is stopped); a host error ends the one
+    under way; with no disruption to join, the cloud's record is a disruption of its own, over
+    when logged. Each record lists who saw it (`seen_by`) and its events.
+    """
+    out = [dict(d) for d in disruptions if isinstance(d, dict)]
+    d, at, kind = event.data, event.data.observed_at, event.kind
+
+    def join(record: dict[str, Any], side: str) -> str:
+        record["seen_by"] = sorted({*record.get("seen_by", []), side})
+        record["events"] = [*record.get("events", []), event.id]
+        if d.cloud is not None:
+            record["cloud_method"] = d.cloud.method
+            record["error"] = d.cloud.status_message
+        return record["id"]
+
+    def new(cause: str, side: str, ended: bool) -> str:
+        record = {"id": event.id, "cause": cause, "started_at": at, "ended_at": None}
+        if ended:
+            record.update(ended_at=at, ended_by=side)
+        if d.notice_seconds is not None:
+            record["notice_seconds"] = d.notice_seconds
+        out.append(record)
+        return join(record, side)
+
+    def end(record: dict[str, Any], side: str) -> None:
+        record.update(ended_at=at, ended_by=side)
+
+    def done(part: str) -> tuple[list[dict[str, Any]], str]:  # after `part` changed `out`
+        out.sort(key=lambda r: _text(r.get("started_at")))
+        return out[-DISRUPTION_LIMIT:], part
+
+    family = kind.split(".")[0]
+    if d.key != CLOUD_KEY and family in ("maintenance", "preemption"):
+        causes = set(MAINTENANCE_CAUSES.values()) if family == "maintenance" else {"preemption"}
+        mine = _latest(out, lambda r: r.get("cause") in causes and "bridge" in r["seen_by"])
+        if kind.endswith(".ended"):
+            if mine is None:
+                return out, None
+            end(mine, "bridge")
+            return done(join(mine, "bridge"))
+        cause = "preemption" if family == "preemption" else MAINTENANCE_CAUSES.get(d.current)
+        if cause is None:
+            return out, None
+        if mine is not None and mine.get("ended_at") is None:  # under way: moved or repeated
+            mine["cause"] = cause
+            return done(join(mine, "bridge"))
+        theirs = _latest(
+            out,
+            lambda r: (
+                r.get("cause") == cause
+                and "bridge" not in r["seen_by"]
+                and _near(r.get("started_at"), at)
+            ),
+        )
+        if theirs is not None:  # the cloud's record came first
+            theirs["started_at"] = min(_text(theirs.get("started_at")), at) or at
+            theirs["notice_seconds"] = d.notice_seconds
+            return done(join(theirs, "bridge"))
+        return done(new(cause, "bridge", ended=False))
+    if d.key != CLOUD_KEY:
+        return out, None
+    if kind in CLOUD_CONFIRMS:
+        cause = CLOUD_CONFIRMS[kind]
+        known = _latest(
+            out,
+            lambda r: (
+                r.get("cause") == cause
+                and "cloud" not in r["seen_by"]
+                and _near(r.get("started_at"), at)
+            ),
+        )
+        if known is None:
+            return done(new(cause, "cloud", ended=True))
+        if cause == "preemption" and known.get("ended_at") is None:
+            end(known, "cloud")
+        return done(join(known, "cloud"))
+    if kind in CLOUD_ALONE:
+        cause = kind.removeprefix("cloud.")
+        under_way = _latest(
+            out, lambda r: r.get("ended_at") is None and _near(r.get("started_at"), at)
+        )
+        if kind == "cloud.automatic_restart":  # restarts what the latest disruption stopped
+            under_way = _latest(out, lambda r: _near(r.get("started_at"), at)) or under_way
+            if under_way is not None:
+                under_way["restarted_at"] = at
+        if under_way is None:
+            return done(new(cause, "cloud", ended=True))
+        if under_way.get("ended_at") is None:
+            end(under_way, "cloud")
+        if kind == "cloud.host_error":
+            under_way["host_error"] = True
+        return done(join(under_way, "cloud"))
+    return out, None
 
 
 def doc_id(event: Event) -> str:
@@ -138,7 +304,11 @@ def record_heartbeat(db: firestore.Client, event: Event) -> str:
             now, before = parse_time(beat["observed_at"]), parse_time(stored["observed_at"])
             if now and before:
                 beat["interval_seconds"] = (now - before).total_seconds()
-        update: dict[str, Any] = {"heartbeat": beat, "updated_at": firestore.SERVER_TIMESTAMP}
+        update: dict[str, Any] = {
+            "heartbeat": beat,
+            "has_bridge": True,
+            "updated_at": firestore.SERVER_TIMESTAMP,
+        }
         if "expired" in doc:
             update["expired"] = firestore.DELETE_FIELD
             update["disrupting"] = _disrupting(doc.get("state") or {})
@@ -169,7 +339,11 @@ def expire_silent(db: firestore.Client, now: datetime, collection: str = COLLECT
         )
         try:  # only if nothing arrived since the read; else the next sweep judges again
             snap.reference.update(
-                {"disrupting": False, "expired": {"at": now, "reason": reason}},
+                {
+                    "disrupting": False,
+                    "expired": {"at": now, "reason": reason},
+                    "updated_at": firestore.SERVER_TIMESTAMP,  # the board reads what changed
+                },
                 option=db.write_option(last_update_time=snap.update_time),
             )
         except gexc.FailedPrecondition:
@@ -183,9 +357,11 @@ def record(db: firestore.Client, event: Event, envelope: dict[str, Any]) -> str:
     if event.kind == "bridge.heartbeat":
         return record_heartbeat(db, event)
     instance_ref = db.collection(COLLECTION).document(doc_id(event))
-    if event.data.stream_id:
+    cloud = event.data.key == CLOUD_KEY
+    if event.data.stream_id and not cloud:
         marker = f"{event.data.stream_id}:{event.data.sequence}"
-    else:  # a bridge older than stream_id: its sequence may restart, its ids never repeat
+    else:  # the cloud's ids come from the log entry; a bridge older than stream_id: its
+        # sequence may restart, its ids never repeat
         marker = hashlib.sha256(event_key(event).encode()).hexdigest()
     marker_ref = instance_ref.collection("events").document(marker)
     entry = _entry(event, envelope)
@@ -198,14 +374,21 @@ def record(db: firestore.Client, event: Event, envelope: dict[str, Any]) -> str:
         doc = snap.to_dict() if snap.exists else {}
         state = dict(doc.get("state") or {})
         family = event.kind.split(".")[0]
+        disruptions, part_of = reconcile(list(doc.get("disruptions") or []), event)
+        if part_of is not None:
+            entry["disruption"] = part_of  # the VM's notice and the cloud's record: one id
         history = [*(doc.get("history") or []), entry]
         history.sort(key=lambda e: (e.get("observed_at", ""), e.get("sequence", 0)))
         outcome = "history-only"
+        bridged = bool(doc.get("has_bridge")) or any(f in state for f in KNOWN_BY_BRIDGE)
         update: dict[str, Any] = {
-            "instance": asdict(event.data.instance),
             "history": history[-HISTORY_LIMIT:],
+            "disruptions": disruptions,
+            "has_bridge": bridged or not cloud or bool(doc.get("heartbeat")),
             "updated_at": firestore.SERVER_TIMESTAMP,
         }
+        if not cloud or not doc.get("instance"):  # the log knows no project number, hostname
+            update["instance"] = asdict(event.data.instance)
         if _advances(event, state.get(family)):
             outcome = "applied"
             state[family] = entry
@@ -215,6 +398,10 @@ def record(db: firestore.Client, event: Event, envelope: dict[str, Any]) -> str:
                 start = None
                 if event.kind != "upcoming.cleared" and event.data.upcoming is not None:
                     start = parse_time(event.data.upcoming.window_start_time)
+                update["upcoming_window_start"] = start
+            elif event.kind in CLOUD_WINDOWS and "upcoming" not in state:  # no bridge reads it
+                window = event.data.upcoming
+                start = parse_time(window.window_start_time) if window is not None else None
                 update["upcoming_window_start"] = start
         tx.set(instance_ref, update, merge=True)
         tx.set(marker_ref, {**entry, "recorded_at": firestore.SERVER_TIMESTAMP, "outcome": outcome})
