@@ -18,9 +18,11 @@ Configuration (environment):
   LEDGER_COLLECTION    the ledger's collection (default `maintenance-ledger`).
   FIRESTORE_DATABASE   database id (default `(default)`).
   SILENT_INTERVALS     heartbeat intervals after which a bridge is shown silent (default 3).
-  BOARD_CACHE_SECONDS  age after which a request has the collection read again, in the
-                       background (default 10; 0: read on every request, as the tests do). A
-                       read costs one document read per instance; every viewer refreshes each 15 s.
+  BOARD_CACHE_SECONDS  age after which a request has the ledger read again, in the background
+                       (default 10; 0: read on every request, as the tests do). The first read
+                       costs one document read per instance; every later one reads only the
+                       documents whose `updated_at` (every ledger write sets it) is newer than
+                       the newest already read: reads in proportion to what changed.
   GOOGLE_CLOUD_PROJECT / FIRESTORE_EMULATOR_HOST as usual for google-cloud-firestore.
 """
 
@@ -53,7 +55,11 @@ PER_PAGE, MAX_PER_PAGE = 100, 1000
 STRIP_HOURS = 7 * 24
 NAME_LIMIT = 120  # longer strings are cut on the page (the JSON keeps them whole)
 # Only what the board shows: a projection keeps the history (up to 500 entries) out of the read.
-FIELDS = ["instance", "state", "heartbeat", "expired"]
+FIELDS = ["instance", "state", "heartbeat", "expired", "disruptions", "has_bridge", "updated_at"]
+# What the cloud logs with no notice a bridge could give, shown for the last 7 days.
+RECENT_CAUSES = ("host_error", "preemption")
+RECENT_LIMIT = 100
+MAINTENANCE_CAUSES = ("migration", "maintenance_termination")
 # The order rows sort in, most urgent first; also the filter's vocabulary.
 STATES = ("maintenance", "preempted", "expired", "scheduled", "ok")
 
@@ -72,6 +78,9 @@ HEADERS = {
 _client: firestore.Client | None = None
 Documents = list[tuple[str, dict[str, Any]]]
 _cache: tuple[float, datetime, Documents] | None = None  # (monotonic, wall clock, documents)
+_known: dict[str, dict[str, Any]] = {}  # every document read so far, by id
+_newest: Any = None  # the newest `updated_at` read so far: the next read asks for later ones
+last_read_count = 0  # documents the latest read returned (what it cost; docs/board.md)
 _cache_lock = threading.Lock()
 _refreshing = threading.Event()
 
@@ -85,9 +94,22 @@ def client() -> firestore.Client:
 
 
 def _read() -> tuple[float, datetime, Documents]:
+    """The whole collection the first time; then only what changed since (`updated_at` newer
+    than the newest already read: a write committed before a read is seen by it, so nothing
+    older can appear later). The ledger never deletes a document."""
+    global _newest, last_read_count
     read_at = datetime.now(timezone.utc)
-    query = client().collection(COLLECTION).select(FIELDS)
-    return time.monotonic(), read_at, [(s.id, s.to_dict() or {}) for s in query.stream()]
+    query = client().collection(COLLECTION)
+    if _newest is not None:
+        query = query.where(filter=firestore.FieldFilter("updated_at", ">", _newest))
+    changed = [(s.id, s.to_dict() or {}) for s in query.select(FIELDS).stream()]
+    for doc_id, doc in changed:
+        _known[doc_id] = doc
+        stamp = doc.get("updated_at")
+        if stamp is not None and (_newest is None or stamp > _newest):
+            _newest = stamp
+    last_read_count = len(changed)
+    return time.monotonic(), read_at, sorted(_known.items())
 
 
 def _refresh() -> None:
@@ -166,6 +188,37 @@ def _window(entry: dict[str, Any], now: datetime) -> dict[str, Any] | None:
     }
 
 
+def _recent(disruptions: Any, now: datetime) -> list[dict[str, Any]]:
+    """Host errors and preemptions of the last 7 days, newest first, with who saw them."""
+    out = []
+    for d in disruptions if isinstance(disruptions, list) else []:
+        at = parse_time(d.get("started_at")) if isinstance(d, dict) else None
+        if at is None or now - at > timedelta(hours=STRIP_HOURS):
+            continue
+        if d.get("cause") in RECENT_CAUSES or d.get("host_error") is True:
+            cause = "host_error" if d.get("host_error") is True else _text(d.get("cause"))
+            seen = [_text(x) for x in d.get("seen_by") or [] if isinstance(x, str)]
+            out.append(
+                {"cause": cause, "at": _iso(at), "seen_by": seen, "error": _text(d.get("error"))}
+            )
+    return sorted(out, key=lambda r: r["at"], reverse=True)
+
+
+def _seen_by(status: str, disruptions: Any) -> list[str]:
+    """Who saw the disruption under way: the VM's notice (bridge), the cloud's record, or both."""
+    causes = {"maintenance": MAINTENANCE_CAUSES, "preempted": ("preemption",)}.get(status)
+    if not causes:
+        return []
+    open_ = [
+        d
+        for d in (disruptions if isinstance(disruptions, list) else [])
+        if isinstance(d, dict) and d.get("cause") in causes and d.get("ended_at") is None
+    ]
+    latest = max(open_, key=lambda d: _text(d.get("started_at")), default=None)
+    seen = (latest or {}).get("seen_by") or ["bridge"]
+    return [_text(x) for x in seen if isinstance(x, str)]
+
+
 def summarize(doc_id: str, doc: dict[str, Any], now: datetime) -> dict[str, Any]:
     """One ledger document as the board's row (the JSON API's element)."""
     inst = doc.get("instance") or {}
@@ -215,6 +268,10 @@ def summarize(doc_id: str, doc: dict[str, Any], now: datetime) -> dict[str, Any]
         }
         if isinstance(expired, dict)
         else None,
+        # Only the cloud's events ever named it (ledger has_bridge false): no bridge publishes.
+        "no_bridge": doc.get("has_bridge") is False,
+        "seen_by": _seen_by(status, doc.get("disruptions")),
+        "recent": _recent(doc.get("disruptions"), now),
     }
 
 
@@ -278,7 +335,19 @@ def fleet(
             "state": {s: n for s, n in Counter(r["state"] for r in rows).most_common()},
             "zone": dict(sorted(Counter(r["zone"] for r in rows).items())),
             "silent": sum(r["heartbeat"]["silent"] for r in rows),
+            "no_bridge": sum(r["no_bridge"] for r in rows),
+            "host_errors_7d": sum(d["cause"] == "host_error" for r in rows for d in r["recent"]),
+            "preemptions_7d": sum(d["cause"] == "preemption" for r in rows for d in r["recent"]),
         },
+        "recent_disruptions": sorted(
+            (
+                {"name": r["name"], "zone": r["zone"], "no_bridge": r["no_bridge"], **d}
+                for r in rows
+                for d in r["recent"]
+            ),
+            key=lambda d: d["at"],
+            reverse=True,
+        )[:RECENT_LIMIT],
         "windows_by_hour": hours,
         "instances": chosen[(page - 1) * per_page : page * per_page],
     }
@@ -349,6 +418,9 @@ def row(r: dict[str, Any], now: datetime) -> str:
     )
     if r["expired"]:
         state += f' <small title="{e(r["expired"]["reason"])}">(notice expired)</small>'
+    if r["seen_by"]:
+        state += f"<br><small>seen by {e(' + '.join(r['seen_by']))}</small>"
+    no_bridge = ' <span class="flag">no bridge</span>' if r["no_bridge"] else ""
     return (
         f'<tr class="s-{e(r["state"])}">'
         f"<td>{cut(r['name'])}<br><small>{cut(r['project'])}</small></td>"
@@ -357,7 +429,16 @@ def row(r: dict[str, Any], now: datetime) -> str:
         f"<td>{strip_svg(window)}<br><small>{window_text}</small></td>"
         f"<td>{e(last['kind']) if last else ''}<br>"
         f"<small>{e(last['observed_at']) if last else ''}</small></td>"
-        f"<td>{beat_text}{silent}</td></tr>"
+        f"<td>{beat_text}{silent}{no_bridge}</td></tr>"
+    )
+
+
+def recent_row(d: dict[str, Any]) -> str:
+    flag = ' <span class="flag">no bridge</span>' if d["no_bridge"] else ""
+    return (
+        f"<tr><td>{e(d['at'])}</td><td>{cut(d['name'])}{flag}</td><td>{cut(d['zone'])}</td>"
+        f"<td>{e(d['cause'])}</td><td>{e(' + '.join(d['seen_by']))}</td>"
+        f"<td>{cut(d['error'])}</td></tr>"
     )
 
 
@@ -419,7 +500,8 @@ def render_page(view: dict[str, Any], now: datetime) -> str:
 <link rel="stylesheet" href="./board.css"><script src="./board.js" defer></script>
 </head><body>
 <header><h1>Fleet maintenance board</h1>
-<p>{view["fleet"]} instances, <b id="silent">{counts["silent"]}</b> silent bridges;
+<p>{view["fleet"]} instances, <b id="silent">{counts["silent"]}</b> silent bridges,
+<b id="no-bridge">{counts["no_bridge"]}</b> with no bridge;
 ledger read at <time id="read-at">{e(view["read_at"])}</time>.</p>
 <p>By state: {chips("state")}</p><p>By zone: {chips("zone")}</p>
 <form method="get" action="./">
@@ -428,6 +510,13 @@ ledger read at <time id="read-at">{e(view["read_at"])}</time>.</p>
 <button type="submit">filter</button> {link({}, "clear")}
 </form></header>
 <section><h2>Scheduled windows, next 7 days</h2>{fleet_strip(view["windows_by_hour"])}</section>
+<section><h2>Host errors and preemptions, last 7 days:
+<span id="host-errors">{counts["host_errors_7d"]}</span> host errors,
+<span id="preemptions">{counts["preemptions_7d"]}</span> preemptions</h2>
+<table><thead><tr><th>at</th><th>instance</th><th>zone</th><th>what</th><th>seen by</th>
+<th>the cloud's message</th></tr></thead>
+<tbody id="recent">{"".join(recent_row(d) for d in view["recent_disruptions"])}</tbody></table>
+</section>
 <section><h2><span id="matching">{view["matching"]}</span> matching</h2>
 <p class="pager">{" &middot; ".join(pager)}</p>
 <table><thead><tr><th>instance</th><th>zone</th><th>state</th><th>deadline</th><th>preempted</th>
@@ -516,6 +605,7 @@ SCRIPT = """\
     const state = cell(tr, r.state);
     if (r.state === "maintenance") state.append(" ", el("small", r.maintenance));
     if (r.expired) state.append(" ", el("small", "(notice expired)"));
+    if (r.seen_by.length) state.append(el("br"), el("small", `seen by ${r.seen_by.join(" + ")}`));
     const deadline = cell(tr, "");
     if (r.deadline) {
       const t = el("time", "", "countdown");
@@ -532,6 +622,15 @@ SCRIPT = """\
     const age = r.heartbeat.age_seconds;
     const beat = cell(tr, age === null ? "" : `${duration(age)} ago`);
     if (r.heartbeat.silent) beat.append(" ", el("span", "silent", "flag"));
+    if (r.no_bridge) beat.append(" ", el("span", "no bridge", "flag"));
+    return tr;
+  };
+  const recent = (d) => {
+    const tr = el("tr");
+    cell(tr, d.at);
+    const name = cell(tr, d.name);
+    if (d.no_bridge) name.append(" ", el("span", "no bridge", "flag"));
+    for (const text of [d.zone, d.cause, d.seen_by.join(" + "), d.error]) cell(tr, text);
     return tr;
   };
   const refresh = async () => {
@@ -542,6 +641,11 @@ SCRIPT = """\
       document.getElementById("rows").replaceChildren(...view.instances.map(row));
       document.getElementById("matching").textContent = view.matching;
       document.getElementById("silent").textContent = view.counts.silent;
+      document.getElementById("recent").replaceChildren(...view.recent_disruptions.map(recent));
+      for (const [id, key] of [["no-bridge", "no_bridge"], ["host-errors", "host_errors_7d"],
+        ["preemptions", "preemptions_7d"]]) {
+        document.getElementById(id).textContent = view.counts[key];
+      }
       document.getElementById("read-at").textContent = view.read_at;
       for (const chip of document.querySelectorAll("[data-count]")) {
         const [kind, name] = chip.dataset.count.split(/:(.*)/s);
