@@ -5,7 +5,7 @@
 
 locals {
   # Without the ledger there is no bucket to upload to: the function's precondition says so.
-  function_archives = merge(local.functions, var.enable_board && var.ledger.enabled ? { board = {} } : {}, local.system_events)
+  function_archives = merge(local.functions, var.enable_board && var.ledger.enabled ? { board = {} } : {}, local.system_events, local.autopilot_archive)
 }
 
 resource "google_service_account" "board" {

@@ -81,6 +81,7 @@ locals {
     var.ledger.enabled ? ["firestore.googleapis.com"] : [],
     var.drain.enabled || var.example_instance_template.enabled ? ["compute.googleapis.com"] : [],
     var.bigquery_history.enabled ? ["bigquery.googleapis.com"] : [],
+    var.enable_autopilot ? ["cloudscheduler.googleapis.com", "compute.googleapis.com"] : [],
     var.monitoring.enabled ? ["monitoring.googleapis.com"] : [],
     var.example_instance_template.enabled ? ["storage.googleapis.com"] : [],
     var.example_instance_template.enabled && var.example_instance_template.ops_agent ? ["logging.googleapis.com", "monitoring.googleapis.com"] : [],

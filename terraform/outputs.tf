@@ -116,3 +116,14 @@ output "system_events" {
     function        = google_cloudfunctions2_function.system_events["system-events"].name
   } : null
 }
+
+output "autopilot" {
+  description = "The autopilot (enable_autopilot): function name, URL, service account, scheduler job, and a dry-run command for an autopilot_operators member; null when disabled."
+  value = var.enable_autopilot ? {
+    name            = google_cloudfunctions2_function.autopilot[0].name
+    uri             = google_cloudfunctions2_function.autopilot[0].service_config[0].uri
+    service_account = google_service_account.autopilot[0].email
+    scheduler_job   = google_cloud_scheduler_job.autopilot[0].id
+    dry_run         = "curl -sS -X POST -H \"Authorization: Bearer $(gcloud auth print-identity-token)\" '${google_cloudfunctions2_function.autopilot[0].service_config[0].uri}?dry_run=true'"
+  } : null
+}

@@ -455,3 +455,78 @@ variable "system_events" {
     error_message = "system_events.max_instances must be a positive integer."
   }
 }
+
+# --- autopilot (autopilot.tf, docs/autopilot.md) ----------------------------------------------
+
+variable "enable_autopilot" {
+  description = "Deploy the autopilot: a function Cloud Scheduler calls every autopilot_schedule that starts reschedulable scheduled maintenance early (instances.performMaintenance) when autopilot_policy allows it. Needs ledger.enabled."
+  type        = bool
+  default     = false
+}
+
+variable "autopilot_policy" {
+  description = "The autopilot's policy, rendered to JSON in AUTOPILOT_POLICY (docs/autopilot.md): windows (days mon..sun, start/end HH:MM wall-clock in time_zone, DST-safe; end <= start runs overnight), max_per_zone (instances in maintenance at once per zone, counting those in maintenance for any reason), deadline_margin_hours (act outside the windows once latestWindowStartTime is that close), group_by (\"name_prefix\", \"mig\" or \"label:KEY\": never two of a group at once), leave_alone (instance name patterns), leave_alone_label (KEY=VALUE), pre_hook_url (POSTed before each start; a 2xx lets it go), dry_run."
+  type = object({
+    windows = optional(list(object({
+      days      = list(string)
+      start     = string
+      end       = string
+      time_zone = optional(string, "UTC")
+    })), [])
+    max_per_zone          = optional(number, 1)
+    deadline_margin_hours = optional(number, 24)
+    group_by              = optional(string, "")
+    leave_alone           = optional(list(string), [])
+    leave_alone_label     = optional(string, "")
+    pre_hook_url          = optional(string, "")
+    dry_run               = optional(bool, false)
+  })
+  default = {}
+
+  validation {
+    condition     = alltrue([for w in var.autopilot_policy.windows : length(w.days) > 0 && alltrue([for d in w.days : contains(["mon", "tue", "wed", "thu", "fri", "sat", "sun"], d)])])
+    error_message = "autopilot_policy.windows[*].days must list some of mon, tue, wed, thu, fri, sat, sun."
+  }
+  validation {
+    condition     = alltrue([for w in var.autopilot_policy.windows : can(regex("^([01][0-9]|2[0-3]):[0-5][0-9]$", w.start)) && can(regex("^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$", w.end))])
+    error_message = "autopilot_policy.windows[*].start and end must be HH:MM (end may be 24:00)."
+  }
+  validation {
+    condition     = alltrue([for w in var.autopilot_policy.windows : can(regex("^(UTC|[A-Za-z_]+(/[A-Za-z0-9_+-]+)+)$", w.time_zone))])
+    error_message = "autopilot_policy.windows[*].time_zone must be an IANA time zone such as Europe/Berlin."
+  }
+  validation {
+    condition     = var.autopilot_policy.max_per_zone >= 1 && floor(var.autopilot_policy.max_per_zone) == var.autopilot_policy.max_per_zone && var.autopilot_policy.deadline_margin_hours >= 0
+    error_message = "autopilot_policy: max_per_zone must be an integer >= 1, deadline_margin_hours >= 0."
+  }
+  validation {
+    condition     = can(regex("^(|name_prefix|mig|label:.+)$", var.autopilot_policy.group_by)) && can(regex("^(|[^=]+=.*)$", var.autopilot_policy.leave_alone_label))
+    error_message = "autopilot_policy: group_by must be \"\", \"name_prefix\", \"mig\" or \"label:KEY\"; leave_alone_label KEY=VALUE."
+  }
+  validation {
+    condition     = can(regex("^(|https?://.+)$", var.autopilot_policy.pre_hook_url))
+    error_message = "autopilot_policy.pre_hook_url must be an http(s) URL."
+  }
+}
+
+variable "autopilot_schedule" {
+  description = "How often the autopilot ticks: a cron schedule (UTC) for Cloud Scheduler."
+  type        = string
+  default     = "*/5 * * * *"
+
+  validation {
+    condition     = length(split(" ", trimspace(var.autopilot_schedule))) == 5
+    error_message = "autopilot_schedule must be a five-field cron schedule, e.g. \"*/5 * * * *\"."
+  }
+}
+
+variable "autopilot_operators" {
+  description = "IAM members given roles/run.invoker on the autopilot, to call it by hand (a dry run: ?dry_run=true); the scheduler's own account is always one."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for m in var.autopilot_operators : can(regex("^(user|group|serviceAccount|domain):.+$", m))])
+    error_message = "autopilot_operators must be IAM members: user:, group:, serviceAccount: or domain:."
+  }
+}

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,8 @@ def test_function_triggers_point_at_the_module_topic(module) -> None:
             continue
         if name == "system_events":  # triggered by the log topic: test_system_events_wiring
             continue
+        if name == "autopilot":  # HTTP, called by Cloud Scheduler: test_autopilot_wiring
+            continue
         trigger = block(fn, "event_trigger")
         assert trigger["pubsub_topic"] == "${google_pubsub_topic.events.id}", name
         assert trigger["event_type"] == "google.cloud.pubsub.topic.v1.messagePublished"
@@ -206,7 +209,15 @@ def test_one_function_per_example_directory(module) -> None:
     settings = module["locals"]["function_settings"]
     folders = [p for p in (MODULE / "functions").iterdir() if p.is_dir()]
     on_disk = {p.name for p in folders if not p.name.startswith("_")}
-    assert set(settings) == on_disk - {"board", "system-events"} == {"notify", "ledger", "drain"}
+    assert (
+        set(settings)
+        == on_disk - {"board", "system-events", "autopilot"}
+        == {
+            "notify",
+            "ledger",
+            "drain",
+        }
+    )
     for name in on_disk:
         assert (MODULE / "functions" / name / "main.py").is_file()
         assert (MODULE / "functions" / name / "requirements.txt").is_file()
@@ -698,6 +709,21 @@ def test_defaults_pass_validation(console: Console) -> None:
         ("example_instance_template", {"bridge_package": "maintenance-bridge==0.1.0"}),
         ("example_instance_template", {"bridge_wheel": "/tmp/something.tar.gz"}),
         ("monitoring", {"notification_channels": ["email:me@example.com"]}),
+        ("autopilot_policy", {"windows": [{"days": ["monday"], "start": "01:00", "end": "02:00"}]}),
+        ("autopilot_policy", {"windows": [{"days": ["mon"], "start": "1:00", "end": "02:00"}]}),
+        ("autopilot_policy", {"windows": [{"days": ["mon"], "start": "01:00", "end": "24:01"}]}),
+        (
+            "autopilot_policy",
+            {"windows": [{"days": ["mon"], "start": "01:00", "end": "02:00", "time_zone": "CET!"}]},
+        ),
+        ("autopilot_policy", {"max_per_zone": 0}),
+        ("autopilot_policy", {"max_per_zone": 1.5}),
+        ("autopilot_policy", {"deadline_margin_hours": -1}),
+        ("autopilot_policy", {"group_by": "rack"}),
+        ("autopilot_policy", {"leave_alone_label": "no-equals-sign"}),
+        ("autopilot_policy", {"pre_hook_url": "ftp://example.com/drain"}),
+        ("autopilot_schedule", "every 5 minutes"),
+        ("autopilot_operators", ["me@example.com"]),
     ],
 )
 def test_validation_rejects(console: Console, variable: str, value: Any) -> None:
@@ -744,3 +770,112 @@ def test_checkov_reports_no_failed_checks() -> None:
     assert not failed, "\n".join(summary)
     passed = sum(r["summary"]["passed"] for r in reports)
     assert passed > 0, "checkov evaluated nothing"
+
+
+# --- autopilot (terraform/autopilot.tf, docs/autopilot.md) -------------------------------------
+
+
+def test_autopilot_wiring(module) -> None:
+    """Scheduler (OIDC as its own account, invoker on the autopilot only) -> the HTTP function
+    (its own account: a custom role of exactly two permissions, the ledger's database only)."""
+    fn = resources(module, "google_cloudfunctions2_function")["autopilot"]
+    assert block(fn, "build_config")["entry_point"] == "tick"
+    assert 'google_storage_bucket_object.function[\\"autopilot\\"]' in json.dumps(fn)
+    service = block(fn, "service_config")
+    assert service["max_instance_count"] == 1 and service["max_instance_request_concurrency"] == 1
+    assert "ALLOW_INTERNAL_ONLY" in service["ingress_settings"]
+    env = service["environment_variables"]
+    assert env["AUTOPILOT_POLICY"] == "${jsonencode(var.autopilot_policy)}"
+    assert env["LEDGER_COLLECTION"] == "${var.ledger.collection}"
+    assert service["service_account_email"] == "${google_service_account.autopilot[0].email}"
+    role = resources(module, "google_project_iam_custom_role")["autopilot"]
+    assert role["permissions"] == ["compute.instances.get", "compute.instances.performMaintenance"]
+    members = resources(module, "google_project_iam_member")
+    assert members["autopilot"]["role"] == "${google_project_iam_custom_role.autopilot[0].id}"
+    ledger = members["autopilot_ledger"]
+    assert ledger["role"] == "roles/datastore.user"
+    assert "/databases/${var.ledger.database}" in block(ledger, "condition")["expression"]
+    job = resources(module, "google_cloud_scheduler_job")["autopilot"]
+    target = block(job, "http_target")
+    oidc = block(target, "oidc_token")
+    assert oidc["service_account_email"] == (
+        "${google_service_account.autopilot_scheduler[0].email}"
+    )
+    assert (
+        oidc["audience"]
+        == target["uri"]
+        == ("${google_cloudfunctions2_function.autopilot[0].service_config[0].uri}")
+    )
+    assert job["schedule"] == "${var.autopilot_schedule}"
+    invoker = resources(module, "google_cloud_run_v2_service_iam_member")["autopilot_scheduler"]
+    assert invoker["role"] == "roles/run.invoker"
+    assert "autopilot_scheduler[0].email" in invoker["member"]
+    for resource in (fn, role, job, members["autopilot"], ledger, invoker):
+        assert resource["count"] == "${var.enable_autopilot ? 1 : 0}"
+    assert module["variable"]["enable_autopilot"]["default"] is False
+    assert "local.autopilot_archive" in module["locals"]["function_archives"]
+
+
+def test_autopilot_policy_renders_what_the_function_parses(console: Console) -> None:
+    """The Terraform object's JSON, defaults filled in, is a policy plan.py accepts as meant."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "autopilot_plan_tf", MODULE / "functions" / "autopilot" / "plan.py"
+    )
+    assert spec and spec.loader
+    plan = importlib.util.module_from_spec(spec)
+    sys.modules["autopilot_plan_tf"] = plan
+    spec.loader.exec_module(plan)
+    given = {
+        "windows": [
+            {"days": ["sat", "sun"], "start": "22:00", "end": "06:00", "time_zone": "Europe/Berlin"}
+        ],
+        "max_per_zone": 2,
+        "group_by": "mig",
+        "leave_alone": ["db-*"],
+    }
+    rendered = console.eval("var.autopilot_policy", autopilot_policy=given)
+    policy = plan.Policy.from_dict(rendered)
+    assert policy.max_per_zone == 2 and policy.group_by == "mig"
+    assert policy.deadline_margin.total_seconds() == 24 * 3600  # the variable's default
+    (window,) = policy.windows
+    assert window.days == {5, 6} and str(window.zone) == "Europe/Berlin"
+    assert policy.left_alone("db-1", {}) and not policy.dry_run
+    default = plan.Policy.from_dict(console.eval("var.autopilot_policy"))
+    assert default.windows == () and default.max_per_zone == 1
+
+
+def test_checkov_passes_the_autopilot_when_enabled(tmp_path: Path) -> None:
+    """Off by default, the autopilot's resources are not evaluated by the default run: here they
+    are created (enable_autopilot = true) and every check on them passes."""
+    if not CHECKOV.exists():
+        pytest.skip("checkov is not installed: run `scripts/bootstrap --tools` (.venv-tools)")
+    tfvars = tmp_path / "autopilot.tfvars"
+    tfvars.write_text('project_id = "my-project"\nenable_autopilot = true\n')
+    result = subprocess.run(
+        [
+            *(str(CHECKOV), "-d", str(MODULE), "--var-file", str(tfvars), "--framework"),
+            *("terraform", "--compact", "--skip-download", "--output", "json"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},
+        timeout=300,
+    )
+    report = json.loads(result.stdout)
+    reports = report if isinstance(report, list) else [report]
+    checks = [
+        c
+        for r in reports
+        for kind in ("passed_checks", "failed_checks")
+        for c in r["results"][kind]
+        if ".autopilot" in c["resource"]
+    ]
+    assert len(checks) >= 3, "checkov evaluated none of the autopilot's resources"
+    failed = [
+        f"{c['check_id']} {c['resource']}"
+        for c in checks
+        if c["check_result"]["result"] != "PASSED"
+    ]
+    assert not failed, failed

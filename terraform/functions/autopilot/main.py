@@ -498,6 +498,8 @@ def tick(request: Any) -> tuple[str, int, dict[str, str]]:
         under_way=len(summary["under_way"]),
         failed=len(summary["failed"]),
         dry_run=dry,
+        # What it started, always; in a dry run the whole plan, which is what the run is for.
+        **({"plan": summary} if dry else {"started_instances": summary["started"]}),
     )
     return json.dumps(summary, sort_keys=True), 200, _JSON
 
