@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.harness import wait_for, wait_for_text
+from support.harness import holds_for, wait_for, wait_for_text
+from test_promises import STALL, stalled
 
 from bridge.events import Event, decode_structured
 from bridge.keys import KEYS, MAINTENANCE, PREEMPTED, UPCOMING
@@ -165,8 +166,8 @@ FAULTS = ("before_write", "after_write", "hold")
 
 def faulty() -> None:
     """`maintenance-bridge run` (bridge.cli.main, the arguments after `-c CODE`) with its stdout
-    sink wrapped: every send is first noted, flushed and synced, in $CRASH_FAULT_LOG (the
-    process may die the next instant), then $CRASH_FAULT decides: `before_write` SIGKILLs the
+    sink wrapped: every send is first noted in $CRASH_FAULT_LOG (the process may die the next
+    instant), then $CRASH_FAULT decides: `before_write` SIGKILLs the
     process before the sink writes the event, `after_write` right after it wrote and flushed
     it (before the bridge can retire it), `hold` never acknowledges it (the test kills)."""
     from concurrent.futures import Future
@@ -178,11 +179,13 @@ def faulty() -> None:
     assert fault in FAULTS, fault
     send = StdoutSink.send
 
+    fd = os.open(noted, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+
     def faulty_send(self: StdoutSink, event: Event) -> Future[str]:
-        with noted.open("a") as f:
-            f.write(json.dumps({"id": event.id, "sequence": event.data.sequence}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        # One write(2): in the page cache at once, so it outlives the SIGKILL a moment later.
+        os.write(
+            fd, (json.dumps({"id": event.id, "sequence": event.data.sequence}) + "\n").encode()
+        )
         if fault == "hold":
             return Future()
         if fault == "after_write":
@@ -366,14 +369,19 @@ def test_killed_at_the_send_a_restart_sends_the_event_under_its_first_id(
 ) -> None:
     """SIGKILL at the moment the sink is handed the event (before it has it, or after it has it
     and before the bridge retired it): the restart sends it under the id it was recorded with,
-    once more, and records nothing again (the new value was stored with the event)."""
+    once more, and records nothing again (the new value was stored with the event). The commit
+    is held up meanwhile (SQLite's write lock, from the test): a bridge that sent before
+    committing dies with nothing committed, and its restart tells the change again, under a new
+    id."""
     state, logs = tmp_path / "state", tmp_path / "logs"
     logs.mkdir()
     fault_log = logs / "sends.jsonl"
     out, err = logs / "out-1.jsonl", logs / "err-1.log"
     with killing(spawn(sim, state, out, err, point, fault_log)) as proc:
         wait_for_text(err, "watching")
-        sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+        with stalled(state / "bridge.sqlite3"):
+            sim.set_value(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+            holds_for("nothing sent while the commit waits", lambda: not noted(fault_log), STALL)
         assert proc.wait(30) == -signal.SIGKILL, err.read_text()
     (attempt,) = noted(fault_log)
     before, _ = published(out)
