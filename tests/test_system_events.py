@@ -13,6 +13,7 @@ project's decoder.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 import uuid
@@ -22,6 +23,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.pubsub import PubSubAdmin, PubSubServer
@@ -31,9 +33,12 @@ from test_functions import (
     Function,
     _load_module,
     deliver,
+    firestore_host,  # noqa: F401  (the module's Firestore emulator fixture)
     maintenance,
     message_published,
+    skip_without_firestore,
     stop,
+    until,
     vm,
     wait_for_port,
 )
@@ -587,3 +592,153 @@ def ledger_event_of_preemption(instance: Any, at: datetime) -> Any:
         happened_while_down=False,
         notice_seconds=30,
     )
+
+
+# --- end to end: a real bridge and the cloud, through the ledger to the board ----------------
+
+
+def test_a_bridges_notice_and_the_clouds_record_are_one_disruption_on_the_board(
+    pubsub: PubSubServer,
+    avro_topic: tuple[PubSubAdmin, str, str],  # noqa: F811
+    firestore_host: str | None,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """simulator -> bridge -> main topic (Avro) -> ledger, and LogEntry -> log topic ->
+    system-events -> main topic -> ledger, all pushed by the official emulator to the functions
+    from their zips; the Firestore emulator holds the ledger, the board reads it."""
+    from google.cloud import firestore
+    from support.bridge import BridgeProcess
+
+    from bridge.keys import MAINTENANCE
+    from bridge.simulator import Simulator
+
+    if firestore_host is None:
+        skip_without_firestore()
+    api, topic, _ = avro_topic
+    env = {
+        "FIRESTORE_EMULATOR_HOST": firestore_host,
+        "GOOGLE_CLOUD_PROJECT": "test-project",
+        "LEDGER_COLLECTION": f"cloud-{uuid.uuid4().hex[:8]}",
+    }
+    ledger_fn = Function("ledger", env, tmp_path)
+    board_fn = Function("board", {**env, "BOARD_CACHE_SECONDS": "0"}, tmp_path, "board", "http")
+    cloud_fn = Function(
+        "system-events",
+        {"PUBSUB_EMULATOR_HOST": pubsub.host_port, "EVENTS_TOPIC": topic, **env},
+        tmp_path,
+    )
+    running = (ledger_fn, board_fn, cloud_fn)
+    instance_id = "5550001112229990042"
+    sim = Simulator(identity={"instance/id": instance_id, "instance/name": "web-1"}).start()
+    bridge = None
+    try:
+        deadline = time.monotonic() + 120
+        for fn in running:
+            wait_for_port(fn.port, fn.proc, fn.log, deadline)
+        api.create_subscription(
+            topic,
+            f"ledger-{uuid.uuid4().hex[:8]}",
+            push_endpoint=f"http://127.0.0.1:{ledger_fn.port}/{topic}",
+        )
+        log_topic = api.create_topic(f"logs-{uuid.uuid4().hex[:8]}")
+        api.create_subscription(
+            log_topic,
+            f"sysev-{uuid.uuid4().hex[:8]}",
+            ordering=False,
+            push_endpoint=f"http://127.0.0.1:{cloud_fn.port}/{log_topic}",
+        )
+        monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_host)
+        db = firestore.Client(project="test-project")
+        docs = db.collection(env["LEDGER_COLLECTION"])
+
+        def doc(doc_id: str, check: Any) -> dict[str, Any]:
+            def ready() -> dict[str, Any] | None:
+                snap = docs.document(doc_id).get()
+                return snap.to_dict() if snap.exists and check(snap.to_dict()) else None
+
+            got = until(ready, timeout=30)
+            assert got, (doc_id, [fn.log.read_text()[-1500:] for fn in running])
+            return got
+
+        def log_entry(kind: str, instance: Any, insert_id: str) -> bytes:
+            event_time = datetime.now(timezone.utc)
+            entry = golden(kind)
+            entry.update(
+                insertId=insert_id, timestamp=event_time.isoformat().replace("+00:00", "Z")
+            )
+            entry["logName"] = f"projects/{instance.project_id}/logs/{SYSTEM_LOG}"
+            entry["resource"]["labels"] = {
+                "instance_id": instance.id,
+                "zone": instance.zone,
+                "project_id": instance.project_id,
+            }
+            entry["protoPayload"]["resourceName"] = (
+                f"projects/{instance.project_id}/zones/{instance.zone}/instances/{instance.name}"
+            )
+            raw, attributes = _log_message(entry)
+            api.publisher_api.publish(log_topic, raw, **attributes).result(timeout=10)
+            return raw
+
+        web = dataclasses.replace(vm("web-1"), id=instance_id, project_id="demo-project")
+        bridge = BridgeProcess(sim.url, tmp_path / "state", "--topic", topic, env=pubsub.env())
+        mine = f"demo-project_{instance_id}"
+        until(lambda: sim.stats().get(MAINTENANCE, 0) >= 2, timeout=15)
+        sim.set_value(MAINTENANCE, MIGRATE)
+        doc(mine, lambda d: d.get("state", {}).get("maintenance", {}).get("current") == MIGRATE)
+        migrated = log_entry("cloud.migrated", web, "migrated-1")
+        doc(mine, lambda d: "cloud" in d.get("state", {}))
+        sim.set_value(MAINTENANCE, "NONE")
+        final = doc(mine, lambda d: d["state"]["maintenance"]["current"] == "NONE")
+        lonely = vm("lonely-vm", 77)
+        log_entry("cloud.host_error", lonely, "host-error-1")
+        alone = doc(f"{lonely.project_id}_{lonely.id}", lambda d: d.get("disruptions"))
+        # The same entry again (a sink re-export): one more copy of the same event, no change.
+        api.publisher_api.publish(log_topic, migrated, **_log_message({})[1]).result(timeout=10)
+        assert until(
+            lambda: any("ledger duplicate" in r.get("message", "") for r in ledger_fn.logs()),
+            timeout=30,
+        )
+        assert docs.document(mine).get().to_dict()["disruptions"] == final["disruptions"]
+        view = requests.get(f"http://127.0.0.1:{board_fn.port}/api/instances", timeout=30).json()
+        page = requests.get(f"http://127.0.0.1:{board_fn.port}/", timeout=30).text
+    finally:
+        if bridge is not None:
+            assert bridge.terminate() == 0
+        sim.stop()
+        for fn in running:
+            stop(fn.proc)
+
+    (one,) = final["disruptions"]
+    assert (one["cause"], one["seen_by"], one["ended_by"]) == (
+        "migration",
+        ["bridge", "cloud"],
+        "bridge",
+    )
+    parts = [h for h in final["history"] if h.get("disruption") == one["id"]]
+    assert sorted(h["kind"] for h in parts) == [
+        "cloud.migrated",
+        "maintenance.ended",
+        "maintenance.started",
+    ]
+    assert final["has_bridge"] is True and final["instance"]["project_number"] == "123456789012"
+    (crash,) = alone["disruptions"]
+    assert (crash["cause"], crash["seen_by"], alone["has_bridge"]) == (
+        "host_error",
+        ["cloud"],
+        False,
+    )
+    rows = {r["name"]: r for r in view["instances"]}
+    assert rows["lonely-vm"]["no_bridge"] is True and rows["web-1"]["no_bridge"] is False
+    (recent,) = [d for d in view["recent_disruptions"] if d["name"] == "lonely-vm"]
+    assert recent == {
+        "name": "lonely-vm",
+        "zone": lonely.zone,
+        "no_bridge": True,
+        "cause": "host_error",
+        "at": recent["at"],
+        "seen_by": ["cloud"],
+        "error": "Instance terminated by Compute Engine.",
+    }
+    assert view["counts"]["no_bridge"] == 1 and view["counts"]["host_errors_7d"] == 1
+    assert "Instance terminated by Compute Engine." in page and "no bridge" in page
