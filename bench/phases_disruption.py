@@ -57,7 +57,9 @@ def phase_disruption(b: Bench) -> dict[str, Any]:
     }
     log(
         f"disruption: seen median {result['seen']['median']:.2f} s, worst "
-        f"{result['seen']['worst']:.2f} s (sample saw {len(sample)}/{rounds}); 30 s blackout "
+        f"{result['seen']['worst']:.2f} s (sample saw {len(sample)}/{rounds}); next notice "
+        f"median {result['rearm']['median']:.3f} s, worst {result['rearm']['worst']:.3f} s; "
+        f"30 s blackout "
         f"{result['long_seen']:.2f} s; frozen worst {result['frozen']['worst']:.2f} s; calm "
         f"{max(calm['per_min'].values()):.2f} /min/key worst"
     )

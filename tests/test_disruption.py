@@ -19,6 +19,7 @@ import pytest
 from support.bridge import BridgeProcess
 from support.disruption_lab import namespace_unavailable_reason, run_case
 from support.harness import holds_for, wait_for
+from support.pubsub import emulator_unavailable_reason
 
 from bridge.keys import UPCOMING
 from bridge.simulator import Simulator, sample_window
@@ -85,6 +86,18 @@ def test_an_http_receiver_that_forgot_the_connection(tmp_path: Path) -> None:
     """The sink's kept-alive connection is the one forgotten: events after the blackout still
     reach the receiver within the target."""
     got = run_case("http_peer", tmp_path, 200, rounds=2, seconds=2)
+    assert len(got["rounds"]) == 2 and max(got["rounds"]) <= TARGET, got
+
+
+@needs_namespace
+def test_a_pubsub_endpoint_that_forgot_the_connections(tmp_path: Path) -> None:
+    """The official emulator behind a relay that resets the bridge's connections in the
+    blackout (the emulator itself cannot forget on demand): events after it are pulled from
+    the subscription within the target."""
+    if why := emulator_unavailable_reason():
+        pytest.skip(f"needs the official Pub/Sub emulator: {why}")
+    got = run_case("pubsub_peer", tmp_path, 300, rounds=2, seconds=2)
+    assert all(n >= 1 for n in got["forgotten"]), got
     assert len(got["rounds"]) == 2 and max(got["rounds"]) <= TARGET, got
 
 

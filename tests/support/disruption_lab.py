@@ -163,14 +163,14 @@ class Sample:
 
 @contextmanager
 def _lab(
-    work: Path, *args: str, sample: bool = True
+    work: Path, *args: str, sample: bool = True, env: dict[str, str] | None = None
 ) -> Iterator[tuple[Simulator, Events, Sample | None]]:
     _link("up")
     sim = Simulator().start()
     for key, value in CALM_VALUES.items():
         sim.set_value(key, value)
     state = Path(tempfile.mkdtemp(prefix="lab-", dir=work))
-    bridge = BridgeProcess(sim.url, state / "state", *args)
+    bridge = BridgeProcess(sim.url, state / "state", *args, env=env)
     events = Events(bridge)
     baseline = Sample(sim) if sample else None
     try:
@@ -201,8 +201,8 @@ def _armed(sim: Simulator, sample: Sample | None) -> None:
 def _flip(
     sim: Simulator, events: Events, sample: Sample | None, values: dict[str, str], since: float
 ) -> dict[str, Any]:
-    """Set `values` (unless already set, `since` then being when the network came back) and
-    measure how long each key's event and the sample's line took after `since`."""
+    """`values` were set (or the network came back with them set) at `since`: how long after
+    it each key's event and the sample's line arrived (the sample's: None if not within 5 s)."""
     notice = values is NOTICE_VALUES
     kinds = ON_KINDS if notice else OFF_KINDS
     deadline = since + 30.0
@@ -374,7 +374,101 @@ def http_peer(work: Path, rounds: int, seconds: float) -> dict[str, Any]:
     return {"rounds": out}
 
 
+class _ForgetfulProxy:
+    """A TCP relay in front of a server that cannot forget on demand (the Pub/Sub emulator):
+    `forget` resets the client side of every connection, as a peer that lost them would."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self.upstream, timeout=5)
+            server.settimeout(None)
+            with self._lock:
+                self._pairs.append((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def forget(self) -> int:
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for client, server in pairs:
+            for sock in (client, server):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                    sock.shutdown(socket.SHUT_RD)  # wakes its pump (sends nothing)
+                fd = sock.detach()
+                if fd >= 0:
+                    os.close(fd)
+        return len(pairs)
+
+    def close(self) -> None:
+        self.forget()
+        self.listener.close()
+
+
+def pubsub_peer(work: Path, rounds: int, seconds: float) -> dict[str, Any]:
+    """The Pub/Sub endpoint is the peer that forgot: during a blackout every connection of the
+    bridge's publisher is reset (the reset lost); after the network returns, how long do new
+    events take to be pulled from the subscription?"""
+    from .pubsub import PubSubAdmin, start_pubsub
+
+    _link("up")
+    server = start_pubsub("lab-project", data_dir=work / "pubsub")
+    proxy = _ForgetfulProxy(("127.0.0.1", server.port))
+    admin = PubSubAdmin(server)
+    out: list[float] = []
+    forgotten: list[int] = []
+    try:
+        topic = admin.create_topic("lab-events")
+        admin.create_subscription(topic, "lab-events-sub")
+        env = {
+            "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{proxy.port}",
+            "PUBSUB_PROJECT_ID": "lab-project",
+        }
+        with _lab(work, "--topic", topic, sample=False, env=env) as (sim, _, _):
+
+            def flip(values: dict[str, str]) -> float:
+                since = _set(sim, values)
+                admin.pull_until("lab-events-sub", len(values), timeout=30)
+                return time.monotonic() - since
+
+            flip(NOTICE_VALUES)  # the publisher's connections are made and kept
+            flip(CALM_VALUES)
+            for _ in range(rounds):
+                _link("down")
+                forgotten.append(proxy.forget())
+                time.sleep(seconds)  # the blackout itself
+                _link("up")
+                out.append(flip(NOTICE_VALUES))
+                flip(CALM_VALUES)
+    finally:
+        proxy.close()
+        admin.close()
+        server.stop()
+    return {"rounds": out, "forgotten": forgotten}
+
+
 CASES: dict[str, Callable[..., dict[str, Any]]] = {
+    "pubsub_peer": pubsub_peer,
     "blackouts": blackouts,
     "frozen": frozen,
     "http_peer": http_peer,
