@@ -688,3 +688,94 @@ def test_groups_leave_alone_and_the_pre_hook(labs, tmp_path: Path) -> None:
         assert len(lab.compute.started(api)) == 1
     finally:
         hook.shutdown()
+
+
+def test_end_to_end_from_real_bridges_to_the_next_instances_turn(labs, pubsub, tmp_path) -> None:
+    """Two bridges on metadata simulators publish their upcoming.scheduled through the official
+    Pub/Sub emulator to the ledger (push, from its zip); a tick starts one; its bridge's
+    maintenance.ended and upcoming.cleared, through the same path, give the other its turn."""
+    from support.bridge import BridgeProcess
+    from support.harness import wait_for
+    from support.pubsub import admin
+
+    from bridge.simulator import Simulator
+
+    lab, zone, project = labs("e2e", OPEN_POLICY), "us-central1-a", "demo-project"
+    now = datetime.now(UTC)
+    up = window(now + timedelta(days=2), now + timedelta(days=2, hours=4), now + timedelta(days=9))
+    value = json.dumps(
+        {
+            "type": "SCHEDULED",
+            "can_reschedule": "true",
+            "window_start_time": up["windowStartTime"],
+            "window_end_time": up["windowEndTime"],
+            "latest_window_start_time": up["latestWindowStartTime"],
+            "maintenance_status": "PENDING",
+        }
+    )
+    vms = {"e2e-gpu-a": "5550001112220000001", "e2e-gpu-b": "5550001112220000002"}
+    sims, bridges, fakes = {}, {}, {}
+    topic_name = f"autopilot-{uuid.uuid4().hex[:8]}"
+    with admin(pubsub) as ps:
+        topic = ps.create_topic(topic_name)
+        endpoint = f"http://127.0.0.1:{lab.ledger.port}/{topic}"
+        ps.create_subscription(topic, f"{topic_name}-ledger", push_endpoint=endpoint)
+        try:
+            for name, instance_id in vms.items():
+                fakes[name] = lab.compute.add(project, zone, name, upcoming=dict(up))
+                sims[name] = Simulator(
+                    identity={
+                        "instance/id": instance_id,
+                        "instance/name": name,
+                        "instance/hostname": f"{name}.{zone}.c.{project}.internal",
+                    }
+                ).start()
+                bridges[name] = BridgeProcess(
+                    sims[name].url, tmp_path / name, "--topic", topic, env=pubsub.env()
+                )
+            for name, sim in sims.items():
+                wait_for(f"{name} watching", lambda sim=sim: sim.stats().get(UPCOMING, 0) >= 2, 15)
+                sim.set_value(UPCOMING, value)
+
+            def ledger_doc(name: str) -> dict[str, Any]:
+                snap = lab.collection.document(f"{project}_{vms[name]}").get()
+                return (snap.to_dict() or {}) if snap.exists else {}
+
+            for name in vms:
+                wait_for(
+                    f"{name} in the ledger",
+                    lambda n=name: ledger_doc(n).get("upcoming_window_start"),
+                    20,
+                )
+            first = lab.tick()
+            (one,) = names(first["started"], zone)
+            other = ({*vms} - {one}).pop()
+            assert len(lab.compute.started(fakes[one])) == 1 and not lab.compute.performed(
+                fakes[other]
+            )
+            assert names(lab.tick()["started"], zone) == []
+            # Google runs the maintenance: the VM is stopped and started again; its bridge sees
+            # the notice come and go and the window cleared.
+            lab.compute.finish(fakes[one])
+            sims[one].set_value(MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE")
+            wait_for("notice in the ledger", lambda: ledger_doc(one).get("disrupting"), 20, 0.2)
+            sims[one].set_value(MAINTENANCE, "NONE")
+            sims[one].delete_value(UPCOMING)
+
+            def over() -> bool:
+                state = ledger_doc(one).get("state") or {}
+                return (state.get("upcoming") or {}).get("kind") == "upcoming.cleared" and (
+                    state.get("maintenance") or {}
+                ).get("kind") == "maintenance.ended"
+
+            wait_for("maintenance over in the ledger", over, 20, 0.2)
+            turn = lab.tick()
+            assert names(turn["done"], zone) == [one]
+            assert names(turn["started"], zone) == [other]
+            assert len(lab.compute.started(fakes[other])) == 1
+            assert len(lab.compute.performed(fakes[one])) == 1
+        finally:
+            for bridge in bridges.values():
+                assert bridge.terminate() == 0
+            for sim in sims.values():
+                sim.stop()
