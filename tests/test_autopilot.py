@@ -646,7 +646,9 @@ def test_stale_ledger_entries_are_never_acted_on(open_lab: Lab) -> None:
     reasons = {e["instance"]: e["reason"] for e in summary["waiting"] if e["zone"] == zone}
     assert "no maintenance scheduled" in reasons["stale-vm"]
     assert "no longer exists" in reasons["deleted-vm"]
+    lab.tick()
     assert not calls_in(lab.compute, zone)
+    assert len(lab.logs("instances.get answered 404", "deleted-vm")) == 1  # once, not per tick
 
 
 def test_groups_leave_alone_and_the_pre_hook(labs, tmp_path: Path) -> None:
@@ -779,3 +781,48 @@ def test_end_to_end_from_real_bridges_to_the_next_instances_turn(labs, pubsub, t
                 assert bridge.terminate() == 0
             for sim in sims.values():
                 sim.stop()
+
+
+def _main_module() -> Any:
+    """The function's main.py imported in-process, for its pure helpers."""
+    shared = str(AUTOPILOT.parent / "_shared")
+    sys.path[:0] = [str(AUTOPILOT), shared]
+    try:
+        spec = importlib.util.spec_from_file_location("autopilot_main", AUTOPILOT / "main.py")
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["autopilot_main"] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(AUTOPILOT))
+        sys.path.remove(shared)
+    return module
+
+
+def test_when_a_started_maintenance_counts_as_over() -> None:
+    """The ledger decides (window cleared or replaced, maintenance ended after the start), or the
+    instance itself shows none; an `ended` from before the start does not count."""
+    main = _main_module()
+    record = {"state": "started", "window_start": "2030-01-15T02:00:00Z"}
+    record["started_at"] = "2026-12-07T10:00:00Z"
+    scheduled = {
+        "kind": "upcoming.scheduled",
+        "upcoming": {"window_start_time": "2030-01-15T02:00:00Z"},
+    }
+    still = main.Observed({"maintenanceStatus": "ONGOING"}, {}, "")
+
+    def doc(upcoming: dict[str, Any], maintenance: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"state": {"upcoming": upcoming, "maintenance": maintenance or {}}}
+
+    assert main.finished(record, doc(scheduled), still) == ""
+    assert main.finished(record, doc({"kind": "upcoming.cleared"}), still) == "upcoming.cleared"
+    moved = {"kind": "upcoming.updated", "upcoming": {"window_start_time": "2030-02-01T02:00:00Z"}}
+    assert main.finished(record, doc(moved), still) == "upcoming.updated"
+    before = {"kind": "maintenance.ended", "observed_at": "2026-12-07T09:59:59Z"}
+    after = {"kind": "maintenance.ended", "observed_at": "2026-12-07T10:30:00Z"}
+    assert main.finished(record, doc(scheduled, before), still) == ""
+    assert main.finished(record, doc(scheduled, after), still) == "maintenance.ended"
+    assert main.finished(record, doc(scheduled), main.Observed(None, {}, "")) == (
+        "instance shows no maintenance"
+    )
+    assert main.finished(record, doc(scheduled), None) == ""  # instances.get failed: unknown

@@ -89,7 +89,7 @@ class Answer:
 
 
 class Compute:
-    """The two calls the custom role allows, plus reading the operations they started."""
+    """The two calls the custom role allows (instances.get, instances.performMaintenance)."""
 
     def __init__(self, settings: Settings) -> None:
         self.base = settings.compute_api
@@ -276,11 +276,16 @@ class Tick:
             if not scheduled:
                 continue
             if answer is None or answer.status != 200:
-                status = answer.status if answer else 0
-                if status == 404:
+                answer = answer or Answer(0, {}, "not asked")
+                gone = answer.status == 404
+                wid = window_id(key, str(ledger_up.get("window_start_time", "")))
+                self._failed(key, doc, record, wid, answer, gone, call="instances.get")
+                if gone:
                     self._wait(doc, "stale ledger entry: the instance no longer exists")
                 else:
-                    self._wait(doc, f"instances.get failed ({status}); confirmed next tick")
+                    self._wait(
+                        doc, f"instances.get failed ({answer.status}); asked again next tick"
+                    )
                 continue
             if seen is None or seen.upcoming is None:
                 self._wait(doc, "stale ledger entry: the instance has no maintenance scheduled")
@@ -452,15 +457,20 @@ class Tick:
         error = {"call": call, "status": answer.status, "detail": answer.message, "window": wid}
         self.summary["failed"].append({**_entry(doc, **error), "retry": not final})
         last = record.get("error") or {}
-        if any(last.get(k) != error[k] for k in ("call", "status", "window")):
+        new = any(last.get(k) != error[k] for k in ("call", "status", "window"))
+        if new:
             log(
                 "ERROR" if final else "WARNING",
                 f"autopilot: {call} answered {answer.status}"
-                + ("; not retried for this window" if final else "; retried on a later tick"),
+                + ("; not retried for this window" if final else "; tried again on a later tick"),
                 instance=_entry(doc)["instance"],
                 **error,
             )
-        self._update(key, {"error": error} if state is None else {"error": error, "state": state})
+        fields = {"error": error} if new else {}
+        if state is not None:
+            fields["state"] = state
+        if fields:
+            self._update(key, fields)
 
 
 _db: Any = None
