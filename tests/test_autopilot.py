@@ -826,3 +826,40 @@ def test_when_a_started_maintenance_counts_as_over() -> None:
         "instance shows no maintenance"
     )
     assert main.finished(record, doc(scheduled), None) == ""  # instances.get failed: unknown
+
+
+def test_the_board_shows_the_plan() -> None:
+    """Issue 25 point 5: per instance the next slot the autopilot would use and the deadline, or
+    "started by the autopilot"; what the autopilot wrote is shown as text, never markup."""
+    from test_functions import _load_module
+
+    board = _load_module("board")
+    now = datetime(2026, 12, 7, 12, tzinfo=UTC)
+    upcoming = {
+        "kind": "upcoming.scheduled",
+        "observed_at": "2026-12-07T11:00:00Z",
+        "upcoming": {
+            "window_start_time": "2026-12-09T02:00:00Z",
+            "window_end_time": "2026-12-09T06:00:00Z",
+            "maintenance_status": "PENDING",
+        },
+    }
+    waiting = {
+        "instance": {"name": "gpu-1", "zone": "us-central1-a", "project_id": PROJECT},
+        "state": {"upcoming": upcoming},
+        "autopilot": {
+            "reason": "outside the windows and the deadline margin",
+            "next_slot": "2026-12-12T01:00:00Z",
+            "deadline": "2026-12-16T02:00:00Z<b>",
+        },
+    }
+    summary = board.summarize("d1", waiting, now)
+    assert summary["autopilot"]["next_slot"] == "2026-12-12T01:00:00Z"
+    html = board.row(summary, now)
+    assert (
+        "autopilot: next slot 2026-12-12T01:00:00Z, deadline 2026-12-16T02:00:00Z&lt;b&gt;" in html
+    )
+    started = {**waiting, "autopilot": {"state": "started", "started_at": "2026-12-07T11:55:00Z"}}
+    html = board.row(board.summarize("d2", started, now), now)
+    assert "started by the autopilot 2026-12-07T11:55:00Z" in html
+    assert board.summarize("d3", {**waiting, "autopilot": None}, now)["autopilot"] is None

@@ -532,6 +532,10 @@ def test_terraform_deploys_the_board_private_and_read_only(tmp_path: Path) -> No
     board_locals = re.search(r"^locals \{\n.*?^\}\n", source, re.S | re.M)
     assert board_locals
     (console.dir / "board_locals.tf").write_text(board_locals.group(0))
+    autopilot = (MODULE / "autopilot.tf").read_text()  # its zip joins function_archives too
+    autopilot_locals = re.search(r"^locals \{\n.*?^\}\n", autopilot, re.S | re.M)
+    assert autopilot_locals
+    (console.dir / "autopilot_locals.tf").write_text(autopilot_locals.group(0))
     zips = "local.function_archives"
     assert set(console.eval(zips, enable_board=True)) == {"notify", "ledger", "drain", "board"}
     assert "board" not in console.eval(zips)

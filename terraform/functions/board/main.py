@@ -219,6 +219,16 @@ def _seen_by(status: str, disruptions: Any) -> list[str]:
     return [_text(x) for x in seen if isinstance(x, str)]
 
 
+def _autopilot(record: Any) -> dict[str, str] | None:
+    """What the autopilot (functions/autopilot, docs/autopilot.md) wrote on the document: its
+    state for the window, when it started it, and for one that waits the next slot it would use
+    and Google's deadline."""
+    if not isinstance(record, dict):
+        return None
+    fields = ("state", "started_at", "next_slot", "deadline", "reason")
+    return {name: _text(record.get(name)) for name in fields}
+
+
 def summarize(doc_id: str, doc: dict[str, Any], now: datetime) -> dict[str, Any]:
     """One ledger document as the board's row (the JSON API's element)."""
     inst = doc.get("instance") or {}
@@ -272,6 +282,7 @@ def summarize(doc_id: str, doc: dict[str, Any], now: datetime) -> dict[str, Any]
         "no_bridge": doc.get("has_bridge") is False,
         "seen_by": _seen_by(status, doc.get("disruptions")),
         "recent": _recent(doc.get("disruptions"), now),
+        "autopilot": _autopilot(doc.get("autopilot")),
     }
 
 
@@ -421,6 +432,13 @@ def row(r: dict[str, Any], now: datetime) -> str:
     if r["seen_by"]:
         state += f"<br><small>seen by {e(' + '.join(r['seen_by']))}</small>"
     no_bridge = ' <span class="flag">no bridge</span>' if r["no_bridge"] else ""
+    pilot = r.get("autopilot")
+    if pilot and pilot["state"] in ("starting", "started"):
+        window_text += f"<br>started by the autopilot {e(pilot['started_at'])}"
+    elif pilot and pilot["next_slot"]:
+        window_text += (
+            f"<br>autopilot: next slot {e(pilot['next_slot'])}, deadline {e(pilot['deadline'])}"
+        )
     return (
         f'<tr class="s-{e(r["state"])}">'
         f"<td>{cut(r['name'])}<br><small>{cut(r['project'])}</small></td>"
