@@ -89,8 +89,10 @@ def stream_of(project_id: str, instance_id: str) -> str:
 def convert(entry: Any, *, type_prefix: str = DEFAULT_TYPE_PREFIX) -> Event:
     """The event for one system-event LogEntry (parsed JSON); NotASystemEvent if there is none.
 
-    `sequence` is the entry's timestamp in nanoseconds since the epoch: it orders the cloud's
+    `sequence` is the entry's timestamp in microseconds since the epoch: it orders the cloud's
     stream of an instance (`stream_of`), it does not count; deduplicate cloud events on the id.
+    Microseconds, not nanoseconds: under 2^53 until the year 2255, so that a consumer whose JSON
+    numbers are doubles (JavaScript's) reads it exactly.
     """
     entry = _object(entry, "the LogEntry")
     log_name = _text(entry, "logName", "the LogEntry")
@@ -105,7 +107,7 @@ def convert(entry: Any, *, type_prefix: str = DEFAULT_TYPE_PREFIX) -> Event:
     method = _text(payload, "methodName", "protoPayload")
     insert_id = _text(entry, "insertId", "the LogEntry")
     timestamp = _text(entry, "timestamp", "the LogEntry")
-    when, nanos = _moment(timestamp)
+    when, micros = _moment(timestamp)
     labels = _object(resource.get("labels"), "resource.labels")
     resource_name = _text(payload, "resourceName", "protoPayload")
     named = _INSTANCE_NAME.search(resource_name)
@@ -146,7 +148,7 @@ def convert(entry: Any, *, type_prefix: str = DEFAULT_TYPE_PREFIX) -> Event:
         current=method,
         observed_at=when,
         happened_while_down=False,
-        sequence=nanos,
+        sequence=micros,
         instance=instance,
         scheduling=Scheduling(),  # the log does not say; "" as for a key a VM lacks
         upcoming=upcoming,
@@ -213,7 +215,7 @@ def _window(raw: Any) -> Upcoming | None:
 
 
 def _moment(text: str) -> tuple[str, int]:
-    """An RFC 3339 time as UTC text (the entry's precision kept) and nanoseconds since 1970."""
+    """An RFC 3339 time as UTC text (the entry's precision kept) and microseconds since 1970."""
     m = _TIMESTAMP.fullmatch(text)
     try:
         if not m:
@@ -225,11 +227,11 @@ def _moment(text: str) -> tuple[str, int]:
     except (ValueError, OverflowError) as exc:
         raise NotASystemEvent(f"timestamp {text!r}: {exc}") from None
     frac = m["frac"] or ""
-    nanos = (moment - _EPOCH) // timedelta(seconds=1) * 10**9 + int(frac.ljust(9, "0"))
-    if not 1 <= nanos < 2**63:
-        raise NotASystemEvent(f"timestamp {text!r} is outside 1970..2262")
+    micros = (moment - _EPOCH) // timedelta(seconds=1) * 10**6 + int(frac[:6].ljust(6, "0"))
+    if not 1 <= micros < 2**53:
+        raise NotASystemEvent(f"timestamp {text!r} is outside 1970..2255")
     rendered = f"{moment:%Y-%m-%dT%H:%M:%S}" + (f".{frac}" if frac else "") + "Z"
-    return rendered, nanos
+    return rendered, micros
 
 
 def _offset(zone: str) -> timedelta:

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from bridge.events import KINDS, STRUCTURED_CONTENT_TYPE, dumps
+from bridge.events import CLOUD_KINDS, STRUCTURED_CONTENT_TYPE, dumps
+from bridge.events import KINDS as BRIDGE_KINDS
 
 # npm and Go builds on a cold cache (each limited to 300 s).
 pytestmark = pytest.mark.timeout(900)
@@ -137,6 +138,10 @@ def _run_node(node: str, deliveries: list[dict[str, Any]]) -> list[dict[str, Any
     assert len(results) == len(deliveries), done.stderr
     assert done.returncode == (0 if all(r["ok"] for r in results) else 1), done.stderr
     return results
+
+
+# Every kind on the topic, the cloud's (the system-events function's) too.
+KINDS = (*BRIDGE_KINDS, *CLOUD_KINDS)
 
 
 def test_node_lock_file_pins_without_a_registry_host() -> None:

@@ -75,9 +75,9 @@ def valid(data: dict[str, Any]) -> None:
     jsonschema.validate(data, PRODUCER, format_checker=CHECKER)
 
 
-def nanos_of(moment: datetime, frac: str) -> int:
+def micros_of(moment: datetime, frac: str) -> int:
     whole = (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(seconds=1)
-    return whole * 10**9 + int(frac.ljust(9, "0") or "0")
+    return whole * 10**6 + int(frac[:6].ljust(6, "0"))
 
 
 # --- the goldens -----------------------------------------------------------------------------
@@ -317,7 +317,8 @@ def test_any_entry_of_the_log_is_exactly_one_valid_event(
         assert event.kind == GENERIC_KIND
     assert event.id == event_id(entry["logName"], insert_id)
     assert event.extensions["instanceid"] == event.data.instance.id == instance_id
-    assert event.data.sequence == nanos_of(moment, frac)
+    assert event.data.sequence == micros_of(moment, frac)
+    assert event.data.sequence < 2**53  # exact where JSON numbers are doubles
     assert event.time == event.data.observed_at
     assert event.time.endswith("Z") and (not frac or event.time.endswith(f".{frac}Z"))
     data = event.data.to_json()
