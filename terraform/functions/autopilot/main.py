@@ -233,82 +233,13 @@ class Tick:
     # --- the run ------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        candidates: list[Candidate] = []
         busy: list[Busy] = []
         windows: dict[str, dict[str, Any]] = {}
-        docs = self.ledger()
-        for key, doc in sorted(docs.items()):
-            record = doc.get("autopilot") or {}
-            ledger_up = ((doc.get("state") or {}).get("upcoming") or {}).get("upcoming") or {}
-            scheduled = doc.get("upcoming_window_start") is not None
-            name = (doc.get("instance") or {}).get("name", "")
-            zone = (doc.get("instance") or {}).get("zone", "")
-            if scheduled and ledger_up.get("can_reschedule") is False:
-                self._wait(doc, "cannot be rescheduled: Google starts it in its own window")
-                if ledger_up.get("maintenance_status") == "ONGOING" or doc.get("disrupting"):
-                    busy.append(Busy(key, zone, self.policy.group_of(name, {}, "")))
-                continue
-            seen: Observed | None = None
-            needs_get = scheduled or record.get("state") in OPEN or self.policy.group_by != ""
-            answer = self.get(doc) if needs_get else None
-            if answer is not None and answer.status == 200:
-                seen = observe(answer)
-            group = self.policy.group_of(
-                name, seen.labels if seen else {}, seen.created_by if seen else ""
-            )
-            if record.get("state") in OPEN:
-                why = finished(record, doc, seen)
-                if why:
-                    self._finish(key, doc, why)
-                    record = {**record, "state": "done"}
-                elif not _unsent(record, seen):
-                    busy.append(Busy(key, zone, record.get("group") or group))
-                    self.summary["under_way"].append(
-                        _entry(
-                            doc,
-                            since=record.get("started_at", ""),
-                            request_id=record.get("request_id"),
-                        )
-                    )
-                    continue
-            elif doc.get("disrupting"):
-                busy.append(Busy(key, zone, group))
-            if not scheduled:
-                continue
-            if answer is None or answer.status != 200:
-                answer = answer or Answer(0, {}, "not asked")
-                gone = answer.status == 404
-                wid = window_id(key, str(ledger_up.get("window_start_time", "")))
-                self._failed(key, doc, record, wid, answer, gone, call="instances.get")
-                if gone:
-                    self._wait(doc, "stale ledger entry: the instance no longer exists")
-                else:
-                    self._wait(
-                        doc, f"instances.get failed ({answer.status}); asked again next tick"
-                    )
-                continue
-            if seen is None or seen.upcoming is None:
-                self._wait(doc, "stale ledger entry: the instance has no maintenance scheduled")
-                continue
-            up = seen.upcoming
-            wid = window_id(key, str(up.get("windowStartTime", "")))
-            windows[key] = {"doc": doc, "upcoming": up, "window": wid, "group": group}
-            blocked = ""
-            if record.get("window") == wid and record.get("state") in ("done", "refused"):
-                blocked = f"already {record['state']} for this window; never started twice"
-            candidates.append(
-                Candidate(
-                    key=key,
-                    name=name,
-                    zone=zone,
-                    can_reschedule=up.get("canReschedule") is True,
-                    status=str(up.get("maintenanceStatus", "")),
-                    deadline=_deadline(up),
-                    group=group,
-                    left_alone=self.policy.left_alone(name, seen.labels),
-                    blocked=blocked,
-                )
-            )
+        candidates: list[Candidate] = []
+        for key, doc in sorted(self.ledger().items()):
+            candidate = self._consider(key, doc, busy, windows)
+            if candidate is not None:
+                candidates.append(candidate)
         chosen = plan(self.policy, candidates, busy, self.now)
         for wait in chosen.waits:
             item = windows[wait.candidate.key]
@@ -316,6 +247,83 @@ class Tick:
         for c in chosen.start:
             self._start(c, windows[c.key], chosen)
         return self.summary
+
+    def _consider(
+        self,
+        key: str,
+        doc: dict[str, Any],
+        busy: list[Busy],
+        windows: dict[str, dict[str, Any]],
+    ) -> Candidate | None:
+        """One ledger document: a confirmed candidate, or None (it waits, is under way or over,
+        and says so in the summary); appends to `busy` what uses a zone's or group's room."""
+        record = doc.get("autopilot") or {}
+        ledger_up = ((doc.get("state") or {}).get("upcoming") or {}).get("upcoming") or {}
+        scheduled = doc.get("upcoming_window_start") is not None
+        name = (doc.get("instance") or {}).get("name", "")
+        zone = (doc.get("instance") or {}).get("zone", "")
+        if scheduled and ledger_up.get("can_reschedule") is False:
+            self._wait(doc, "cannot be rescheduled: Google starts it in its own window")
+            if ledger_up.get("maintenance_status") == "ONGOING" or doc.get("disrupting"):
+                busy.append(Busy(key, zone, self.policy.group_of(name, {}, "")))
+            return None
+        seen: Observed | None = None
+        needs_get = scheduled or record.get("state") in OPEN or self.policy.group_by != ""
+        answer = self.get(doc) if needs_get else None
+        if answer is not None and answer.status == 200:
+            seen = observe(answer)
+        group = self.policy.group_of(
+            name, seen.labels if seen else {}, seen.created_by if seen else ""
+        )
+        if record.get("state") in OPEN:
+            why = finished(record, doc, seen)
+            if why:
+                self._finish(key, doc, why)
+                record = {**record, "state": "done"}
+            elif not _unsent(record, seen):
+                busy.append(Busy(key, zone, record.get("group") or group))
+                self.summary["under_way"].append(
+                    _entry(
+                        doc,
+                        since=record.get("started_at", ""),
+                        request_id=record.get("request_id"),
+                    )
+                )
+                return None
+        elif doc.get("disrupting"):
+            busy.append(Busy(key, zone, group))
+        if not scheduled:
+            return None
+        if answer is None or answer.status != 200:
+            answer = answer or Answer(0, {}, "not asked")
+            gone = answer.status == 404
+            wid = window_id(key, str(ledger_up.get("window_start_time", "")))
+            self._failed(key, doc, record, wid, answer, gone, call="instances.get")
+            if gone:
+                self._wait(doc, "stale ledger entry: the instance no longer exists")
+            else:
+                self._wait(doc, f"instances.get failed ({answer.status}); asked again next tick")
+            return None
+        if seen is None or seen.upcoming is None:
+            self._wait(doc, "stale ledger entry: the instance has no maintenance scheduled")
+            return None
+        up = seen.upcoming
+        wid = window_id(key, str(up.get("windowStartTime", "")))
+        windows[key] = {"doc": doc, "upcoming": up, "window": wid}
+        blocked = ""
+        if record.get("window") == wid and record.get("state") in ("done", "refused"):
+            blocked = f"already {record['state']} for this window; never started twice"
+        return Candidate(
+            key=key,
+            name=name,
+            zone=zone,
+            can_reschedule=up.get("canReschedule") is True,
+            status=str(up.get("maintenanceStatus", "")),
+            deadline=_deadline(up),
+            group=group,
+            left_alone=self.policy.left_alone(name, seen.labels),
+            blocked=blocked,
+        )
 
     # --- acting and recording -----------------------------------------------------------
 
