@@ -89,6 +89,7 @@ class Recorder:
             )
             self._commit(event, seen, (key, value, rfc3339(observed_at)))
             self.values[key] = value
+        self.relay.handed(event.data.sequence)  # the send first, then the rest of the work
         _log_recorded(event, transition)
         self.metrics.last_change.set_to_current_time()
         self._after(event)
