@@ -7,7 +7,8 @@ body read to the close, LF or CRLF header lines, folded headers, junk after the 
 
 - an answer both grammars allow is read by both alike: same status, same body, and the
   connection kept by ours exactly when h11 could reuse it (nothing left over, no close);
-- an answer mutated at random is never read by ours unless h11 reads it the same way, and
+- an answer mutated at random is never read by ours unless h11 reads it the same way (blanks
+  before a chunk extension's `;` aside: RFC 9112 allows them, h11 does not), and
   ours never keeps a connection h11 would not reuse: ours may be stricter (it refuses `4 \\r\\n`
   as a chunk size, control characters in header values; it closes on `Connection: close:`),
   never laxer, never different.
@@ -16,6 +17,7 @@ The bytes reach `Reader` through a socketpair, as they would from a server.
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from typing import Any
@@ -150,6 +152,9 @@ def test_an_answer_both_allow_is_read_alike(data: bytes) -> None:
     assert ours(data) == expected
 
 
+# RFC 9112 allows blanks before a chunk extension's ";" (BWS); h11 does not: the one place ours
+# reads what h11 refuses, compared without them.
+_BWS = re.compile(rb"(?m)^([0-9A-Fa-f]+)[ \t]+;")
 _NASTY = b' \t\r\n:;,="0xX+-_aF\x00\x01\x7f\xff'
 
 
@@ -176,7 +181,7 @@ def mutated(draw: Any) -> bytes:
 def test_a_mutated_answer_is_never_read_laxer_or_differently(data: bytes) -> None:
     got = ours(data)
     if got is not None:
-        expected = reference(data)
+        expected = reference(data) or reference(_BWS.sub(rb"\1;", data))
         assert expected is not None, "read what h11 refuses"
         assert got[:2] == expected[:2], "read otherwise than h11"
         assert expected[2] or not got[2], "kept a connection h11 would not reuse"
@@ -193,3 +198,8 @@ def test_a_mutated_answer_is_never_read_laxer_or_differently(data: bytes) -> Non
 def test_where_ours_is_stricter_than_h11(data: bytes) -> None:
     """The differences allowed above, named: h11 accepts both, RFC 9112 and 9110 do not."""
     assert reference(data) is not None and ours(data) is None
+
+
+def test_where_ours_follows_rfc_9112_and_h11_does_not() -> None:
+    data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4 ;a=b\r\nNONE\r\n0\r\n\r\n"
+    assert reference(data) is None and ours(data) == (200, b"NONE", True)
