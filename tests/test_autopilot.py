@@ -207,6 +207,53 @@ def test_planner_keeps_every_promise(data: Any, policy: Any, now: datetime) -> N
             assert slot is None
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), now=clocks(), windows=st.lists(window_raw, max_size=1))
+def test_ticks_over_days_never_crowd_a_zone_nor_miss_a_deadline(
+    data: Any, now: datetime, windows: list[dict[str, Any]]
+) -> None:
+    """A timeline: a tick every 30 minutes for three days; what a tick starts is in maintenance
+    for a random while, then done. No tick ever has a zone over max_per_zone or two of a group
+    in maintenance; and where a zone has room for all its instances, each starts before its
+    deadline, inside the windows or not."""
+    per_zone = data.draw(st.integers(1, 3))
+    policy = P.Policy.from_dict(
+        {"windows": windows, "max_per_zone": per_zone, "deadline_margin_hours": 2}
+    )
+    fleet = {}
+    for i in range(data.draw(st.integers(1, 8))):
+        zone = data.draw(st.sampled_from("ab"))
+        fleet[f"vm-{i}"] = P.Candidate(
+            key=f"vm-{i}",
+            name=f"vm-{i}",
+            zone=zone,
+            can_reschedule=True,
+            status="PENDING",
+            deadline=now + timedelta(minutes=data.draw(st.integers(150, 3 * 24 * 60))),
+            group=data.draw(st.sampled_from(["", "g1", "g2"])),
+        )
+    lasts = {k: timedelta(minutes=data.draw(st.integers(10, 240))) for k in fleet}
+    roomy = {z for z in "ab" if sum(c.zone == z for c in fleet.values()) <= per_zone}
+    under_way: dict[str, datetime] = {}  # key -> when it ends
+    started_at: dict[str, datetime] = {}
+    t = now
+    while t < now + timedelta(days=3):
+        under_way = {k: end for k, end in under_way.items() if end > t}
+        busy = [P.Busy(k, fleet[k].zone, fleet[k].group) for k in under_way]
+        waiting = [c for k, c in fleet.items() if k not in started_at]
+        for c in P.plan(policy, waiting, busy, t).start:
+            started_at[c.key] = t
+            under_way[c.key] = t + lasts[c.key]
+        for zone in "ab":
+            assert sum(fleet[k].zone == zone for k in under_way) <= per_zone, (t, zone)
+        groups = [fleet[k].group for k in under_way if fleet[k].group]
+        assert len(groups) == len(set(groups)), (t, groups)
+        t += timedelta(minutes=30)
+    for key, c in fleet.items():
+        if c.zone in roomy and not c.group:
+            assert key in started_at and started_at[key] <= c.deadline, (key, c.deadline)
+
+
 @settings(max_examples=300, deadline=None)
 @given(raw=window_raw, now=clocks())
 def test_next_open_is_the_first_open_minute(raw: dict[str, Any], now: datetime) -> None:
