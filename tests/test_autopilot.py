@@ -910,3 +910,42 @@ def test_the_board_shows_the_plan() -> None:
     html = board.row(board.summarize("d2", started, now), now)
     assert "started by the autopilot 2026-12-07T11:55:00Z" in html
     assert board.summarize("d3", {**waiting, "autopilot": None}, now)["autopilot"] is None
+
+
+def test_a_malformed_policy_stops_the_function_with_one_line(compute, tmp_path) -> None:
+    """The function does not serve with a policy it cannot read: one ERROR line, exit 2."""
+    import subprocess
+
+    env = {
+        "GOOGLE_CLOUD_PROJECT": PROJECT,
+        "COMPUTE_API_BASE": compute.base,
+        "COMPUTE_ANONYMOUS": "1",
+        "AUTOPILOT_POLICY": json.dumps({"max_per_zone": 0}),
+    }
+    fn = Function("autopilot", env, tmp_path, "tick", "http")
+    try:
+        assert fn.proc.wait(60) == 2
+    except subprocess.TimeoutExpired:
+        pytest.fail("the function kept running with a malformed policy")
+    finally:
+        stop(fn.proc)
+    errors = [e for e in fn.logs() if e["severity"] == "ERROR"]
+    assert [e["message"] for e in errors] == [
+        "autopilot configuration: AUTOPILOT_POLICY.max_per_zone must be an integer >= 1"
+    ]
+
+
+def test_the_function_runs_from_its_archive_alone(open_lab: Lab) -> None:
+    """The planner it imports is the zip's plan.py (archive.json's `only` entry), not the
+    repository's, and the repository is not importable from the function's environment."""
+    probe = (
+        "import json, os, sys, plan, subscriber, bridge.events\n"
+        "repo = [p for p in sys.path if os.path.isfile(os.path.join(p, 'bridge', 'cli.py'))]\n"
+        "print(json.dumps([plan.__file__, subscriber.__file__, bridge.events.__file__, repo]))"
+    )
+    result = open_lab.autopilot.python(probe)
+    assert result.returncode == 0, result.stderr
+    planner, subscriber, events, repo = json.loads(result.stdout)
+    source = open_lab.autopilot.source
+    assert Path(planner) == source / "plan.py" and Path(subscriber) == source / "subscriber.py"
+    assert Path(events) == source / "bridge" / "events.py" and not repo

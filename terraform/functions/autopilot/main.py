@@ -10,7 +10,7 @@ and answers a JSON summary: what it started, what waits and why.
 Configuration (environment, read once at import into `SETTINGS`):
   LEDGER_COLLECTION   the ledger's collection (default `maintenance-ledger`)
   FIRESTORE_DATABASE  its database (default `(default)`)
-  AUTOPILOT_POLICY    the policy, JSON (plan.Policy.from_json); malformed: the import fails
+  AUTOPILOT_POLICY    the policy, JSON (plan.Policy.from_json); malformed: one ERROR line, exit 2
   COMPUTE_API_BASE    default https://compute.googleapis.com/compute/v1 (tests: a local fake)
   COMPUTE_ANONYMOUS   `1` to send no credentials, to Compute or the pre-hook (local fakes only)
   COMPUTE_TIMEOUT_SECONDS  per call (default 20)
@@ -76,7 +76,11 @@ class Settings:
         )
 
 
-SETTINGS = Settings.from_env(dict(os.environ))
+try:
+    SETTINGS = Settings.from_env(dict(os.environ))
+except ValueError as exc:  # PolicyError, or a timeout that is not a number
+    log("ERROR", f"autopilot configuration: {exc}")
+    raise SystemExit(2) from None
 
 
 @dataclass(frozen=True)
