@@ -33,9 +33,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit
 
 import functions_framework
 import google.auth
+import google.auth.exceptions
 import requests
 from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
@@ -432,11 +434,9 @@ class Tick:
         request_id: str,
     ) -> bool:
         """POST the instance to the policy's pre-hook (drain, checkpoint); a 2xx lets it start.
-        With credentials, the request carries an ID token for the hook's URL."""
+        With credentials, the request carries an ID token whose audience is the hook's origin
+        (what Cloud Run checks: its service URL, without a path)."""
         url = self.policy.pre_hook_url
-        headers = {"content-type": "application/json"}
-        if not self.settings.anonymous:
-            headers["authorization"] = f"Bearer {id_token.fetch_id_token(AuthRequest(), url)}"
         body = {
             "instance": doc.get("instance") or {},
             "upcoming_maintenance": up,
@@ -444,9 +444,14 @@ class Tick:
             "deadline": rfc3339(c.deadline),
         }
         try:
+            headers = {"content-type": "application/json"}
+            if not self.settings.anonymous:
+                origin = urlsplit(url)._replace(path="", query="", fragment="").geturl()
+                token = id_token.fetch_id_token(AuthRequest(), origin)
+                headers["authorization"] = f"Bearer {token}"
             resp = requests.post(url, json=body, headers=headers, timeout=self.settings.timeout)
             answer = Answer(resp.status_code, {}, resp.text[:300])
-        except requests.RequestException as exc:
+        except (requests.RequestException, google.auth.exceptions.GoogleAuthError) as exc:
             answer = Answer(0, {}, f"unreachable: {type(exc).__name__}")
         if 200 <= answer.status < 300:
             return True
