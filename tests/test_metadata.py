@@ -215,3 +215,49 @@ def test_watcher_errors_are_retried_fast_and_never_fatal(sim: Simulator, tmp_pat
         assert sum("http_5xx" in m for m in lines) == 1, lines  # one line per failure class
     finally:
         assert bridge.terminate() == 0
+
+
+def _answer(value: bytes, etag: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\nMetadata-Flavor: Google\r\nContent-Type: application/text\r\n"
+        b"ETag: %s\r\nContent-Length: %d\r\n\r\n%s" % (etag, len(value), value)
+    )
+
+
+def test_a_server_answering_twice_in_one_write_gives_no_false_transition() -> None:
+    """The first connection's server writes the answer and, behind it, an older value: the
+    next poll must get the server's own answer (the new value), not the stale one left
+    behind, which the bridge would publish as a transition back."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(1)
+            threading.Thread(target=answer, args=(conn, len(connections)), daemon=True).start()
+
+    def answer(conn: socket.socket, index: int) -> None:
+        with conn:
+            while conn.recv(65536):
+                if index == 1:
+                    migrate = _answer(b"MIGRATE_ON_HOST_MAINTENANCE", b"bbbb")
+                    conn.sendall(migrate + _answer(b"NONE", b"aaaa"))
+                else:
+                    conn.sendall(_answer(b"MIGRATE_ON_HOST_MAINTENANCE", b"bbbb"))
+
+    threading.Thread(target=serve, daemon=True).start()
+    client = MetadataClient(f"http://127.0.0.1:{listener.getsockname()[1]}/computeMetadata/v1/")
+    try:
+        first = client.watch(KEY, "0", 60)
+        second = client.watch(KEY, first.etag or "0", 60)
+        sock = client.connection._sock
+        assert sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    finally:
+        client.close()
+        listener.close()
+    assert first.value == second.value == "MIGRATE_ON_HOST_MAINTENANCE"
+    assert len(connections) == 2
