@@ -494,6 +494,31 @@ def test_example_calls_the_module() -> None:
     assert call["project_id"] == "${var.project_id}"
 
 
+def test_multi_project_example_is_a_hub_with_a_folder_sink_and_foreign_publishers() -> None:
+    """The hub holds the topic, functions and board; the folder sink covers every project
+    under it; each VM project's account may publish to the hub's topic and nothing else."""
+    example = MODULE / "examples" / "multi-project"
+    doc = load(example / "main.tf")
+    call = doc["module"][0]["maintenance_bridge"]
+    assert call["project_id"] == "${var.hub_project_id}"
+    assert call["system_events"] == {
+        "scope": "folder",
+        "folder_id": "${var.folder_id}",
+        "include_children": True,
+    }
+    assert call["enable_board"] is True and call["create_publisher_service_account"] is False
+    assert call["publisher_service_account_emails"] == "${values(local.vm_service_accounts)}"
+    assert call["depends_on"] == ["${google_service_account.vm}"]
+    (accounts,) = [b["google_service_account"]["vm"] for b in doc["resource"]]
+    assert (
+        accounts["project"] == "${each.key}" and accounts["for_each"] == "${toset(var.vm_projects)}"
+    )
+    emails = doc["locals"][0]["vm_service_accounts"]
+    assert f"{accounts['account_id']}@${{p}}.iam.gserviceaccount.com" in emails
+    # The example grants nothing itself: the module's topic-scoped grant is the only one.
+    assert not [r for b in doc["resource"] for r in b if "iam" in r]
+
+
 def test_examples_call_the_module_with_known_inputs_and_outputs(module) -> None:
     """What `terraform validate` would say of the calls: known inputs, required ones given."""
     required = {name for name, var in module["variable"].items() if "default" not in var}
