@@ -250,3 +250,16 @@ def test_the_bridge_publishes_every_kind_through_the_avro_topic(
     assert {e.kind for e in events} == set(KINDS)
     assert [e.data.sequence for e in events] == sorted(e.data.sequence for e in events)
     assert len({e.data.stream_id for e in events}) == 1
+
+
+def test_every_cloud_golden_passes(avro_topic: tuple[PubSubAdmin, str, str]) -> None:
+    """The events the system-events function makes of the system-event log carry every field
+    the schema demands (an empty project number and scheduling included)."""
+    from bridge.cloud_kinds import CLOUD_KINDS
+
+    api, topic, subscription = avro_topic
+    for kind in CLOUD_KINDS:
+        form = json.loads((EXAMPLES / f"{kind}.pubsub.json").read_text(encoding="utf-8"))
+        _publish(api, topic, form["attributes"], dumps(form["data"]))
+    got = api.pull_until(subscription, len(CLOUD_KINDS))
+    assert sorted(decode_pubsub(m.attributes, m.data).kind for m in got) == sorted(CLOUD_KINDS)

@@ -799,3 +799,26 @@ def test_board_refresh_at_ten_thousand_instances_reads_what_changed(
         f"refresh with 10 changed {refresh * 1000:.0f} ms (10 documents); "
         f"unchanged {idle * 1000:.0f} ms (0 documents)"
     )
+
+
+@pytest.mark.parametrize(
+    "cloud",
+    [
+        [],
+        "x",
+        {"log_name": "l"},
+        {
+            **json.loads((EXAMPLES / "cloud.host_error.json").read_text())["data"]["cloud"],
+            "insert_id": 7,
+        },
+    ],
+    ids=["list", "text", "incomplete", "insert_id-not-text"],
+)
+def test_the_decoder_refuses_a_malformed_cloud_record(cloud: Any) -> None:
+    from bridge.events import DecodeError
+
+    attributes, payload = convert(golden("cloud.host_error")).to_pubsub("binary")
+    data = json.loads(payload)
+    data["cloud"] = cloud
+    with pytest.raises(DecodeError, match=r"data\.cloud"):
+        decode_pubsub(attributes, dumps(data))
