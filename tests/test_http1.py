@@ -13,7 +13,6 @@ import json
 import math
 import os
 import queue
-import resource
 import shutil
 import socket
 import struct
@@ -421,6 +420,7 @@ def test_a_folded_header_is_joined(serve):
 
 def test_a_descriptor_above_1023_works(serve):
     """The idle check uses poll: select() refused a descriptor over 1023 and killed a watcher."""
+    resource = pytest.importorskip("resource")  # POSIX only
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1100:
         pytest.skip(f"the hard descriptor limit is {hard}")
