@@ -52,6 +52,7 @@ from bench.phases import (
     phase_memory,
     phase_startup,
 )
+from bench.phases_disruption import phase_disruption
 from bench.phases_load import (
     nagle_control,
     nodelay_facts,
@@ -60,6 +61,7 @@ from bench.phases_load import (
     phase_http,
     phase_recovery,
 )
+from bench.phases_pubsub import phase_pubsub
 from bench.plan import FULL, PROJECT, QUICK, REPO, Before, verdict
 from bench.report import markdown, targets
 from tests.support.pubsub import PubSubAdmin, PubSubServer, start_pubsub
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             ("http", phase_http),
             ("memory", phase_memory),
             ("fleet", phase_fleet),
+            ("pubsub", phase_pubsub),
+            ("disruption", phase_disruption),
         ]
         if b.before is None:
             log("no git history here: the before/after (A/B) figures are left out")

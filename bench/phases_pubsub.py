@@ -1,0 +1,277 @@
+"""The Pub/Sub sink's two transports side by side, in one run (`bench/run.py --only pubsub`).
+
+For REST (the default, the standard library) and gRPC (`--pubsub-transport grpc`,
+google-cloud-pubsub), on the same emulator and machine, interleaved:
+
+- start -> first publish acknowledged (a notice already on at start, fresh state each time);
+- change -> emulator ack, p50 and p99 (the stamped bridge, both transports' changes alternated);
+- CPU per event over that run (the bridge process's user + system time / changes);
+- idle RSS and threads of `maintenance-bridge run` with heartbeats on, after it has published;
+- the installed size of the default install's site-packages against the one with the [grpc]
+  extra: the dependency closures' files as their RECORDs list them, read from this venv.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import socket
+import time
+from importlib import metadata
+from typing import Any
+
+import psutil
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from bench.harness import (
+    VM,
+    Bench,
+    Step,
+    free_port,
+    http_get,
+    log,
+    match,
+    parse,
+    play,
+    wait_connected,
+    wait_until,
+)
+from bench.plan import MIGRATE, NONE, REPO, TERMINATE, Dist, median
+
+TRANSPORTS = ("rest", "grpc")
+WARM_UP = 20  # changes per transport before the measured ones
+HEARTBEAT = "5"  # seconds: heartbeats on while idle, as the issue's bar says
+PUBLISHED = re.compile(r"^maintenance_bridge_publish_success_total (\S+)$", re.MULTILINE)
+
+
+def phase_pubsub(b: Bench) -> dict[str, Any]:
+    topic, _ = b.topic("bench-transports")
+    vms = dict(zip(TRANSPORTS, b.vms(len(TRANSPORTS)), strict=True))
+    out: dict[str, Any] = {"install": installed_sizes()}
+    out["first_publish"] = _first_publish(b, topic, vms)
+    out.update(_latency_and_cpu(b, topic, vms))
+    out["idle"] = _idle(b, topic, vms)
+    out["server_floor"] = _server_floor(b, topic)
+    for t in TRANSPORTS:
+        idle = out["idle"][t]
+        log(
+            f"pubsub {t}: start->first ack median {median(out['first_publish'][t]):.3f} s, "
+            f"ack p50/p99 {out['ack'][t].p50:.2f}/{out['ack'][t].p99:.2f} ms, "
+            f"CPU {out['cpu_ms_per_event'][t]:.2f} ms/event, idle RSS {idle['rss_mb']:.1f} MB, "
+            f"{idle['threads']} threads"
+        )
+    floor = out["server_floor"]
+    log(
+        f"pubsub: emulator round trip without the bridge, p50 REST {floor['rest'].p50:.2f} ms "
+        f"(bare socket), gRPC {floor['grpc'].p50:.2f} ms (the library)"
+    )
+    sizes = out["install"]
+    log(
+        f"pubsub: installed {sizes['default_mb']:.1f} MB (default) vs "
+        f"{sizes['grpc_mb']:.1f} MB (with [grpc])"
+    )
+    return out
+
+
+def _flags(transport: str) -> tuple[str, ...]:
+    return ("--pubsub-transport", transport)
+
+
+def _acks(b: Bench, label: str) -> list[dict[str, Any]]:
+    acks = []
+    for line in b.hub.get(label):
+        try:
+            record = json.loads(line.text)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "ack" in record:
+            acks.append(record)
+    return acks
+
+
+def _first_publish(b: Bench, topic: str, vms: dict[str, VM]) -> dict[str, list[float]]:
+    """Spawn -> the first publish acknowledged, a notice being on at start (state fresh)."""
+    out: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
+    for _ in range(b.plan.startup_runs):
+        for transport, vm in vms.items():
+            play([Step(0.0, vm, value=MIGRATE)])
+            t0 = time.monotonic()
+            label, proc = b.bridge(
+                vm, topic=topic, stamped=True, extra=_flags(transport), name="first", guard=False
+            )
+            if not b.hub.wait(lambda label=label: bool(_acks(b, label)), 30.0):
+                raise RuntimeError(f"no first publish ({transport}):\n" + b.procs.log_tail(label))
+            out[transport].append(_acks(b, label)[0]["ack"] - t0)
+            b.procs.stop(proc)
+            play([Step(0.0, vm, value=NONE)])
+    return out
+
+
+def _latency_and_cpu(b: Bench, topic: str, vms: dict[str, VM]) -> dict[str, Any]:
+    """Both stamped bridges at once; changes alternate between their VMs."""
+    running = {
+        t: b.bridge(vm, topic=topic, stamped=True, extra=_flags(t), name=f"ack-{t}")
+        for t, vm in vms.items()
+    }
+    wait_connected(b, [label for label, _ in running.values()])
+    # Warm-up, not counted: the first publish opens a channel, and the emulator (a JVM) serves
+    # each API's first requests slowly until its JIT has compiled that path.
+    cycle = (MIGRATE, NONE, TERMINATE, NONE)
+    play([Step(k * 0.05, vm, value=cycle[k % 4]) for k in range(WARM_UP) for vm in vms.values()])
+    for transport in TRANSPORTS:
+        label = running[transport][0]
+        if not b.hub.wait(lambda label=label: len(_acks(b, label)) >= WARM_UP, 30.0):
+            raise RuntimeError(f"warm-up not acknowledged ({transport})")
+    time.sleep(0.3)
+    cpu0 = {t: _cpu(proc) for t, (_, proc) in running.items()}
+    steps = []
+    n = max(20, b.plan.latency_changes // 2)
+    for k in range(n):
+        for i, transport in enumerate(TRANSPORTS):
+            at = (k * len(TRANSPORTS) + i) * b.plan.latency_spacing / 2
+            steps.append(Step(at, vms[transport], value=cycle[k % len(cycle)]))
+    log(f"pubsub: {len(steps)} changes over both transports, {steps[-1].at:.0f} s")
+    stamps = play(steps)
+    time.sleep(1.0)
+    ack: dict[str, Dist] = {}
+    cpu: dict[str, float] = {}
+    for transport, (label, proc) in running.items():
+        changes = [
+            (t, s.value) for s, t in zip(steps, stamps, strict=True) if s.vm is vms[transport]
+        ]
+        cpu[transport] = (_cpu(proc) - cpu0[transport]) * 1000 / len(changes)
+        lat, missed = match(changes, parse("ack", b.hub.get(label)))
+        ack[transport] = Dist.of(lat, missed)
+    b.procs.stop(*(proc for _, proc in running.values()))
+    return {"ack": ack, "cpu_ms_per_event": cpu}
+
+
+def _cpu(proc: Any) -> float:
+    times = psutil.Process(proc.pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _idle(b: Bench, topic: str, vms: dict[str, VM]) -> dict[str, dict[str, Any]]:
+    """`maintenance-bridge run`, heartbeats on, after one publish: RSS and threads at rest."""
+    ports = {t: free_port() for t in TRANSPORTS}
+    running = {
+        t: b.bridge(
+            vm,
+            topic=topic,
+            http_port=ports[t],
+            extra=(*_flags(t), "--heartbeat-interval", HEARTBEAT),
+            name=f"idle-{t}",
+        )
+        for t, vm in vms.items()
+    }
+    for transport, vm in vms.items():
+        play([Step(0.0, vm, value=MIGRATE)])
+        port = ports[transport]
+
+        def published(port: int = port) -> bool:
+            text = http_get(port, "/metrics")[1].decode()
+            found = PUBLISHED.search(text)
+            return found is not None and float(found.group(1)) >= 1
+
+        if not wait_until(published, 60.0, 0.05):
+            label = running[transport][0]
+            raise RuntimeError(f"idle {transport} did not publish:\n" + b.procs.log_tail(label))
+    seconds = 10.0 if b.plan.quick else 30.0
+    samples: dict[str, list[int]] = {t: [] for t in TRANSPORTS}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for t, (_, proc) in running.items():
+            samples[t].append(psutil.Process(proc.pid).memory_info().rss)
+        time.sleep(1.0)
+    out = {}
+    for t, (_, proc) in running.items():
+        p = psutil.Process(proc.pid)
+        rss = p.memory_info().rss
+        out[t] = {
+            "seconds": seconds,
+            "rss_mb": rss / 2**20,
+            "rss_max_mb": max([*samples[t], rss]) / 2**20,
+            "threads": p.num_threads(),
+            "heartbeat_interval_s": float(HEARTBEAT),
+        }
+    b.procs.stop(*(proc for _, proc in running.values()))
+    return out
+
+
+def _server_floor(b: Bench, topic: str) -> dict[str, Dist]:
+    """The emulator's own answer time on each API, spaced as the latency run's changes: a
+    publish written on a bare socket (REST: no client work at all) and through the library
+    (gRPC), alternated. What the bridge adds on each transport is its figure minus this."""
+    from bench.phases import sample_event
+
+    attributes, data = sample_event().to_pubsub("binary")
+    host, port = b.pubsub.host_port.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    message = {"data": base64.b64encode(data).decode(), "attributes": attributes}
+    body = json.dumps({"messages": [{**message, "orderingKey": "floor-rest"}]}).encode()
+    request = (
+        f"POST /v1/{topic}:publish HTTP/1.1\r\nHost: {b.pubsub.host_port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    client = b.admin.publisher(ordering=True, max_latency=0.0)
+    rtt: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
+    try:
+        for i in range(WARM_UP + (20 if b.plan.quick else 100)):
+            t0 = time.monotonic()
+            sock.sendall(request)
+            answer = b""
+            while not (b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}")):
+                answer += sock.recv(65536)
+            t1 = time.monotonic()
+            time.sleep(b.plan.latency_spacing / 2)
+            t2 = time.monotonic()
+            client.publish(topic, data, ordering_key="floor-grpc", **attributes).result(10)
+            if i >= WARM_UP:
+                rtt["rest"].append(t1 - t0)
+                rtt["grpc"].append(time.monotonic() - t2)
+            time.sleep(b.plan.latency_spacing / 2)
+    finally:
+        sock.close()
+        client.stop()
+    return {t: Dist.of(v) for t, v in rtt.items()}
+
+
+def installed_sizes() -> dict[str, Any]:
+    """The default install's dependency closure and the [grpc] one, in MB of installed files
+    (each distribution's RECORD sizes, as pip installed them into this venv)."""
+    project = _pyproject()
+    default = _closure(project["dependencies"])
+    with_grpc = _closure([*project["dependencies"], *project["optional-dependencies"]["grpc"]])
+    return {
+        "default_mb": _size(default) / 2**20,
+        "grpc_mb": _size(with_grpc) / 2**20,
+        "default_packages": sorted(default),
+        "grpc_only_packages": sorted(set(with_grpc) - set(default)),
+    }
+
+
+def _pyproject() -> dict[str, Any]:
+    import tomllib
+
+    return dict(tomllib.loads((REPO / "pyproject.toml").read_text())["project"])
+
+
+def _closure(specs: list[str]) -> dict[str, metadata.Distribution]:
+    seen: dict[str, metadata.Distribution] = {}
+    todo = list(specs)
+    while todo:
+        requirement = Requirement(todo.pop())
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        name = canonicalize_name(requirement.name)
+        if name not in seen:
+            seen[name] = metadata.distribution(name)
+            todo += seen[name].requires or []
+    return seen
+
+
+def _size(dists: dict[str, metadata.Distribution]) -> int:
+    return sum(f.size or 0 for d in dists.values() for f in (d.files or []))
