@@ -149,6 +149,8 @@ class Watcher:
                 self.answered.set()
                 first = False
                 etag = reading.etag or "0"
+                if pause and self.board.on:  # an absent key too is asked at a notice's pace
+                    pause = min(pause, NOTICE_POLL)
                 if pause:
                     self.health.expect(self.key, pause)
                     self._sleep(pause)

@@ -8,6 +8,7 @@ loop, and setting `stop` ends the watch even in the middle of a retry.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -16,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from support.harness import wait_for
+from support.harness import holds_for, wait_for
 
 from bridge.config import Config
 from bridge.events import MAINTENANCE, PREEMPTED, UPCOMING
@@ -229,3 +230,22 @@ def test_a_notice_cuts_the_other_watchers_calm_polls_short(sim, tmp_path, caplog
             w.close()
     assert not lines(caplog, logging.WARNING, "metadata"), "a hurried poll is not an outage"
     assert watches[1].errors("connection") == 0
+
+
+def test_an_absent_key_is_asked_at_a_notices_pace_while_one_is_on(sim, tmp_path, monkeypatch):
+    """upcoming-maintenance answering its 503 is asked again after absent_interval (here 60 s)
+    in calm, but after NOTICE_POLL (scaled down to 1 s here) while a notice is on."""
+    monkeypatch.setattr("bridge.watcher.NOTICE_POLL", 1)
+    sim.delete_value(UPCOMING)
+    board = NoticeBoard()
+    board.update(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE")
+    w = Watch(sim, UPCOMING, tmp_path, board, poll_timeout=60)
+    w.watcher.config = dataclasses.replace(w.watcher.config, absent_interval=60.0)
+    w.watcher.start()
+    try:
+        wait_for("three requests a second apart", lambda: w.requests() >= 3, 10)
+        board.update(MAINTENANCE, "NONE")
+        calm = w.requests()
+        holds_for("calm: no request before absent_interval", lambda: w.requests() <= calm + 1, 3)
+    finally:
+        w.close()
