@@ -43,6 +43,32 @@ def test_gce_metadata_host_is_honoured(tmp_path: Path) -> None:
     )
 
 
+def test_pubsub_emulator_host_is_honoured_and_the_transport_defaults_to_rest(
+    tmp_path: Path,
+) -> None:
+    topic = {"BRIDGE_TOPIC": "projects/my-proj/topics/maint"}
+    config = _build([], {**topic, "PUBSUB_EMULATOR_HOST": "127.0.0.1:8085"}, tmp_path)
+    assert (config.pubsub_emulator_host, config.pubsub_transport) == ("127.0.0.1:8085", "rest")
+    assert _build([], topic, tmp_path).pubsub_emulator_host == ""
+    flagged = _build(
+        ["--pubsub-emulator-host", "127.0.0.1:9"],
+        {**topic, "PUBSUB_EMULATOR_HOST": "127.0.0.1:8085"},
+        tmp_path,
+    )
+    assert flagged.pubsub_emulator_host == "127.0.0.1:9", "the flag wins over Google's variable"
+    regional = _build(["--pubsub-endpoint", "us-east1-pubsub.googleapis.com"], topic, tmp_path)
+    assert regional.pubsub_endpoint == "us-east1-pubsub.googleapis.com"
+
+
+def test_config_and_sinks_do_not_import_each_other() -> None:
+    """The sinks receive their own option types; no module of bridge/sinks imports config."""
+    sinks = Path(__file__).resolve().parents[1] / "bridge" / "sinks"
+    for path in sinks.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "bridge.config" not in text, f"{path.name} imports bridge.config"
+        assert "from bridge import config" not in text, path.name
+
+
 def test_exec_hooks_repeat_from_flags_and_env(tmp_path: Path) -> None:
     assert _build(["--exec", "a", "--exec", "b"], {}, tmp_path).exec == ("a", "b")
     assert _build([], {"BRIDGE_EXEC": "a\nmaintenance.=b"}, tmp_path).exec == (
@@ -63,6 +89,9 @@ def test_exec_hooks_repeat_from_flags_and_env(tmp_path: Path) -> None:
         (["--metadata-url", "ftp://169.254.169.254/"], {}, "not an http:// URL"),
         (["--keys", "instance/hostname"], {}, "--keys"),
         (["--type-prefix", "Not A Prefix"], {}, "reverse-DNS"),
+        ([], {"BRIDGE_PUBSUB_TRANSPORT": "http2"}, "is not one of"),
+        (["--pubsub-endpoint", "https://pubsub.googleapis.com/v1"], {}, "not a host"),
+        ([], {"PUBSUB_EMULATOR_HOST": "localhost:8085/"}, "PUBSUB_EMULATOR_HOST"),
     ],
 )
 def test_bad_configuration_is_one_clear_error(
