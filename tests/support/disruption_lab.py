@@ -211,15 +211,13 @@ def _flip(
         for key, kind in kinds.items()
     }
     out: dict[str, Any] = {"bridge": got, "sample": None}
-    if sample is not None and not sample.stuck:
+    if sample is not None:
         text = "Undergoing" if notice else "Finished"
-        # The sample has as long as the bridge's target (5 s) to be counted as seeing it.
+        # The sample has as long as the bridge's target (5 s) to be counted as seeing it; once
+        # it missed a change its request hangs for ever, so it is no longer waited for.
+        left = 0.0 if sample.stuck else max(0.1, since + 5.0 - time.monotonic())
         try:
-            at = wait_for(
-                "the sample's line",
-                lambda: sample.after(text, since),
-                max(0.1, since + 5.0 - time.monotonic()),
-            )
+            at = wait_for("the sample's line", lambda: sample.after(text, since), left)
             out["sample"] = at - since
         except AssertionError:
             sample.stuck = True
