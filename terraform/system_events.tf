@@ -6,6 +6,7 @@
 # on by default; the sink is the project's unless var.system_events.scope names a folder or an
 # organization (entries stay project-scoped, so one sink covers a fleet across projects).
 
+# From the variables alone (tests/test_board.py evaluates it with `terraform console`).
 locals {
   system_events = var.system_events.enabled ? { "system-events" = var.system_events } : {}
   system_events_filter = join(" AND ", [
@@ -13,6 +14,9 @@ locals {
     "resource.type=\"gce_instance\"",
     "protoPayload.serviceName=\"compute.googleapis.com\"",
   ])
+}
+
+locals {
   # Whichever sink exists: its writer identity is the only publisher of the log topic.
   system_events_writer = one(concat(
     google_logging_project_sink.system_events[*].writer_identity,

@@ -536,8 +536,19 @@ def test_terraform_deploys_the_board_private_and_read_only(tmp_path: Path) -> No
     autopilot_locals = re.search(r"^locals \{\n.*?^\}\n", autopilot, re.S | re.M)
     assert autopilot_locals
     (console.dir / "autopilot_locals.tf").write_text(autopilot_locals.group(0))
+    cloud = (MODULE / "system_events.tf").read_text()  # the system-events zip joins them too
+    cloud_locals = re.search(r"^locals \{\n.*?^\}\n", cloud, re.S | re.M)
+    assert cloud_locals
+    (console.dir / "system_events_locals.tf").write_text(cloud_locals.group(0))
     zips = "local.function_archives"
-    assert set(console.eval(zips, enable_board=True)) == {"notify", "ledger", "drain", "board"}
+    assert set(console.eval(zips, enable_board=True)) == {
+        "notify",
+        "ledger",
+        "drain",
+        "board",
+        "system-events",
+    }
+    assert "system-events" not in console.eval(zips, system_events={"enabled": False})
     assert "board" not in console.eval(zips)
     assert "board" not in console.eval(zips, enable_board=True, ledger={"enabled": False})
     for public in ("allUsers", "allAuthenticatedUsers", "sre@example.com"):
