@@ -80,9 +80,18 @@ def _stop_signals_interrupt() -> Iterator[None]:
         restore()
 
 
+def _need_library() -> None:
+    """`listen` reads through google-cloud-pubsub, which the default install leaves out."""
+    from bridge.sinks.pubsub import GRPC_EXTRA, grpc_installed
+
+    if not grpc_installed():
+        raise ConfigError(f"listen needs google-cloud-pubsub: {GRPC_EXTRA}")
+
+
 @contextlib.contextmanager
 def temporary_subscription(topic: str) -> Any:
     """A subscription of our own on `topic`, deleted when the block ends however it ends."""
+    _need_library()
     from google.api_core import exceptions
     from google.cloud import pubsub_v1
 
@@ -119,6 +128,7 @@ def pull(subscription: str, *, count: int, timeout: float, as_json: bool, ack: b
     Without `ack`, messages are held until the end and then handed back at once; one seen
     again after its ack deadline passed is not printed twice.
     """
+    _need_library()
     from google.api_core import exceptions
     from google.cloud import pubsub_v1
 

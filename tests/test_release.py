@@ -258,7 +258,7 @@ def upload(directory: Path, name: str) -> tuple[str, str]:
 
 
 def test_start_up_script_installs_the_verified_wheel_and_the_bridge_runs(
-    tmp_path: Path, wheelhouse: Path, bucket: str, simulator: str
+    tmp_path: Path, wheelhouse: Path, bucket: str, simulator: str, pubsub: Any
 ) -> None:
     (wheel,) = wheelhouse.glob("maintenance_bridge-*.whl")
     wheel_url, wheel_sha = upload(wheelhouse, wheel.name)
@@ -288,6 +288,17 @@ def test_start_up_script_installs_the_verified_wheel_and_the_bridge_runs(
     version = run([str(exe), "--version"], env=clean)
     assert version.returncode == 0, version.stderr
     assert version.stdout.strip() == f"maintenance-bridge {wheel.name.split('-')[1]}"
+
+    # The default install: no gRPC stack; publishing to Pub/Sub works without it (REST), and
+    # asking for the gRPC transport is one clear line naming the extra.
+    (site,) = (tmp_path / "opt" / "venv" / "lib").glob("python3*/site-packages")
+    for heavy in ("grpc", "google/protobuf", "google/cloud/pubsub_v1", "google/api_core"):
+        assert not (site / heavy).exists(), f"{heavy} is in the default install"
+    state = str(tmp_path / "probe-state")
+    grpc = run([str(exe), "run", "--topic", "projects/p-test1/topics/t-1", "--state-dir", state,
+                "--pubsub-transport", "grpc"], env=clean)  # fmt: skip
+    assert grpc.returncode == 2 and "maintenance-bridge[grpc]" in grpc.stderr, grpc.stderr
+    _publishes_without_grpc(exe, tmp_path, simulator, pubsub, clean)
 
     # The installed bridge watches the simulator and prints the change it sees.
     env = {**clean, "GCE_METADATA_HOST": simulator}
@@ -336,6 +347,30 @@ def test_start_up_script_installs_the_verified_wheel_and_the_bridge_runs(
     )
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "maintenance-bridge: up to date, nothing changed"
+
+
+def _publishes_without_grpc(
+    exe: Path, tmp_path: Path, simulator: str, pubsub: Any, clean: dict[str, str]
+) -> None:
+    """The installed bridge publishes its start-up event to the emulator (REST, by default)."""
+    from support.pubsub import admin
+
+    with admin(pubsub) as adm:
+        topic = adm.create_topic(f"release-{os.getpid()}")
+        sub = adm.create_subscription(topic, f"release-sub-{os.getpid()}", ordering=True)
+        env = {**clean, "GCE_METADATA_HOST": simulator, **pubsub.env()}
+        proc = subprocess.Popen(
+            [str(exe), "run", "--topic", topic, "--state-dir", str(tmp_path / "rest-state"),
+             "--heartbeat-interval", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        try:
+            got = adm.pull_until(sub, 1, timeout=30)
+        finally:
+            proc.terminate()
+            _, stderr = proc.communicate(timeout=15)
+    assert got and got[0].ordering_key, stderr
+    assert proc.returncode == 0, stderr
 
 
 def test_a_tampered_wheel_is_refused_and_nothing_installed(

@@ -14,6 +14,7 @@ classes and operator hints live here.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 import threading
@@ -31,6 +32,7 @@ _TOPIC = re.compile(
 )
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?$")
 GLOBAL_ENDPOINT = "pubsub.googleapis.com"
+GRPC_EXTRA = "pip install 'maintenance-bridge[grpc]'"
 TRANSPORTS = ("rest", "grpc")
 
 OPTIONS = (
@@ -241,6 +243,16 @@ def check(options: PubSubOptions, chosen: bool) -> None:
     ):
         if value and not _HOST.match(value):
             raise ConfigError(f"{flag}: {value!r} is not a host or host:port (no scheme, no path)")
+    if chosen and options.pubsub_transport == "grpc" and not grpc_installed():
+        raise ConfigError(f"--pubsub-transport grpc needs google-cloud-pubsub: {GRPC_EXTRA}")
+
+
+def grpc_installed() -> bool:
+    """Whether google-cloud-pubsub is installed (found, not imported: start-up stays light)."""
+    try:
+        return importlib.util.find_spec("google.cloud.pubsub_v1") is not None
+    except ModuleNotFoundError:  # not even the google.cloud namespace
+        return False
 
 
 def _topic(options: PubSubOptions) -> str:
