@@ -113,6 +113,9 @@ def describe(event: Event) -> str:
         text = f"maintenance {verb} for {window}" + (f" ({', '.join(extra)})" if extra else "")
     elif kind == "upcoming.cleared":
         text = "scheduled maintenance cleared"
+    elif d.cloud is not None:  # the cloud's system-event log (the system-events function)
+        said = f": {d.cloud.status_message}" if d.cloud.status_message else ""
+        text = f"the cloud logged {d.cloud.method}{said}"
     else:
         text = f"{kind}: {d.previous or '-'} -> {d.current or '-'}"
     if d.happened_while_down:
