@@ -259,7 +259,7 @@ def nodelay_facts() -> str:
         port = listener.getsockname()[1]
         conn = Connection("127.0.0.1", port, connect_timeout=2.0, max_body=1)
         try:
-            client = conn._open().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            client = conn._open().sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         finally:
             conn.close()
     return (
