@@ -3,7 +3,8 @@
 # below in front of this file, as exports): fetches the bridge, refuses it unless its sha256 is
 # the one Terraform recorded, installs it with deploy/install.sh (dependencies pinned by
 # deploy/constraints.txt: the default install, Pub/Sub over REST, no gRPC; with MB_EXTRAS=grpc
-# also maintenance-bridge[grpc] at deploy/constraints-grpc.txt's pins) and configures the Ops Agent. It runs on every boot; install.sh
+# also maintenance-bridge[grpc] at deploy/constraints-grpc.txt's pins) and configures the Ops
+# Agent. It runs on every boot; install.sh
 # restarts the service only when something changed. tests/test_release.py runs this same file
 # against a locally built wheel.
 #

@@ -139,6 +139,7 @@ class RestTransport:
         self._paused: set[str] = set()
         self._closed = False
         self._conn: http.client.HTTPConnection | None = None
+        self._tls: ssl.SSLContext | None = None  # the system trust store, loaded once
         self._headers = {
             "Content-Type": "application/json",
             "User-Agent": f"maintenance-bridge/{__version__}",
@@ -278,8 +279,9 @@ class RestTransport:
             if not self.secure:
                 self._conn = _Plain(self.host, timeout=self.timeout)
             else:
-                context = ssl.create_default_context()
-                self._conn = _Secure(self.host, timeout=self.timeout, context=context)
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                self._conn = _Secure(self.host, timeout=self.timeout, context=self._tls)
         return self._conn
 
     def _drop(self) -> None:
