@@ -99,7 +99,8 @@ def keepalive(sock: socket.socket) -> None:
     )
     for option, value in settings:
         if option is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            with contextlib.suppress(OSError):  # an older kernel or Windows build refusing one
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def readable(sock: socket.socket) -> bool:
