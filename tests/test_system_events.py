@@ -822,3 +822,56 @@ def test_the_decoder_refuses_a_malformed_cloud_record(cloud: Any) -> None:
     data["cloud"] = cloud
     with pytest.raises(DecodeError, match=r"data\.cloud"):
         decode_pubsub(attributes, dumps(data))
+
+
+_CONFIRMS = {
+    MIGRATE: "cloud.migrated",
+    "TERMINATE_ON_HOST_MAINTENANCE": "cloud.terminated_for_maintenance",
+    "TRUE": "cloud.preempted",
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.sampled_from(sorted(_CONFIRMS)), min_size=1, max_size=4),
+    lags=st.lists(st.integers(min_value=0, max_value=3_000), min_size=4, max_size=4),
+    order=st.randoms(use_true_random=False),
+)
+def test_any_arrival_order_gives_one_disruption_per_notice_seen_by_both(
+    values: list[str], lags: list[int], order: Any
+) -> None:
+    """Disruptions a day apart, each a bridge's notice (and its end) and the cloud's record of
+    it a random lag after the notice, arriving in any order that keeps the bridge's own order:
+    each is one disruption, seen by both, made of exactly its events."""
+    bridge, cloud, expected = [], [], []
+    for i, value in enumerate(values):
+        at = T0 + timedelta(days=i)
+        family = "preemption" if value == "TRUE" else "maintenance"
+        if family == "preemption":
+            notice = ledger_event_of_preemption(vm(), at)
+            ended = None
+        else:
+            notice = maintenance(
+                "maintenance.started", sequence=2 * i + 1, current=value, observed=at
+            )
+            ended = maintenance(
+                "maintenance.ended",
+                sequence=2 * i + 2,
+                previous=value,
+                current="NONE",
+                observed=at + timedelta(seconds=lags[i] + 60),
+            )
+        record = cloud_event_of(_CONFIRMS[value], vm(), at + timedelta(seconds=lags[i]), f"e{i}")
+        bridge += [notice, *([ended] if ended else [])]
+        cloud.append(record)
+        expected.append({notice.id, record.id, *([ended.id] if ended else [])})
+    arrival = [*bridge, *cloud]
+    order.shuffle(arrival)
+    slots = iter(bridge)  # the bridge's stream arrives in its own order (ordering key)
+    arrival = [next(slots) if e in bridge else e for e in arrival]
+    disruptions, parts = _apply(arrival)
+    assert sorted(map(sorted, (set(d["events"]) for d in disruptions))) == sorted(
+        map(sorted, expected)
+    )
+    assert all(d["seen_by"] == ["bridge", "cloud"] for d in disruptions)
+    assert None not in parts

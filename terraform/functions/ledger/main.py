@@ -226,7 +226,9 @@ def reconcile(
         cause = "preemption" if family == "preemption" else MAINTENANCE_CAUSES.get(d.current)
         if cause is None:
             return out, None
-        if mine is not None and mine.get("ended_at") is None:  # under way: moved or repeated
+        if (  # under way: its value moved, or a restarted bridge saw it again
+            mine is not None and mine.get("ended_at") is None and _near(mine.get("started_at"), at)
+        ):
             mine["cause"] = cause
             return done(join(mine, "bridge"))
         theirs = _latest(
