@@ -161,6 +161,9 @@ class Recorder:
         under its own seq and id (only those still waiting for the sink: one already
         published must not go out again after a restart), with the values and the counter."""
         waiting = self.relay.queued(sorted(self._unwritten))
+        # Those published meanwhile need no row: forgotten now, so that a long outage of the
+        # disk holds in memory only what the sink has not taken either.
+        self._unwritten = {seq: self._unwritten[seq] for seq in waiting}
         try:
             self.store.rewrite(
                 [self._unwritten[seq] for seq in waiting],
@@ -174,16 +177,15 @@ class Recorder:
         except Exception as exc:
             self._unwritable(exc)
             return
-        written, values = len(self._unwritten), len(self._unwritten_states)
+        values = len(self._unwritten_states)
         self._unwritten.clear()
         self._unwritten_states.clear()
         if self.health.store_error:
             log.warning(
-                "state store writable again: %d values and %d of %d events published from "
-                "memory written",
+                "state store writable again: %d values and %d events still waiting for the "
+                "sink written",
                 values,
                 len(waiting),
-                written,
             )
             self.health.store_ok()
 
