@@ -332,8 +332,9 @@ def test_events_left_unacknowledged_go_out_after_a_restart_once_under_their_ids(
 def test_order_per_instance_and_one_id_per_event_through_a_sink_outage(
     sim: Simulator, state: Path
 ) -> None:
-    """Events go out in sequence order, numbered 1, 2, 3 across keys; a failed send is sent
-    again, from the first unacknowledged event on, under the same id and with the same body."""
+    """Events go out in sequence order, numbered 1, 2, 3 across keys, all from one thread; a
+    failed send is sent again, from the first unacknowledged event on, under the same id and
+    with the same body."""
     db_path = state / DB_NAME
     sink = ProbingSink(db_path)
     with running(sim, state, sink):
@@ -349,6 +350,8 @@ def test_order_per_instance_and_one_id_per_event_through_a_sink_outage(
         sink.wait("the fourth acknowledged", lambda s: len(s.acked) == 4)
     assert [e.data.sequence for e in sink.acked] == [1, 2, 3, 4]
     assert len({e.id for e in sink.acked}) == 4, "two events under one id"
+    # One thread sends (the relay's): no other can overtake it with a later event.
+    assert {send.thread for send in sink.sends} == {"relay"}
     by_sequence: dict[int, set[str]] = {}
     for send in sink.sends:
         by_sequence.setdefault(send.event.data.sequence, set()).add(send.event.id)
