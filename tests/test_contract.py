@@ -35,11 +35,12 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from bridge import daemon
+from bridge.cloud_kinds import CLOUD_KINDS
 from bridge.config import Config
 from bridge.events import (
-    CloudRecord,
     DATASCHEMA,
     STRUCTURED_CONTENT_TYPE,
+    CloudRecord,
     DecodeError,
     Event,
     EventData,
@@ -52,7 +53,6 @@ from bridge.events import (
     decode_structured,
     dumps,
 )
-from bridge.cloud_kinds import CLOUD_KINDS
 from bridge.keys import KINDS, MAINTENANCE, PREEMPTED, UPCOMING
 from bridge.simulator import Simulator, sample_window
 from bridge.store import Store
