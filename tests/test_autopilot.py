@@ -682,6 +682,33 @@ def test_concurrent_ticks_start_a_window_once(open_lab: Lab) -> None:
     assert len(lab.compute.started(fake)) == 1
 
 
+def test_a_claim_left_by_a_dead_tick_is_taken_again_only_once_it_is_old(open_lab: Lab) -> None:
+    """A tick that claimed a window and died before its call (or before recording the answer):
+    while the claim is fresh another tick may still be calling, so it is left alone; once older
+    than any tick lives, the same requestId goes out again (Compute would answer a repeat with
+    the operation it already started)."""
+    lab, zone = open_lab, "dead-tick-a"
+    inst, fake = lab.vm("orphan-vm", zone)
+    assert fake is not None and fake.upcoming is not None
+    request_id = str(uuid.uuid4())
+    key = f"{PROJECT}_{inst.id}"
+    claim = {
+        "autopilot.state": "starting",
+        "autopilot.window": f"{key}/{fake.upcoming['windowStartTime']}",
+        "autopilot.window_start": fake.upcoming["windowStartTime"],
+        "autopilot.request_id": request_id,
+        "autopilot.claimed_at": P.rfc3339(datetime.now(UTC) - timedelta(minutes=1)),
+    }
+    lab.collection.document(key).update(claim)
+    assert names(lab.tick()["under_way"], zone) == ["orphan-vm"]
+    assert not lab.compute.performed(fake)
+    old = P.rfc3339(datetime.now(UTC) - timedelta(minutes=7))
+    lab.collection.document(key).update({"autopilot.claimed_at": old})
+    assert names(lab.tick()["started"], zone) == ["orphan-vm"]
+    assert [c["query"]["requestId"] for c in lab.compute.performed(fake)] == [request_id]
+    assert lab.doc(inst)["autopilot"]["state"] == "started"
+
+
 def test_stale_ledger_entries_are_never_acted_on(open_lab: Lab) -> None:
     """The ledger says scheduled; the instance says nothing is (or no longer exists)."""
     lab, zone = open_lab, "stale-a"

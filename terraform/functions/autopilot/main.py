@@ -18,6 +18,7 @@ Configuration (environment, read once at import into `SETTINGS`):
 The record, `autopilot` in `<collection>/<doc>` (dotted updates only, so the fields the ledger
 writes are never touched):
   state        starting (claimed; the call's outcome unknown) | started | done | refused
+  released     on a "starting" claim: its call failed in a way a retry can fix (take it again)
   window       `<doc>/<windowStartTime>`: the one window the record is about
   request_id   the performMaintenance requestId (uuid5 of `window`)
   operation    the zonal operation it answered; started_at, done_at, done_by
@@ -31,7 +32,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,6 +49,9 @@ from plan import Busy, Candidate, Plan, Policy, plan, rfc3339, window_id
 from subscriber import log, parse_time
 
 OPEN = ("starting", "started")  # a record whose instance counts as in maintenance
+# Longer than a tick can live (the function's timeout is 300 s): a "starting" claim this old
+# was left by a tick that died.
+CLAIM_TTL = timedelta(minutes=6)
 # Answers after which the same call can only fail again for this window: never retried.
 FINAL = frozenset({400, 404, 409, 412})
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -166,13 +170,23 @@ def finished(record: dict[str, Any], doc: dict[str, Any], seen: Observed | None)
     return ""
 
 
-def _unsent(record: dict[str, Any], seen: Observed | None) -> bool:
-    """A claim whose call may never have reached Compute (the tick died between the two): the
-    instance is still PENDING, so the same call is made again, under the same requestId, which
-    Compute answers with the operation it started if it did."""
+def _free(record: dict[str, Any], now: datetime) -> bool:
+    """Whether a "starting" claim may be taken again: its tick answered a failure it can retry
+    (`released`), or it is older than any tick lives (CLAIM_TTL: the tick died between claiming
+    and recording). A fresh one belongs to a tick still running: hands off."""
+    claimed = parse_time(record.get("claimed_at"))
+    return record.get("state") == "starting" and (
+        record.get("released") is True or claimed is None or now - claimed > CLAIM_TTL
+    )
+
+
+def _unsent(record: dict[str, Any], seen: Observed | None, now: datetime) -> bool:
+    """A free claim whose call may never have reached Compute: the instance is still PENDING,
+    so the same call is made again, under the same requestId, which Compute answers with the
+    operation it started if it did."""
     up = seen.upcoming if seen else None
     return (
-        record.get("state") == "starting"
+        _free(record, now)
         and up is not None
         and up.get("maintenanceStatus") == "PENDING"
         and parse_time(up.get("windowStartTime")) == parse_time(record.get("window_start"))
@@ -286,7 +300,7 @@ class Tick:
             if why:
                 self._finish(key, doc, why)
                 record = {**record, "state": "done"}
-            elif not _unsent(record, seen):
+            elif not _unsent(record, seen, self.now):
                 busy.append(Busy(key, zone, record.get("group") or group))
                 self.summary["under_way"].append(
                     _entry(
@@ -361,13 +375,16 @@ class Tick:
 
     def _start(self, c: Candidate, item: dict[str, Any], chosen: Plan) -> None:
         doc, up, wid = item["doc"], item["upcoming"], item["window"]
-        request_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"maintenance-bridge-autopilot/{wid}"))
+        record = doc.get("autopilot") or {}
+        # A claim taken again sends what the first call sent; otherwise one id per window.
+        request_id = (record.get("window") == wid and record.get("request_id")) or str(
+            uuid.uuid5(uuid.NAMESPACE_URL, f"maintenance-bridge-autopilot/{wid}")
+        )
         why = "deadline margin" if c.key in chosen.urgent else "window open"
         entry = _entry(doc, request_id=request_id, why=why, deadline=rfc3339(c.deadline))
         if self.dry:
             self.summary["started"].append({**entry, "operation": None})
             return
-        record = doc.get("autopilot") or {}
         if self.policy.pre_hook_url and not self._pre_hook(c, doc, up, record, request_id):
             return
         if not self._claim(c.key, wid, up, request_id, c.group):
@@ -394,9 +411,11 @@ class Tick:
             return
         final = answer.status in FINAL
         # Not final (unreachable, 403, 429, 5xx): the call may or may not have reached Compute, so
-        # the claim stays "starting": next tick the instance is ONGOING (it did) or still PENDING
-        # (it did not, and the same requestId goes again).
+        # the claim stays "starting", released: next tick the instance is ONGOING (it did) or
+        # still PENDING (it did not, and the same requestId goes again).
         self._failed(c.key, doc, record, wid, answer, final, state="refused" if final else None)
+        if not final:
+            self._update(c.key, {"released": True})
 
     def _claim(self, key: str, wid: str, up: dict[str, Any], request_id: str, group: str) -> bool:
         """Take the window in a transaction: false if a record for it exists (another tick)."""
@@ -411,8 +430,12 @@ class Tick:
                 "done",
                 "refused",
             ):
-                return False  # "starting" is taken again: the same requestId, sent again
+                return False
+            busy_claim = record.get("state") == "starting" and not _free(record, self.now)
+            if record.get("window") == wid and busy_claim:
+                return False  # another tick is calling it right now
             fields = {
+                "released": False,
                 "state": "starting",
                 "window": wid,
                 "window_start": str(up.get("windowStartTime", "")),
