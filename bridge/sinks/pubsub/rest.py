@@ -1,10 +1,11 @@
 """Pub/Sub's REST API (`projects.topics.publish`), the sink's default transport.
 
 The bridge publishes about one message a month: google-cloud-pubsub and gRPC cost some 35 MB
-of resident memory and tens of megabytes of wheels for that. This is the standard library's
-http.client over one kept-alive connection (TCP_NODELAY, https verified against the system
-trust store, each request written in one piece), JSON bodies, and the VM service account's
-access token from the metadata server, as google-auth's Compute Engine credentials get it.
+of resident memory and tens of megabytes of wheels for that. This is the standard library:
+one kept-alive connection (TCP_NODELAY, https verified against the system trust store), each
+request written in one piece and its answer parsed by http.client, JSON bodies, and the VM
+service account's access token from the metadata server, as google-auth's Compute Engine
+credentials get it.
 
 Ordering is the client library's, by hand: one publish request in flight (one worker thread,
 so messages of a key leave in the order they were given), and a failed request pauses its
@@ -138,8 +139,8 @@ class RestTransport:
         self._queue: deque[_Message] = deque()
         self._paused: set[str] = set()
         self._closed = False
-        self._conn: http.client.HTTPConnection | None = None
-        self._tls: ssl.SSLContext | None = None  # the system trust store, loaded once
+        self._sock: socket.socket | None = None
+        self._tls: ssl.SSLContext | None = None
         self._headers = {
             "Content-Type": "application/json",
             "User-Agent": f"maintenance-bridge/{__version__}",
@@ -175,8 +176,7 @@ class RestTransport:
             self._closed = True
             self._cond.notify()
         self._worker.join(timeout=self.timeout + 5)
-        if self._conn is not None:
-            self._conn.close()
+        self._drop()
         if self.tokens is not None:
             self.tokens.close()
 
@@ -254,14 +254,22 @@ class RestTransport:
         return [str(i) for i in ids]
 
     def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
-        """One POST; a kept-alive connection the server closed while idle is replaced once
-        (nothing was read from it, so at most the server has the message twice, same id)."""
-        replace_stale = self._conn is not None
+        """One POST, written in one piece (http.client writes the head and the body apart: two
+        segments, one more wakeup of the server); the answer parsed by http.client. A kept-alive
+        connection the server closed while idle is replaced once (nothing was read from it, so
+        at most the server has the message twice, same id)."""
+        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        request = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\n{lines}"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode("latin-1") + body
+        replace_stale = self._sock is not None
         while True:
-            conn = self._connection()
             try:
-                conn.request("POST", self.path, body, headers)
-                response = conn.getresponse()
+                sock = self._socket()
+                sock.sendall(request)
+                response = http.client.HTTPResponse(sock, method="POST")
+                response.begin()
                 answer = response.read(MAX_ANSWER)
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
@@ -274,32 +282,24 @@ class RestTransport:
                 self._drop()  # closing, or more than we read: not reusable
             return response.status, answer
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            if not self.secure:
-                self._conn = _Plain(self.host, timeout=self.timeout)
-            else:
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            name, _, port = self.host.rpartition(":") if ":" in self.host else (self.host, "", "")
+            sock = socket.create_connection(
+                (name, int(port or (443 if self.secure else 80))), timeout=self.timeout
+            )
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.secure:
                 if self._tls is None:
-                    self._tls = ssl.create_default_context()
-                self._conn = _Secure(self.host, timeout=self.timeout, context=self._tls)
-        return self._conn
+                    self._tls = ssl.create_default_context()  # the system trust store, once
+                sock = self._tls.wrap_socket(sock, server_hostname=name)
+            self._sock = sock
+        return self._sock
 
     def _drop(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-class _Plain(http.client.HTTPConnection):
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _Secure(http.client.HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 def _error_text(status: int, answer: bytes) -> str:
