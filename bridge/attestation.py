@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from bridge.metadata import MetadataClient, MetadataError
 from bridge.origin import binding
+from bridge.outage import Outage
 
 IDENTITY_PATH = "instance/service-accounts/default/identity"
 LOG = logging.getLogger(__name__)
@@ -28,11 +29,11 @@ class Attestor:
         self.timeout = timeout
         self.attempts = attempts
         self.unattested = 0
-        self._failing = False
+        self._outage = Outage(LOG, "identity tokens available again; events are attested")
 
     def token(self, fields: Mapping[str, str]) -> str | None:
         """A token bound to the event with these fields, or None (counted; the first failure of
-        an outage is logged, and its end)."""
+        an outage is logged per failure class, and its end)."""
         params = {"audience": binding(fields), "format": "full"}
         error: MetadataError | None = None
         for _ in range(self.attempts):
@@ -44,12 +45,11 @@ class Attestor:
             if reading.absent or not isinstance(reading.value, str):
                 error = MetadataError("http_4xx", f"{IDENTITY_PATH}: no token")
                 continue
-            if self._failing:
-                LOG.warning("identity tokens available again; events are attested")
-                self._failing = False
+            self._outage.recovered()
             return reading.value
         self.unattested += 1
-        if not self._failing:
-            LOG.warning("no identity token (%s); events go out unattested until it returns", error)
-            self._failing = True
+        assert error is not None
+        self._outage.failed(
+            error.failure_class, "no identity token (%s); events go out unattested", error
+        )
         return None
