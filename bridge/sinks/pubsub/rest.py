@@ -2,10 +2,10 @@
 
 The bridge publishes about one message a month: google-cloud-pubsub and gRPC cost some 35 MB
 of resident memory and tens of megabytes of wheels for that. This is the standard library:
-one kept-alive connection (TCP_NODELAY, https verified against the system trust store), each
-request written in one piece and its answer parsed by http.client, JSON bodies, and the VM
-service account's access token from the metadata server, as google-auth's Compute Engine
-credentials get it.
+one kept-alive connection (TCP_NODELAY, TCP keepalive, https verified against the system trust
+store), each request written in one piece and its answer read by bridge/http1.py's `Reader`,
+JSON bodies, and the VM service account's access token from the metadata server, as
+google-auth's Compute Engine credentials get it.
 
 Ordering is the client library's, by hand: one publish request in flight (one worker thread,
 so messages of a key leave in the order they were given), and a failed request pauses its
@@ -17,7 +17,6 @@ No retry inside: the relay owns retries and the outage lines.
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import socket
 import ssl
@@ -28,6 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from bridge import __version__
+from bridge.http1 import ProtocolError, Reader, keepalive
 from bridge.metadata import MetadataClient, MetadataError
 
 TOKEN_PATH = "instance/service-accounts/default/token"
@@ -139,7 +139,7 @@ class RestTransport:
         self._queue: deque[_Message] = deque()
         self._paused: set[str] = set()
         self._closed = False
-        self._sock: socket.socket | None = None
+        self._reader: Reader | None = None  # the kept-alive connection; the worker's only
         self._tls: ssl.SSLContext | None = None
         self._headers = {
             "Content-Type": "application/json",
@@ -254,8 +254,9 @@ class RestTransport:
         return [str(i) for i in ids]
 
     def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
-        """One POST, written in one piece (http.client writes the head and the body apart: two
-        segments, one more wakeup of the server); the answer parsed by http.client. A kept-alive
+        """One POST, written in one piece (one segment: no second wakeup of the server), the
+        answer read by bridge/http1.py's `Reader` (strict framing, bytes left after an answer
+        make the connection unfit), the whole exchange within `timeout`. A kept-alive
         connection the server closed while idle is replaced once (nothing was read from it, so
         at most the server has the message twice, same id)."""
         lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
@@ -263,43 +264,51 @@ class RestTransport:
             f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\n{lines}"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode("latin-1") + body
-        replace_stale = self._sock is not None
+        if self._reader is not None and not self._reader.idle():
+            self._drop()  # closed by the server while idle, or junk behind the last answer
+        replace_stale = self._reader is not None
         while True:
+            until = time.monotonic() + self.timeout
             try:
-                sock = self._socket()
-                sock.sendall(request)
-                response = http.client.HTTPResponse(sock, method="POST")
-                response.begin()
-                answer = response.read(MAX_ANSWER)
-            except (OSError, http.client.HTTPException) as exc:
+                reader = self._connect()
+                reader.send(request, until)
+                response, keep = reader.response(until, MAX_ANSWER, truncate=True)
+            except TimeoutError as exc:
                 self._drop()
-                stale = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
-                if replace_stale and isinstance(exc, stale):
+                reason = str(exc) or f"no complete answer within {self.timeout:g} s"
+                raise PublishFailed("unavailable", f"{self.host}: {reason}") from None
+            except (OSError, ProtocolError) as exc:
+                self._drop()
+                if replace_stale and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
                     replace_stale = False
                     continue
                 raise PublishFailed("unavailable", f"{self.host}: {_reason(exc)}") from None
-            if response.will_close or not response.isclosed():
-                self._drop()  # closing, or more than we read: not reusable
-            return response.status, answer
+            if not keep:
+                self._drop()  # closing, cut, or more than the answer: not reusable
+            return response.status, response.body
 
-    def _socket(self) -> socket.socket:
-        if self._sock is None:
+    def _connect(self) -> Reader:
+        """The kept-alive connection, opened when there is none: TCP_NODELAY, TCP keepalive (a
+        Pub/Sub front end that forgot it in a blackout is noticed about a second after the
+        network is back), https verified against the system trust store."""
+        if self._reader is None:
             name, _, port = self.host.rpartition(":") if ":" in self.host else (self.host, "", "")
             sock = socket.create_connection(
                 (name, int(port or (443 if self.secure else 80))), timeout=self.timeout
             )
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keepalive(sock)
             if self.secure:
                 if self._tls is None:
                     self._tls = ssl.create_default_context()  # the system trust store, once
                 sock = self._tls.wrap_socket(sock, server_hostname=name)
-            self._sock = sock
-        return self._sock
+            self._reader = Reader(sock)
+        return self._reader
 
     def _drop(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._reader is not None:
+            self._reader.sock.close()
+            self._reader = None
 
 
 def _error_text(status: int, answer: bytes) -> str:
