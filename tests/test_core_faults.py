@@ -32,10 +32,10 @@ import requests
 from support.bridge import REPO, BridgeProcess
 from support.harness import free_port, in_process, wait_for
 from support.memory_sink import MemorySink
+from test_faults import make_config  # the fault suite's in-process config, not a copy
 
 from bridge import recorder as recorder_module
 from bridge import relay as relay_module
-from bridge.config import Config
 from bridge.events import MAINTENANCE, PREEMPTED, Event
 from bridge.simulator import Simulator
 from bridge.sinks import Permanent
@@ -49,21 +49,6 @@ F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), not exported by every Python
 def sim() -> Iterator[Simulator]:
     with Simulator() as simulator:
         yield simulator.start()
-
-
-def config_for(sim: Simulator, state_dir: Path, **overrides: Any) -> Config:
-    values: dict[str, Any] = {
-        "metadata_url": sim.url,
-        "state_dir": state_dir,
-        "poll_timeout": 1,
-        "retry_cap": 0.3,
-        "absent_interval": 0.2,
-        "drain_timeout": 2.0,
-        "http_port": free_port(),
-    }
-    values.update(overrides)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    return Config(**values)
 
 
 def get(port: int, route: str, timeout: float = 5.0) -> requests.Response:
@@ -179,7 +164,7 @@ def test_a_lone_surrogate_is_an_event_and_the_watch_goes_on(sim, tmp_path):
     """JSON `"\\ud800"` decodes to a lone surrogate, which UTF-8 cannot encode: the event
     carries it escaped, and later changes of that key and the others give events."""
     sink = MemorySink()
-    config = config_for(sim, tmp_path / "state")
+    config = make_config(sim, tmp_path / "state")
     for _ in range(2):  # and a restart reads the stored value back, no crash loop
         with in_process(config, sink) as bridge:
             wait_for("ready", lambda: _status(bridge.port, "/readyz") == 200)
@@ -218,7 +203,7 @@ def test_a_thread_that_meets_a_bug_is_restarted_and_reported(sim, tmp_path, monk
     monkeypatch.setattr(recorder_module.Recorder, "observe", buggy_observe)
     monkeypatch.setattr(relay_module.Relay, "_send", buggy_send)
     sink = MemorySink()
-    with in_process(config_for(sim, tmp_path / "state"), sink) as bridge:
+    with in_process(make_config(sim, tmp_path / "state"), sink) as bridge:
         wait_for("ready", lambda: _status(bridge.port, "/readyz") == 200)
         sim.set_value(PREEMPTED, "TRUE")
         sim.set_value(MAINTENANCE, MIGRATE)
@@ -278,7 +263,7 @@ class RefusingSink(MemorySink):
 
 def test_parked_events_count_against_readyz(sim, tmp_path):
     sink = RefusingSink()
-    with in_process(config_for(sim, tmp_path / "state"), sink) as bridge:
+    with in_process(make_config(sim, tmp_path / "state"), sink) as bridge:
         wait_for("ready", lambda: _status(bridge.port, "/readyz") == 200)
         sim.set_value(MAINTENANCE, MIGRATE)
         wait_for("not ready", lambda: _status(bridge.port, "/readyz") == 503)
