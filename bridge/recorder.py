@@ -98,7 +98,8 @@ class Recorder:
         with self._lock:
             event = self._build(HEARTBEAT, now, at_startup=False, happened_while_down=False)
             self._commit(event, seen, None)
-        self._after(event)
+        self.metrics.events.labels(event.kind).inc()  # counted; no hook runs for a heartbeat
+        self._draw_id()
 
     def retry_store(self) -> None:
         """Write what the store refused earlier, if anything (the daemon calls this on a

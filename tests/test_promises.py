@@ -411,6 +411,27 @@ def test_heartbeats_are_recorded_numbered_events_of_the_same_stream(
     assert min(gaps) > interval / 2, f"heartbeats closer than their interval: {gaps}"
 
 
+def test_hooks_never_run_for_heartbeats(sim: Simulator, state: Path, tmp_path: Path) -> None:
+    """docs/local-actions.md: a hook runs for every event kind except `bridge.heartbeat`, even
+    one limited to no kind at all; the change between the heartbeats runs it once."""
+    out, script = tmp_path / "hooks.jsonl", tmp_path / "probe_hook.py"
+    script.write_text(HOOK)
+    hook = f"{sys.executable} {script} {state / DB_NAME} {out}"
+    sink = MemorySink()
+    with running(sim, state, sink, exec=(hook,), heartbeat_interval=0.05):
+        wait_for("three heartbeats", lambda: len(beats(sink)) >= 3)
+        sim.set_value(PREEMPTED, "TRUE")
+        wait_for("the preemption's hook", lambda: len(hook_seen(out)) == 1)
+        wait_for("three more heartbeats", lambda: len(beats(sink)) >= 6)
+    (seen,) = hook_seen(out)
+    preemption = next(e for e in sink.events() if e.kind != HEARTBEAT_KIND)
+    assert seen.event_id == preemption.id, "a hook ran for a heartbeat"
+
+
+def beats(sink: MemorySink) -> list[Event]:
+    return [e for e in sink.events() if e.kind == HEARTBEAT_KIND]
+
+
 # -- a change while the bridge was down; a notice already on at a first start ---------------------
 
 
