@@ -173,7 +173,8 @@ class Recorder:
             )
             # Published while being written: its row goes again (the relay's retirement may
             # have come before the row).
-            gone = [seq for seq in waiting if seq not in set(self.relay.queued(waiting))]
+            still = set(self.relay.queued(waiting))
+            gone = [seq for seq in waiting if seq not in still]
             self.store.forget(gone)
         except Exception as exc:
             self._unwritable(exc)
