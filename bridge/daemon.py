@@ -130,10 +130,6 @@ def run(
         for key in config.keys:
             first = armed if key == MAINTENANCE else None
             watcher = Watcher(key, config, recorder.observe, stop, health, metrics, first, board)
-            # Supervised from outside: the watcher's own loop ends on an unexpected exception.
-            watcher.thread = supervised_thread(
-                watcher.thread.name, watcher._run, health, finished=stop.is_set, stop=stop
-            )
             watchers.append(watcher)
             watcher.start()
         watching.set()

@@ -30,6 +30,7 @@ from bridge.metadata import CLIENT_SLACK, MetadataClient, MetadataError, Reading
 from bridge.metrics import Metrics
 from bridge.outage import Outage
 from bridge.retry import metadata_policy
+from bridge.supervise import supervised_thread
 from bridge.transitions import is_notice
 
 log = logging.getLogger("bridge.watcher")
@@ -104,7 +105,11 @@ class Watcher:
         self.stop = stop
         self.health = health
         self.metrics = metrics
-        self.thread = threading.Thread(target=self._run, name=f"watch {key}", daemon=True)
+        # Supervised (bridge/supervise.py): a bug in a round is logged once, shown on /healthz
+        # and the watch starts again after a back-off, instead of ending for good.
+        self.thread = supervised_thread(
+            f"watch {key}", self._run, health, finished=stop.is_set, stop=stop
+        )
         self.answered = threading.Event()  # the first round is done: the watch is armed
         self._outage = Outage(log, f"metadata {key} answering again")
         self._absent = Outage(log)  # said once while the key is missing, again if it returns
@@ -156,8 +161,6 @@ class Watcher:
                     self._sleep(pause)
         except _Stopped:
             pass
-        except Exception:  # a bug must not silently end the watch: log it, health goes red
-            log.exception("watcher for %s died", self.key)
         finally:
             client.close()
 
