@@ -65,14 +65,16 @@ class Idle:
         self.result: dict[str, Any] = {}
 
     def begin(self) -> None:
-        """Wait until ready, publish one event (as a bridge that has worked), then measure."""
+        """Wait until ready, publish a migration's two events (as a bridge that has worked),
+        then measure in calm: a notice left on would have every key polled at the notice's
+        pace (bridge/watcher.py NOTICE_POLL), which is not idling."""
         if not wait_until(lambda: http_get(self.port, "/readyz")[0] == 200, 30.0):
             raise RuntimeError("idle bridge not ready:\n" + self.b.procs.log_tail(self.label))
-        play([Step(0.0, self.vm, value=MIGRATE)])
+        play([Step(0.0, self.vm, value=MIGRATE), Step(0.5, self.vm, value=NONE)])
 
         def published() -> bool:
             text = http_get(self.port, "/metrics")[1].decode()
-            return "maintenance_bridge_publish_success_total 1.0" in text
+            return "maintenance_bridge_publish_success_total 2.0" in text
 
         if not wait_until(published, 30.0, 0.05):
             raise RuntimeError("idle bridge did not publish:\n" + self.b.procs.log_tail(self.label))
