@@ -460,7 +460,8 @@ def markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
         w("")
         w(
             f"A bridge with the Pub/Sub sink and `--http-port` (as the container runs it), on its "
-            f"own VM, after publishing a migration's two events (back to calm), left alone for {idle['seconds']:.0f} s while the"
+            f"own VM, after publishing a migration's two events (back to calm), left alone for "
+            f"{idle['seconds']:.0f} s while the"
         )
         w("other phases ran (its CPU time counts only its own work).")
         w("")
