@@ -222,9 +222,9 @@ def block_disk(f: dict[str, dict[str, Any]]) -> str:
             fig["ack_error_lines"],
         ]
         for name, fig in f.items()
-        if name.startswith("disk_")
+        if name.startswith("disk_") and "events_while_broken" in fig
     ]
-    return table(
+    broken = table(
         [
             "failure",
             "events while broken",
@@ -234,6 +234,15 @@ def block_disk(f: dict[str, dict[str, Any]]) -> str:
             "other error lines",
         ],
         rows,
+    )
+    freed = f.get("disk_full_then_freed")
+    if freed is None:
+        return broken
+    test = "test_disk_full_then_freed_heals_without_a_transition_and_repeats_nothing"
+    return (
+        f"{broken}\nA full disk then freed (tests/test_faults.py::{test}): /healthz green "
+        f"{freed['seconds_to_green']:.2f} s after space was freed, with no new transition; "
+        "after a restart nothing went out a second time.\n"
     )
 
 
