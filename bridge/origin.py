@@ -5,10 +5,20 @@ Standard library only, because it is vendored into every function's zip (and int
 consumer) next to bridge/events.py: RS256 is checked with `pow` against the RSA key of Google's
 PEM certificates (`oauth2/v1/certs`, `{kid: PEM}`), which are fetched once and cached.
 
-A token binds to its event through its audience (`binding`): a digest of the fields that must
-not change, so a token replayed on another event, or an event whose payload was altered, fails
-the audience check. Expiry is judged at the event's own time (the token must have been valid
-when the event was issued), so an event redelivered hours later still verifies.
+The contract (docs/events.md, "Verified origin"), the same in every content mode and sink:
+- the token travels in the extension attributes `attestation1`, `attestation2`, ... (pieces of
+  at most `PIECE` characters, joined in order: a `format=full` token is about 1.2 KB, over
+  Pub/Sub's 1024-byte limit on one attribute value); no such attribute: unattested;
+- its audience binds it to one event (`binding_of`): `AUDIENCE_PREFIX` + the hex SHA-256 of the
+  canonical JSON (keys sorted, no spaces, non-ASCII escaped) of the structured event without its
+  `attestation*` members and `datacontenttype`, so a token replayed on another event, or an event
+  whose payload or attributes were altered, fails the audience check;
+- a bridge's event is signed by its VM: the token's `google.compute_engine` instance, project
+  and zone equal the event's (extensions and data); a cloud's event (`data.origin` "cloud") is
+  signed by the system-events function's service account (`Policy.cloud_identity`, the token's
+  `email`), which no VM can get a token for;
+- validity is judged when the message was published (Pub/Sub's publishTime), not when it is
+  read, so a redelivery hours later still verifies.
 """
 
 from __future__ import annotations
@@ -17,11 +27,15 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import threading
 import time
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
+
+from bridge.events import Event
 
 ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
@@ -30,30 +44,79 @@ AUDIENCE_PREFIX = "maintenance-bridge:v1:"
 SKEW = 300
 CERTS_TTL = 3600.0
 _SHA256_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+# The token is carried in pieces of at most this many characters (ASCII), at most MAX_PIECES.
+PIECE = 1000
+MAX_PIECES = 8
+_PIECE_NAME = re.compile(r"attestation([1-9][0-9]*)")
 
 
 class Forged(Exception):
     """The token does not prove the event's origin; the message says which check failed."""
 
 
-def binding(fields: Mapping[str, str]) -> str:
-    """The audience that ties a token to one event: a digest of what must not change."""
-    canonical = json.dumps(dict(fields), sort_keys=True, separators=(",", ":"))
-    return AUDIENCE_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
+def canonical(obj: Any) -> bytes:
+    """The one serialisation the binding digests; Node and Go consumers rebuild it from the
+    parsed JSON (keys sorted by code point, `,` and `:` without spaces, every character outside
+    printable ASCII escaped as lowercase `\\uXXXX`, control characters as JSON's short forms)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def binding(obj: Any) -> str:
+    """The audience that ties a token to what `obj` says: a digest of it."""
+    return AUDIENCE_PREFIX + hashlib.sha256(canonical(obj)).hexdigest()
+
+
+def signed_part(event: Event) -> dict[str, Any]:
+    """What a token vouches for: the structured event without the token itself and without
+    `datacontenttype` (a binding detail: binary mode carries it as `content-type`)."""
+    return {
+        name: value
+        for name, value in event.to_structured().items()
+        if name != "datacontenttype" and not _PIECE_NAME.fullmatch(name)
+    }
+
+
+def binding_of(event: Event) -> str:
+    """The audience a token for this event must carry."""
+    return binding(signed_part(event))
+
+
+def with_token(event: Event, token: str) -> Event:
+    """The event carrying `token` in its `attestation1..N` extensions (ValueError if it would
+    need more than MAX_PIECES)."""
+    pieces = [token[i : i + PIECE] for i in range(0, len(token), PIECE)]
+    if not pieces or len(pieces) > MAX_PIECES:
+        raise ValueError(f"a token of {len(token)} characters does not fit {MAX_PIECES} pieces")
+    extensions = {k: v for k, v in event.extensions.items() if not _PIECE_NAME.fullmatch(k)}
+    extensions.update({f"attestation{n}": piece for n, piece in enumerate(pieces, 1)})
+    return replace(event, extensions=extensions)
+
+
+def token_of(event: Event) -> str | None:
+    """The token an event carries, its pieces joined in order; None when unattested. Pieces
+    that do not run 1..N without a gap make a malformed token (Forged when verified)."""
+    pieces = {}
+    for name, value in event.extensions.items():
+        match = _PIECE_NAME.fullmatch(name)
+        if match:
+            pieces[int(match.group(1))] = value
+    if not pieces:
+        return None
+    if sorted(pieces) != list(range(1, len(pieces) + 1)):
+        return "."  # a gap: no token can be rebuilt, and verify says it is malformed
+    return "".join(pieces[n] for n in sorted(pieces))
 
 
 def verify(
     token: str,
     *,
     audience: str,
-    instance_id: str,
-    project_id: str,
     at: float,
     certs: Mapping[str, str],
 ) -> dict[str, Any]:
-    """The token's claims if it is Google-signed, bound to `audience`, issued to the VM
-    `instance_id` of `project_id` and valid at `at` (the event's time, epoch seconds);
-    else raises Forged."""
+    """The token's claims if it is Google-signed, bound to `audience` and valid at `at` (epoch
+    seconds: when the message was published); else raises Forged. Whose token it is, is
+    `check`'s business."""
     try:
         head_b64, body_b64, sig_b64 = token.split(".")
         header = json.loads(_unb64(head_b64))
@@ -79,13 +142,86 @@ def verify(
     if not isinstance(iat, int) or not isinstance(exp, int):
         raise Forged("token has no iat/exp")
     if not iat - SKEW <= at <= exp + SKEW:
-        raise Forged("token was not valid when the event was issued")
-    compute = (claims.get("google") or {}).get("compute_engine") or {}
-    if str(compute.get("instance_id", "")) != instance_id:
-        raise Forged(f"token of instance {compute.get('instance_id')!r}, event of {instance_id!r}")
-    if compute.get("project_id") != project_id:
-        raise Forged(f"token of project {compute.get('project_id')!r}, event of {project_id!r}")
+        raise Forged("token was not valid when the event was published")
     return claims
+
+
+def vouches_for(claims: Mapping[str, Any], event: Event, *, cloud_identity: str = "") -> None:
+    """Raises Forged unless the token's owner may speak for `event`: for a bridge's event, the
+    VM itself (instance id, project and zone of the token equal the event's, in its extensions
+    and its data); for a cloud's event, the system-events function's service account."""
+    if event.data.origin == "cloud":
+        if not cloud_identity:
+            raise Forged("a cloud event, and no cloud identity is configured to check it by")
+        if claims.get("email") != cloud_identity or claims.get("email_verified") is not True:
+            raise Forged(f"cloud event signed by {claims.get('email')!r}, not {cloud_identity!r}")
+        return
+    google = claims.get("google")
+    compute = google.get("compute_engine") if isinstance(google, dict) else None
+    if not isinstance(compute, dict):
+        raise Forged("token has no compute_engine claims (not a VM's format=full token)")
+    said = event.data.instance
+    for claim, values in (
+        ("instance_id", (event.extensions.get("instanceid"), said.id)),
+        ("project_id", (event.extensions.get("project"), said.project_id)),
+        ("zone", (event.extensions.get("zone"), said.zone)),
+    ):
+        signed = str(compute.get(claim, ""))
+        for value in values:
+            if value != signed:
+                raise Forged(f"token of {claim} {signed!r}, event of {value!r}")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a consumer learns of an event's origin: `verified`, or why not (`reason`;
+    `attested` False when the event carried no token at all)."""
+
+    verified: bool
+    attested: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a consumer treats origin (the functions build it from their environment):
+    `require_attestation` refuses to act on an event that is not verified (drain) or marks it
+    (ledger, board); `certs_url` is where the signing certificates are fetched from;
+    `cloud_identity` is the service account email of the system-events function."""
+
+    require_attestation: bool = True
+    certs_url: str = GOOGLE_CERTS_URL
+    cloud_identity: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Policy:
+        """From REQUIRE_ATTESTATION (true/false, default true), ATTESTATION_CERTS_URL and
+        CLOUD_EVENTS_IDENTITY; anything else for REQUIRE_ATTESTATION is a ValueError."""
+        raw = env.get("REQUIRE_ATTESTATION", "true").strip().lower()
+        if raw not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError(f"REQUIRE_ATTESTATION must be true or false, not {raw!r}")
+        return cls(
+            require_attestation=raw in ("true", "1", "yes", "on"),
+            certs_url=env.get("ATTESTATION_CERTS_URL", "") or GOOGLE_CERTS_URL,
+            cloud_identity=env.get("CLOUD_EVENTS_IDENTITY", ""),
+        )
+
+
+def check(
+    event: Event, *, at: float, certs: Mapping[str, str], cloud_identity: str = ""
+) -> Verdict:
+    """The origin verdict for a decoded event published at `at` (epoch seconds). Never raises
+    for a bad token (that is the verdict); fetching `certs` is the caller's, so that a network
+    fault there stays a retryable error and not a forgery."""
+    token = token_of(event)
+    if token is None:
+        return Verdict(False, False, "unattested")
+    try:
+        claims = verify(token, audience=binding_of(event), at=at, certs=certs)
+        vouches_for(claims, event, cloud_identity=cloud_identity)
+    except Forged as exc:
+        return Verdict(False, True, str(exc))
+    return Verdict(True, True)
 
 
 class Certs:
