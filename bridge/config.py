@@ -84,6 +84,11 @@ GENERAL_OPTIONS: tuple[Option, ...] = (
         parse=positive(float),
     ),
     Option("heartbeat_interval", "seconds between heartbeat events (0: off)", parse=float),
+    Option(
+        "attest",
+        "on: each event carries this VM's identity token, bound to it (verified origin)",
+        parse=boolean,
+    ),
     Option("log_format", "log format on stderr", choices=("json", "text")),
     Option("log_level", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
 )
@@ -113,6 +118,7 @@ class GeneralConfig:
     http_host: str = "127.0.0.1"
     ready_max_outbox_age: float = 30.0
     heartbeat_interval: float = 0.0
+    attest: bool = False
     log_format: str = "json"
     log_level: str = "INFO"
 

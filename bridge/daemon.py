@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import tenacity
 
     from bridge.health import Health
+    from bridge.metrics import Metrics
     from bridge.recorder import Recorder
     from bridge.relay import Relay
     from bridge.watcher import Watcher
@@ -74,6 +75,8 @@ def run(
         sink = make_sink(config)
     connect = _deferred_connect(sink)
     metrics, health = Metrics(), Health(max_outbox_age=config.ready_max_outbox_age)
+    if config.attest:
+        sink = _attesting(sink, config, metrics)
     relay = Relay(sink, store, metrics, retry_cap=config.retry_cap, failures=failures(config))
     relay.thread = supervised_thread(
         "relay", relay.run, health, finished=lambda: relay.stopping, stop=stop
@@ -209,6 +212,15 @@ def _deferred_connect(sink: Sink) -> Callable[[], None] | None:
     start()
     connect: Callable[[], None] = sink.connect  # type: ignore[attr-defined]
     return connect
+
+
+def _attesting(sink: Sink, config: Config, metrics: Metrics) -> Sink:
+    """The sink, each event given its token on the relay's thread, over a metadata connection
+    of that thread's own (a watcher's is busy with its long-poll)."""
+    from bridge.attestation import AttestingSink, Attestor
+
+    client = MetadataClient(config.metadata_url)  # each request's own deadline bounds connecting
+    return AttestingSink(sink, Attestor(client, metrics.unattested.inc))
 
 
 def _stopped(sink: Sink, failed: list[BaseException]) -> int:

@@ -95,6 +95,11 @@ class Metrics:
             "Unix time of the last observed transition",
             registry=r,
         )
+        self.unattested = Counter(
+            "maintenance_bridge_events_unattested",
+            "Events sent without an identity token (--attest on, none could be had)",
+            registry=r,
+        )
         self.store_errors = Counter(
             "maintenance_bridge_store_errors", "Failed writes to the state store", registry=r
         )
