@@ -46,6 +46,7 @@ from support.harness import free_port, holds_for
 
 from bridge.events import DEFAULT_TYPE_PREFIX, Instance, Scheduling, Transition, build_event
 from bridge.keys import KEYS, MAINTENANCE
+from bridge.origin import binding_of, token_of, with_token
 
 # A cold build of a function's venv may take minutes (pip's own limit below is 900 s).
 pytestmark = pytest.mark.timeout(1200)
@@ -100,8 +101,14 @@ def maintenance(
     )
 
 
-def message_published(attributes: dict[str, str], payload: bytes, message_id: str) -> dict:
-    """MessagePublishedData as Eventarc delivers it (camelCase plus the snake_case repeats)."""
+def message_published(
+    attributes: dict[str, str],
+    payload: bytes,
+    message_id: str,
+    published: str = "2026-01-01T12:00:00.123Z",
+) -> dict:
+    """MessagePublishedData as Eventarc delivers it (camelCase plus the snake_case repeats);
+    `published` is its publishTime, the time an attestation is judged at."""
     return {
         "subscription": SUBSCRIPTION,
         "message": {
@@ -109,8 +116,8 @@ def message_published(attributes: dict[str, str], payload: bytes, message_id: st
             "data": base64.b64encode(payload).decode(),
             "messageId": message_id,
             "message_id": message_id,
-            "publishTime": "2026-01-01T12:00:00.123Z",
-            "publish_time": "2026-01-01T12:00:00.123Z",
+            "publishTime": published,
+            "publish_time": published,
         },
     }
 
@@ -495,6 +502,9 @@ def functions(
             "COMPUTE_ANONYMOUS": "1",
             "DRAIN_TARGETS": json.dumps(targets),
             "DRAIN_METADATA_KEY": "drain-backends",
+            # Load balancing itself, on unattested events: the policy off acts (and marks).
+            # Verified origin, with the policy on, has its own functions (`verifying`).
+            "REQUIRE_ATTESTATION": "false",
         },
     }
     if firestore_host:
@@ -1222,3 +1232,239 @@ def _drain_calls(compute: Recorder, name: str) -> list[str]:
 def _history(collection: Any, instance_id: str) -> list[dict[str, Any]]:
     snap = collection.document(f"demo-project_{instance_id}").get()
     return (snap.to_dict() or {}).get("history", []) if snap.exists else []
+
+
+# --- verified origin (issue 26) ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Verifying:
+    """drain (REQUIRE_ATTESTATION on, its default), ledger and board, checking origin against
+    the simulator's signing key; `sim` is the metadata server of whichever VM signs."""
+
+    sim: Any
+    drain: Function
+    ledger: Function | None
+    board: Function | None
+    collection: Any
+
+    def row(self, instance: Instance) -> dict[str, Any]:
+        assert self.board is not None
+        url = f"http://127.0.0.1:{self.board.port}/api/instances"
+        rows = requests.get(url, timeout=30).json()["instances"]
+        return next(r for r in rows if r["instance_id"] == instance.id)
+
+
+@pytest.fixture(scope="module")
+def verifying(
+    compute: Recorder, firestore_host: str | None, tmp_path_factory
+) -> Iterator[Verifying]:
+    from bridge.simulator import Simulator
+
+    sim = Simulator().start()
+    tmp = tmp_path_factory.mktemp("verifying")
+    policy = {
+        "ATTESTATION_CERTS_URL": f"http://{sim.host_port}/simulator/v1/identity/certs",
+        "CLOUD_EVENTS_IDENTITY": CLOUD_IDENTITY,
+    }
+    drain = Function(
+        "drain",
+        {
+            **policy,
+            "COMPUTE_API_BASE": f"http://127.0.0.1:{compute.port}/compute/v1",
+            "COMPUTE_ANONYMOUS": "1",
+            "DRAIN_TARGETS": json.dumps([{"type": "instance_group", "zone": ZONE, "name": "web"}]),
+        },
+        tmp,
+    )
+    running = [drain]
+    ledger = board = collection = None
+    saved = os.environ.get("FIRESTORE_EMULATOR_HOST")
+    if firestore_host:
+        from google.cloud import firestore
+
+        store = {
+            "FIRESTORE_EMULATOR_HOST": firestore_host,
+            "GOOGLE_CLOUD_PROJECT": PROJECT,
+            "LEDGER_COLLECTION": f"origin-{uuid.uuid4().hex[:8]}",
+        }
+        ledger = Function("ledger", {**policy, **store}, tmp)
+        board = Function("board", {**store, "BOARD_CACHE_SECONDS": "0"}, tmp, "board", "http")
+        running += [ledger, board]
+        os.environ["FIRESTORE_EMULATOR_HOST"] = firestore_host
+        collection = firestore.Client(project=PROJECT).collection(store["LEDGER_COLLECTION"])
+    try:
+        deadline = time.monotonic() + 60
+        for fn in running:
+            wait_for_port(fn.port, fn.proc, fn.log, deadline)
+        yield Verifying(sim, drain, ledger, board, collection)
+    finally:
+        for fn in running:
+            stop(fn.proc)
+        sim.stop()
+        if saved is None:
+            os.environ.pop("FIRESTORE_EMULATOR_HOST", None)
+        else:
+            os.environ["FIRESTORE_EMULATOR_HOST"] = saved
+
+
+# The simulator's default account (`<numeric-project-id>-compute@...`): the one signing here as
+# the system-events function's service account.
+CLOUD_IDENTITY = "123456789012-compute@developer.gserviceaccount.com"
+
+
+def token_for(sim: Any, audience: str, signer: Instance | None, account: str = "default") -> str:
+    """A token from the simulated metadata server, asked as the bridge asks: `format=full` as
+    the VM `signer` (its instance, zone and project claims); None: a standard token of
+    `account`, as a Cloud Run function gets one."""
+    from bridge.metadata import MetadataClient
+
+    params = {"audience": audience}
+    if signer is not None:
+        sim.set_value("instance/id", signer.id)
+        sim.set_value("instance/zone", f"projects/{signer.project_number}/zones/{signer.zone}")
+        sim.set_value("project/project-id", signer.project_id)
+        params["format"] = "full"
+    client = MetadataClient(sim.url)
+    try:
+        reading = client.get(f"instance/service-accounts/{account}/identity", params=params)
+    finally:
+        client.close()
+    assert isinstance(reading.value, str), reading
+    return reading.value
+
+
+def signed(sim: Any, event: Any) -> Any:
+    """`event` attested by its own VM, as a bridge with --attest on sends it."""
+    return with_token(event, token_for(sim, binding_of(event), event.data.instance))
+
+
+def send_now(fn: Function, event: Any) -> requests.Response:
+    """Delivered as published now: the time a token is judged at."""
+    attributes, payload = event.to_pubsub()
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return deliver(fn.port, message_published(attributes, payload, uuid.uuid4().hex, now))
+
+
+def started_of(name: str, number: int, sequence: int = 1) -> Any:
+    return maintenance("maintenance.started", instance=vm(name, 700 + number), sequence=sequence)
+
+
+def forgeries(sim: Any) -> dict[str, tuple[Any, str]]:
+    """The four forgeries of issue 26, each on an event of its own VM, with the reason drain
+    must give: what each would make drain do is take that VM out of its load balancer."""
+    victim = started_of("victim-a", 1)
+    other = vm("attacker", 799)  # VM A asks its own metadata server for B's audience
+    by_another = with_token(victim, token_for(sim, binding_of(victim), other))
+    earlier = signed(sim, started_of("victim-b", 2))
+    fresh = started_of("victim-b", 2, sequence=2)
+    replayed = with_token(fresh, token_of(earlier) or "")
+    genuine = signed(sim, started_of("victim-c", 3))
+    data = dataclasses.replace(genuine.data, notice_seconds=1)  # "drain me now"
+    tampered = dataclasses.replace(genuine, data=data)
+    return {
+        "another VM's token": (by_another, "instance_id"),
+        "replayed token": (replayed, "audience does not bind this event"),
+        "tampered payload": (tampered, "audience does not bind this event"),
+        "unattested": (started_of("victim-d", 4), "unattested"),
+    }
+
+
+def test_a_bridges_attested_event_verifies_in_drain_ledger_and_board(
+    verifying: Verifying, compute: Recorder
+) -> None:
+    event = signed(verifying.sim, started_of("honest-vm", 10))
+    compute.members["web"].add("honest-vm")  # type: ignore[attr-defined]
+    assert send_now(verifying.drain, event).status_code == 200
+    assert _calls(compute, "honest-vm") == [
+        f"projects/{PROJECT}/zones/{ZONE}/instanceGroups/web/removeInstances"
+    ]
+    assert "honest-vm" not in compute.members["web"]  # type: ignore[attr-defined]
+    if verifying.ledger is None:
+        skip_without_firestore()
+    assert send_now(verifying.ledger, event).status_code == 200
+    doc = _doc(verifying.collection, event.data.instance)
+    entry = doc["state"]["maintenance"]
+    assert (entry["verified"], entry["origin_reason"]) == (True, "")
+    row = verifying.row(event.data.instance)
+    assert row["state"] == "maintenance" and row["unverified"] == []
+
+
+@pytest.mark.parametrize(
+    "case", ["another VM's token", "replayed token", "tampered payload", "unattested"]
+)
+def test_each_forgery_is_refused_by_drain_and_marked_by_ledger_and_board(
+    verifying: Verifying, compute: Recorder, case: str
+) -> None:
+    event, reason = forgeries(verifying.sim)[case]
+    name = event.data.instance.name
+    compute.members["web"].add(name)  # type: ignore[attr-defined]
+    assert send_now(verifying.drain, event).status_code == 200  # acknowledged, not retried
+    refused = until(
+        lambda: [
+            r
+            for r in verifying.drain.logs()
+            if r.get("event_id") == event.id and r["message"].startswith("not acted on")
+        ]
+    )
+    assert refused and reason in refused[0]["message"], verifying.drain.logs()[-3:]
+    assert _calls(compute, name) == []
+    assert name in compute.members["web"]  # type: ignore[attr-defined]
+    if verifying.ledger is None:
+        skip_without_firestore()
+    assert send_now(verifying.ledger, event).status_code == 200
+    entry = _doc(verifying.collection, event.data.instance)["state"]["maintenance"]
+    assert entry["verified"] is False and reason in entry["origin_reason"]
+    (mark,) = verifying.row(event.data.instance)["unverified"]
+    assert mark["entry"] == "maintenance" and reason in mark["reason"]
+
+
+def test_a_verified_event_supersedes_a_forgery_that_took_its_place(verifying: Verifying) -> None:
+    """A forgery sent first, under the genuine event's stream and sequence, neither makes the
+    genuine event a duplicate nor keeps the state it set."""
+    if verifying.ledger is None:
+        skip_without_firestore()
+    genuine = signed(verifying.sim, started_of("raced-vm", 11))
+    forged = dataclasses.replace(genuine, extensions={**genuine.extensions, "attestation2": "x"})
+    assert send_now(verifying.ledger, forged).status_code == 200
+    doc = _doc(verifying.collection, genuine.data.instance)
+    assert doc["state"]["maintenance"]["verified"] is False
+    assert send_now(verifying.ledger, genuine).status_code == 200
+    doc = _doc(verifying.collection, genuine.data.instance)
+    assert doc["state"]["maintenance"]["verified"] is True
+    assert [h["verified"] for h in doc["history"]] == [False, True]
+
+
+def cloud_event(kind: str, instance: Instance) -> Any:
+    """The cloud's event about `instance`, as the system-events function makes it."""
+    from bridge.system_events import convert
+
+    entry = json.loads((REPO / "schemas" / "examples" / f"logentry.{kind}.json").read_text())
+    entry["insertId"] = uuid.uuid4().hex
+    entry["resource"]["labels"].update(instance_id=instance.id, zone=instance.zone)
+    entry["resource"]["labels"]["project_id"] = instance.project_id
+    entry["protoPayload"]["resourceName"] = (
+        f"projects/{instance.project_id}/zones/{instance.zone}/instances/{instance.name}"
+    )
+    return convert(entry)
+
+
+def test_a_cloud_event_verifies_by_the_system_events_identity_only(verifying: Verifying) -> None:
+    """Signed by CLOUD_EVENTS_IDENTITY: verified; by any other account, or by the VM itself
+    (a VM cannot speak as the cloud): marked."""
+    if verifying.ledger is None:
+        skip_without_firestore()
+    sim = verifying.sim
+    cases = {
+        "cloud-vm": ("default", None, True, ""),
+        "cloud-other": ("other@p.iam.gserviceaccount.com", None, False, "'other@p.iam"),
+        "cloud-self": ("vm-sa@p.iam.gserviceaccount.com", "self", False, "'vm-sa@p.iam"),
+    }
+    for number, (name, (account, full, verified, reason)) in enumerate(cases.items(), 20):
+        instance = vm(name, 700 + number)
+        event = cloud_event("cloud.host_error", instance)
+        signer = instance if full else None
+        token = token_for(sim, binding_of(event), signer, account)
+        assert send_now(verifying.ledger, with_token(event, token)).status_code == 200
+        entry = _doc(verifying.collection, instance)["state"]["cloud"]
+        assert (entry["verified"], reason in entry["origin_reason"]) == (verified, True), name

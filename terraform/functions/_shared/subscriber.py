@@ -1,26 +1,41 @@
-"""What every example subscriber needs: unwrap, filter, identify, deduplicate, log, retry.
+"""What every example subscriber needs: unwrap, filter, identify, verify, deduplicate, log,
+retry.
 
 Terraform copies this file next to each function's `main.py` (with `bridge/events.py`, the
-project's one decoder, and `bridge/keys.py`; functions/archive.json lists them) in the function's
-zip, so every subscriber treats the envelope the same way: a malformed message is logged and
-acknowledged, never raised (with retries on, a raise would loop), and only a `TransientError`
-propagates so that Eventarc / Pub/Sub retries the delivery.
+project's one decoder, `bridge/origin.py`, its origin verifier, and `bridge/keys.py`;
+functions/archive.json lists them) in the function's zip, so every subscriber treats the
+envelope the same way: a malformed message is logged and acknowledged, never raised (with
+retries on, a raise would loop), and only a `TransientError` propagates so that Eventarc /
+Pub/Sub retries the delivery.
+
+Origin (docs/events.md, "Verified origin"): `POLICY` is read from the function's environment
+when the function loads (REQUIRE_ATTESTATION, ATTESTATION_CERTS_URL, CLOUD_EVENTS_IDENTITY; a
+malformed value stops the start-up rather than running with a policy nobody chose), and
+`origin_of` gives each event's verdict. What a function does with an unverified event is its
+own: drain does not act on it while REQUIRE_ATTESTATION is on; the ledger, the board and notify
+mark it.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from bridge import origin
 from bridge.events import DecodeError, Event, decode_message_published, decode_structured
 
 MESSAGE_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
+POLICY = origin.Policy.from_env(os.environ)
+# Fetched on the first attested event and kept an hour: one round trip per instance, not per event.
+CERTS = origin.Certs(POLICY.certs_url)
 
 
 class TransientError(RuntimeError):
@@ -159,3 +174,45 @@ def unwrap(cloud_event: Any, wanted: Mapping[str, frozenset[str]]) -> Event | No
         return None
     log("INFO", "event received", **fields)
     return event
+
+
+def published_at(cloud_event: Any) -> float:
+    """When the event was published (epoch seconds), the time its token is judged at: the
+    Pub/Sub message's publishTime for a messagePublished delivery, so that a redelivery hours
+    later is judged as of its first publication; now for an event POSTed straight by the HTTP
+    sink (no one else records when it was sent), or a delivery without a readable publishTime."""
+    if cloud_event.get("type") == MESSAGE_PUBLISHED:
+        data = cloud_event.get_data()
+        message = data.get("message") if isinstance(data, Mapping) else None
+        if isinstance(message, Mapping):
+            moment = parse_time(message.get("publishTime") or message.get("publish_time"))
+            if moment is not None:
+                return moment.timestamp()
+    return time.time()
+
+
+def origin_of(event: Event, cloud_event: Any) -> origin.Verdict:
+    """The origin verdict of an unwrapped event, under POLICY; an unverified one is logged with
+    the reason. The certificates are fetched only for an event that carries a token; a fetch
+    that fails raises TransientError (the trigger retries): Google's endpoint being unreachable
+    says nothing about who signed the event."""
+    certs: Mapping[str, str] = {}
+    if origin.token_of(event) is not None:
+        try:
+            certs = CERTS.get()
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            raise TransientError(f"signing certificates unavailable: {exc}") from exc
+    verdict = origin.check(
+        event, at=published_at(cloud_event), certs=certs, cloud_identity=POLICY.cloud_identity
+    )
+    if not verdict.verified:
+        log(
+            "WARNING",
+            f"origin not verified: {verdict.reason}",
+            event_id=event.id,
+            event_source=event.source,
+            kind=event.kind,
+            attested=verdict.attested,
+            require_attestation=POLICY.require_attestation,
+        )
+    return verdict

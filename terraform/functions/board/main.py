@@ -12,7 +12,11 @@ Filters (query string, on both): `zone` and `state` (repeat or comma-separate va
 
 Every value in a ledger document came from an event that anyone with publisher rights can
 forge: every value is escaped on the server and set with textContent in the browser, and the
-Content-Security-Policy allows no inline script, style or event handler.
+Content-Security-Policy allows no inline script, style or event handler. What the ledger
+could not verify (docs/events.md, "Verified origin": its `verified` and `origin_reason` on each
+state entry and the heartbeat) is shown as such: the row's `unverified` lists which of its
+current entries are, and why, and the page flags them ("unverified origin"). Nothing is hidden:
+the board is a marking, it refuses nothing.
 
 Configuration (environment):
   LEDGER_COLLECTION    the ledger's collection (default `maintenance-ledger`).
@@ -229,6 +233,16 @@ def _autopilot(record: Any) -> dict[str, str] | None:
     return {name: _text(record.get(name)) for name in fields}
 
 
+def _unverified(entries: dict[str, Any]) -> list[dict[str, str]]:
+    """The current entries (by name) the ledger recorded as not verified, with the reason;
+    entries of a ledger older than verified origin say nothing and are not flagged."""
+    return [
+        {"entry": name, "reason": _text(entry.get("origin_reason")) or "not verified"}
+        for name, entry in entries.items()
+        if isinstance(entry, dict) and entry.get("verified") is False
+    ]
+
+
 def summarize(doc_id: str, doc: dict[str, Any], now: datetime) -> dict[str, Any]:
     """One ledger document as the board's row (the JSON API's element)."""
     inst = doc.get("instance") or {}
@@ -283,6 +297,15 @@ def summarize(doc_id: str, doc: dict[str, Any], now: datetime) -> dict[str, Any]
         "seen_by": _seen_by(status, doc.get("disruptions")),
         "recent": _recent(doc.get("disruptions"), now),
         "autopilot": _autopilot(doc.get("autopilot")),
+        "unverified": _unverified(
+            {
+                "maintenance": maintenance,
+                "preemption": preemption,
+                "upcoming": upcoming,
+                "cloud": state.get("cloud") or {},
+                "heartbeat": beat,
+            }
+        ),
     }
 
 
@@ -347,6 +370,7 @@ def fleet(
             "zone": dict(sorted(Counter(r["zone"] for r in rows).items())),
             "silent": sum(r["heartbeat"]["silent"] for r in rows),
             "no_bridge": sum(r["no_bridge"] for r in rows),
+            "unverified": sum(bool(r["unverified"]) for r in rows),
             "host_errors_7d": sum(d["cause"] == "host_error" for r in rows for d in r["recent"]),
             "preemptions_7d": sum(d["cause"] == "preemption" for r in rows for d in r["recent"]),
         },
@@ -431,6 +455,11 @@ def row(r: dict[str, Any], now: datetime) -> str:
         state += f' <small title="{e(r["expired"]["reason"])}">(notice expired)</small>'
     if r["seen_by"]:
         state += f"<br><small>seen by {e(' + '.join(r['seen_by']))}</small>"
+    for mark in r["unverified"]:
+        state += (
+            f'<br><span class="flag unverified" title="{e(mark["reason"])}">'
+            f"unverified origin: {e(mark['entry'])}</span>"
+        )
     no_bridge = ' <span class="flag">no bridge</span>' if r["no_bridge"] else ""
     pilot = r.get("autopilot")
     if pilot and pilot["state"] in ("starting", "started"):
@@ -519,7 +548,8 @@ def render_page(view: dict[str, Any], now: datetime) -> str:
 </head><body>
 <header><h1>Fleet maintenance board</h1>
 <p>{view["fleet"]} instances, <b id="silent">{counts["silent"]}</b> silent bridges,
-<b id="no-bridge">{counts["no_bridge"]}</b> with no bridge;
+<b id="no-bridge">{counts["no_bridge"]}</b> with no bridge,
+<b id="unverified">{counts["unverified"]}</b> with events of unverified origin;
 ledger read at <time id="read-at">{e(view["read_at"])}</time>.</p>
 <p>By state: {chips("state")}</p><p>By zone: {chips("zone")}</p>
 <form method="get" action="./">
@@ -624,6 +654,11 @@ SCRIPT = """\
     if (r.state === "maintenance") state.append(" ", el("small", r.maintenance));
     if (r.expired) state.append(" ", el("small", "(notice expired)"));
     if (r.seen_by.length) state.append(el("br"), el("small", `seen by ${r.seen_by.join(" + ")}`));
+    for (const mark of r.unverified) {
+      const flag = el("span", `unverified origin: ${mark.entry}`, "flag unverified");
+      flag.title = mark.reason;
+      state.append(el("br"), flag);
+    }
     const deadline = cell(tr, "");
     if (r.deadline) {
       const t = el("time", "", "countdown");
@@ -660,8 +695,8 @@ SCRIPT = """\
       document.getElementById("matching").textContent = view.matching;
       document.getElementById("silent").textContent = view.counts.silent;
       document.getElementById("recent").replaceChildren(...view.recent_disruptions.map(recent));
-      for (const [id, key] of [["no-bridge", "no_bridge"], ["host-errors", "host_errors_7d"],
-        ["preemptions", "preemptions_7d"]]) {
+      for (const [id, key] of [["no-bridge", "no_bridge"], ["unverified", "unverified"],
+        ["host-errors", "host_errors_7d"], ["preemptions", "preemptions_7d"]]) {
         document.getElementById(id).textContent = view.counts[key];
       }
       document.getElementById("read-at").textContent = view.read_at;

@@ -20,6 +20,14 @@ Configuration (environment):
   COMPUTE_API_BASE   default https://compute.googleapis.com/compute/v1 (tests: a local fake).
   COMPUTE_ANONYMOUS  `1` to send no credentials (local fakes only).
 
+Origin (docs/events.md, "Verified origin"): load balancing acts on what an event says about
+an instance, so an event whose origin is not verified (unattested, forged for another VM,
+replayed, altered) is logged with the reason and acknowledged without any backend change while
+REQUIRE_ATTESTATION is on (the default). Off (a fleet whose bridges do not attest yet), it is
+acted on like a verified one and logged as unverified. A refused event is not remembered as
+processed: a forgery sent first under a genuine event's id must not make that one a duplicate.
+  REQUIRE_ATTESTATION, ATTESTATION_CERTS_URL, CLOUD_EVENTS_IDENTITY   see subscriber.POLICY.
+
 Idempotence: events are de-duplicated on source + id in memory, "already a member" / "not a
 member" answers count as success, and an event older (lower `data.sequence`) than the last one
 acted upon for the same instance and stream (`data.stream_id`: a bridge on a new state dir counts
@@ -39,7 +47,17 @@ import google.auth
 import requests
 from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
-from subscriber import SeenIds, TransientError, event_key, load_filter, log, stream_key, unwrap
+from subscriber import (
+    POLICY,
+    SeenIds,
+    TransientError,
+    event_key,
+    load_filter,
+    log,
+    origin_of,
+    stream_key,
+    unwrap,
+)
 
 from bridge.events import Event
 
@@ -190,6 +208,12 @@ def handle(cloud_event) -> None:
     if not drain and event.kind not in RESTORE_KINDS:
         log("INFO", "nothing to do for this kind", kind=event.kind, event_id=event.id)
         return
+    verdict = origin_of(event, cloud_event)
+    if not verdict.verified:
+        if POLICY.require_attestation:
+            log("WARNING", f"not acted on: {verdict.reason}; acked", event_id=event.id)
+            return
+        log("WARNING", "acting on an unverified event (REQUIRE_ATTESTATION off)", event_id=event.id)
     key = event_key(event)
     inst = event.data.instance
     stream = stream_key(event)

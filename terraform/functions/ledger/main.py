@@ -41,6 +41,16 @@ disruption seen by both; a host error or a preemption the cloud logged confirms 
 disruption the VM announced, or is one of its own when no bridge saw it. Their markers are keyed
 on the event id (derived from the log entry), so a redelivered entry changes nothing.
 
+Origin (docs/events.md, "Verified origin"): every entry (state, history, marker, heartbeat)
+records `verified` (True: signed by the VM it speaks for, or by the system-events function for
+the cloud's events) and, when not, `origin_reason` (unattested, another instance's token, a
+replayed token, an altered payload, ...). Nothing is refused here: an unverified event is
+recorded like any other and shown as unverified (the board marks it), whatever
+REQUIRE_ATTESTATION says. Two rules keep a forgery from hiding the truth: a verified event
+supersedes a state an unverified one set, whatever their order; and an unverified event's
+marker is its own digest, so a forgery sent first under a genuine event's stream and sequence
+does not make the genuine one a duplicate.
+
 A VM deleted during a notice never sends its `ended`: its document would say `disrupting`
 forever. Every heartbeat (from any VM) sweeps the disrupting documents whose own bridge used to
 beat and has been silent for SILENT_INTERVALS of its intervals, and expires them.
@@ -58,8 +68,9 @@ from typing import Any
 import functions_framework
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
-from subscriber import event_key, load_filter, log, parse_time, unwrap
+from subscriber import event_key, load_filter, log, origin_of, parse_time, unwrap
 
+from bridge import origin
 from bridge.cloud_kinds import CLOUD_KEY, UPCOMING_COMPLETED, UPCOMING_SCHEDULED, UPCOMING_UPDATED
 from bridge.events import Event
 
@@ -84,9 +95,11 @@ def client() -> firestore.Client:
     return _client
 
 
-def _advances(event: Event, stored: dict[str, Any] | None) -> bool:
-    """Whether `event` supersedes what is stored (a state or a heartbeat) for its instance."""
-    if not stored:
+def _advances(event: Event, stored: dict[str, Any] | None, verified: bool = True) -> bool:
+    """Whether `event` supersedes what is stored (a state or a heartbeat) for its instance; a
+    verified event always supersedes what an unverified one set (a forged high sequence must
+    not hold the instance's state)."""
+    if not stored or (verified and stored.get("verified") is False):
         return True
     if stored.get("stream_id", "") == event.data.stream_id:
         return event.data.sequence > stored.get("sequence", -1)
@@ -95,7 +108,7 @@ def _advances(event: Event, stored: dict[str, Any] | None) -> bool:
     return bool(now and before and now > before)
 
 
-def _entry(event: Event, envelope: dict[str, Any]) -> dict[str, Any]:
+def _entry(event: Event, envelope: dict[str, Any], verdict: origin.Verdict) -> dict[str, Any]:
     d = event.data
     entry = {
         "event_id": event.id,
@@ -112,6 +125,8 @@ def _entry(event: Event, envelope: dict[str, Any]) -> dict[str, Any]:
         "notice_seconds": d.notice_seconds,
         "subscription": envelope.get("subscription"),
         "message_id": envelope.get("message_id"),
+        "verified": verdict.verified,
+        "origin_reason": verdict.reason,
     }
     if d.cloud is not None:
         entry["origin"] = d.origin
@@ -285,7 +300,7 @@ def doc_id(event: Event) -> str:
     return f"{inst.project_id}_{inst.id}"
 
 
-def record_heartbeat(db: firestore.Client, event: Event) -> str:
+def record_heartbeat(db: firestore.Client, event: Event, verdict: origin.Verdict) -> str:
     """A heartbeat only moves `heartbeat` forward: no history, no marker (it is idempotent).
     It learns the bridge's interval, and brings back a notice expired while it was silent."""
     instance_ref = db.collection(COLLECTION).document(doc_id(event))
@@ -293,6 +308,8 @@ def record_heartbeat(db: firestore.Client, event: Event) -> str:
         "observed_at": event.data.observed_at,
         "sequence": event.data.sequence,
         "stream_id": event.data.stream_id,
+        "verified": verdict.verified,
+        "origin_reason": verdict.reason,
     }
 
     @firestore.transactional
@@ -300,7 +317,7 @@ def record_heartbeat(db: firestore.Client, event: Event) -> str:
         snap = instance_ref.get(transaction=tx)
         doc = (snap.to_dict() or {}) if snap.exists else {}
         stored = doc.get("heartbeat")
-        if not _advances(event, stored):
+        if not _advances(event, stored, verdict.verified):
             return "stale-heartbeat"
         if stored and stored.get("stream_id", "") == beat["stream_id"]:  # not across a restart
             now, before = parse_time(beat["observed_at"]), parse_time(stored["observed_at"])
@@ -354,19 +371,23 @@ def expire_silent(db: firestore.Client, now: datetime, collection: str = COLLECT
     return expired
 
 
-def record(db: firestore.Client, event: Event, envelope: dict[str, Any]) -> str:
+def record(
+    db: firestore.Client, event: Event, envelope: dict[str, Any], verdict: origin.Verdict
+) -> str:
     """Apply one event in a transaction; returns `applied`, `history-only` or `duplicate`."""
     if event.kind == "bridge.heartbeat":
-        return record_heartbeat(db, event)
+        return record_heartbeat(db, event, verdict)
     instance_ref = db.collection(COLLECTION).document(doc_id(event))
     cloud = event.data.key == CLOUD_KEY
-    if event.data.stream_id and not cloud:
+    if not verdict.verified:  # its own: what it claims (stream, sequence, id) may be a victim's
+        marker = "unverified-" + hashlib.sha256(origin.canonical(event.to_structured())).hexdigest()
+    elif event.data.stream_id and not cloud:
         marker = f"{event.data.stream_id}:{event.data.sequence}"
     else:  # the cloud's ids come from the log entry; a bridge older than stream_id: its
         # sequence may restart, its ids never repeat
         marker = hashlib.sha256(event_key(event).encode()).hexdigest()
     marker_ref = instance_ref.collection("events").document(marker)
-    entry = _entry(event, envelope)
+    entry = _entry(event, envelope, verdict)
 
     @firestore.transactional
     def apply(tx: firestore.Transaction) -> str:
@@ -391,7 +412,7 @@ def record(db: firestore.Client, event: Event, envelope: dict[str, Any]) -> str:
         }
         if not cloud or not doc.get("instance"):  # the log knows no project number, hostname
             update["instance"] = asdict(event.data.instance)
-        if _advances(event, state.get(family)):
+        if _advances(event, state.get(family), verdict.verified):
             outcome = "applied"
             state[family] = entry
             update["state"] = state
@@ -444,8 +465,16 @@ def handle(cloud_event) -> None:
         "subscription": data.get("subscription"),
         "message_id": (data.get("message") or {}).get("messageId"),
     }
-    outcome = record(client(), event, envelope)
-    log("INFO", f"ledger {outcome}", event_id=event.id, kind=event.kind, doc=doc_id(event))
+    verdict = origin_of(event, cloud_event)
+    outcome = record(client(), event, envelope, verdict)
+    log(
+        "INFO",
+        f"ledger {outcome}",
+        event_id=event.id,
+        kind=event.kind,
+        doc=doc_id(event),
+        verified=verdict.verified,
+    )
     if outcome == "heartbeat":  # any bridge's beat is the clock that finds the silent ones
         for expired in expire_silent(client(), datetime.now(timezone.utc)):
             log("WARNING", "ledger expired a silent VM's notice", doc=expired)

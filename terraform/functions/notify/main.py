@@ -9,6 +9,12 @@ Configuration (environment):
   SKIP_KINDS       kinds never posted (default `bridge.heartbeat`: liveness is not news).
   DEDUPE_SIZE      how many event ids the in-memory de-duplication remembers (default 10000).
 
+Origin (docs/events.md, "Verified origin"): an event whose origin is not verified is posted all
+the same, its message starting with `[unverified origin: REASON]`, whatever REQUIRE_ATTESTATION
+says (a person reads it and decides; a page that never comes is worse than a marked one). It is
+de-duplicated apart from verified events, so a forgery sent first under a genuine event's id does
+not silence the genuine one.
+
 Duplicates are suppressed per function instance only (a bounded in-memory LRU): a redelivery that
 lands on another instance, or after a restart, posts again. For chat that is an accepted cost;
 the ledger shows the durable alternative.
@@ -25,7 +31,16 @@ import functions_framework
 import google.auth
 import requests
 from google.auth.transport.requests import AuthorizedSession
-from subscriber import SeenIds, TransientError, event_key, instance_key, load_filter, log, unwrap
+from subscriber import (
+    SeenIds,
+    TransientError,
+    event_key,
+    instance_key,
+    load_filter,
+    log,
+    origin_of,
+    unwrap,
+)
 
 from bridge.events import Event
 
@@ -123,9 +138,12 @@ def describe(event: Event) -> str:
     return f"{who}: {text}"
 
 
-def payload(event: Event, fmt: str = CHAT_FORMAT) -> dict:
-    """The webhook body for Google Chat (threaded per instance) or Slack (Block Kit)."""
+def payload(event: Event, fmt: str = CHAT_FORMAT, unverified: str = "") -> dict:
+    """The webhook body for Google Chat (threaded per instance) or Slack (Block Kit); with
+    `unverified` (why its origin is not verified), marked as such in the first words."""
     text = describe(event)
+    if unverified:
+        text = f"[unverified origin: {unverified}] {text}"
     footer = f"{event.kind} · event {event.id} · {event.data.observed_at}"
     if fmt == "slack":
         return {
@@ -154,12 +172,15 @@ def handle(cloud_event) -> None:
     if event.kind in SKIP_KINDS:
         log("INFO", "kind not posted", event_id=event.id, kind=event.kind)
         return
-    key = event_key(event)
+    verdict = origin_of(event, cloud_event)
+    key = event_key(event) + ("" if verdict.verified else "\nunverified")
     if key in SEEN:
         log("INFO", "duplicate event skipped", event_id=event.id, event_source=event.source)
         return
     try:
-        resp = requests.post(_target(webhook_url()), json=payload(event), timeout=TIMEOUT)
+        resp = requests.post(
+            _target(webhook_url()), json=payload(event, unverified=verdict.reason), timeout=TIMEOUT
+        )
     except requests.RequestException as exc:
         raise TransientError(f"webhook unreachable: {exc}") from exc
     if resp.status_code == 429 or resp.status_code >= 500:

@@ -14,6 +14,15 @@ makes it publishable); a failed publish raises `TransientError` so that the trig
 Published in binary content mode, as the bridges publish by default and as the main topic's
 Avro schema needs, with the instance id as ordering key.
 
+Origin (docs/events.md, "Verified origin"): each event is attested with this function's own
+identity token (google-auth's `fetch_id_token`: the metadata server of Cloud Run functions names
+the function's service account in the token's `email`), bound to the event by
+`bridge.origin.binding_of` and carried in its `attestation1..N` extensions. Consumers check a
+cloud event (`data.origin` "cloud") against CLOUD_EVENTS_IDENTITY, that service account: no VM
+can get a token naming it, so no VM can speak as the cloud. No token to be had: the event is
+published unattested (consumers then mark it or, drain, do not act on it) and that is logged;
+the cloud's record is not held back for it.
+
 Configuration (environment):
   EVENTS_TOPIC     the main topic, projects/P/topics/T (required).
   TYPE_PREFIX      CloudEvents type prefix (default the bridge's own).
@@ -30,10 +39,14 @@ import re
 from collections.abc import Mapping
 
 import functions_framework
+import google.auth.exceptions
+import google.auth.transport.requests
+import google.oauth2.id_token
 from google.cloud import pubsub_v1
 from subscriber import TransientError, log
 
-from bridge.events import DEFAULT_TYPE_PREFIX
+from bridge import origin
+from bridge.events import DEFAULT_TYPE_PREFIX, Event
 from bridge.system_events import NotASystemEvent, convert, parse
 
 EVENTS_TOPIC = os.environ.get("EVENTS_TOPIC", "")
@@ -54,6 +67,18 @@ def publisher() -> pubsub_v1.PublisherClient:
             publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True)
         )
     return _publisher
+
+
+def attested(event: Event) -> Event:
+    """The event carrying this function's identity token for it, or as it is (logged) when no
+    token can be had: the metadata server unreachable, or no service account to sign for."""
+    try:
+        request = google.auth.transport.requests.Request()
+        token = google.oauth2.id_token.fetch_id_token(request, origin.binding_of(event))
+        return origin.with_token(event, token)
+    except (google.auth.exceptions.GoogleAuthError, ValueError) as exc:
+        log("WARNING", f"no identity token; published unattested: {exc}", event_id=event.id)
+        return event
 
 
 def entry_of(data: object) -> bytes:
@@ -83,7 +108,7 @@ def handle(cloud_event) -> None:
         what = "unrelated entry" if exc.unrelated else "malformed entry"
         log("WARNING" if exc.unrelated else "ERROR", f"{what} acked: {exc}", **envelope)
         return
-    attributes, payload = event.to_pubsub("binary")
+    attributes, payload = attested(event).to_pubsub("binary")
     key = event.extensions["instanceid"]
     fields = {**envelope, "event_id": event.id, "kind": event.kind, "instance": key}
     try:
