@@ -220,7 +220,7 @@ def _attesting(sink: Sink, config: Config, metrics: Metrics) -> Sink:
     from bridge.attestation import AttestingSink, Attestor
 
     client = MetadataClient(config.metadata_url)  # each request's own deadline bounds connecting
-    return AttestingSink(sink, Attestor(client, metrics.unattested.inc))
+    return AttestingSink(sink, Attestor(client, metrics.unattested().inc))
 
 
 def _stopped(sink: Sink, failed: list[BaseException]) -> int:

@@ -15,6 +15,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 import pytest
+from prometheus_client import Counter
 from support.memory_sink import MemorySink
 
 from bridge import attestation
@@ -30,21 +31,22 @@ ATTRIBUTE_LIMIT = 1024
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
+def counter() -> Counter:
+    """The daemon's count of unattested events (registered with --attest on)."""
+    return Metrics().unattested()
 
 
 @pytest.fixture
-def attestor(sim: Simulator, metrics: Metrics) -> Iterator[Attestor]:
-    made = Attestor(MetadataClient(sim.url), metrics.unattested.inc)
+def attestor(sim: Simulator, counter: Counter) -> Iterator[Attestor]:
+    made = Attestor(MetadataClient(sim.url), counter.inc)
     try:
         yield made
     finally:
         made.close()
 
 
-def unattested(metrics: Metrics) -> float:
-    return metrics.unattested._value.get()
+def unattested(counter: Counter) -> float:
+    return counter._value.get()
 
 
 def identity_requests(sim: Simulator) -> int:
@@ -169,11 +171,9 @@ def test_a_resend_reuses_its_token_while_it_has_five_minutes_left(
 
 
 def test_no_token_means_unattested_promptly_counted_and_logged_once(
-    metrics: Metrics, caplog: pytest.LogCaptureFixture
+    counter: Counter, caplog: pytest.LogCaptureFixture
 ):
-    attestor = Attestor(
-        MetadataClient("http://127.0.0.1:9/computeMetadata/v1/"), metrics.unattested.inc
-    )
+    attestor = Attestor(MetadataClient("http://127.0.0.1:9/computeMetadata/v1/"), counter.inc)
     try:
         started = time.monotonic()
         assert attestor.token("a") is None
@@ -181,12 +181,12 @@ def test_no_token_means_unattested_promptly_counted_and_logged_once(
         assert time.monotonic() - started < 1.0, "a refused connection fails at once"
     finally:
         attestor.close()
-    assert unattested(metrics) == 2
+    assert unattested(counter) == 2
     assert sum("unattested" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_a_silent_identity_endpoint_holds_each_event_briefly_then_recovers(
-    sim: Simulator, attestor: Attestor, metrics: Metrics, caplog: pytest.LogCaptureFixture
+    sim: Simulator, attestor: Attestor, counter: Counter, caplog: pytest.LogCaptureFixture
 ):
     """The endpoint takes requests and answers none in time: the first event of the outage
     waits for two attempts, every later one for one quick attempt; once it answers again the
@@ -203,7 +203,7 @@ def test_a_silent_identity_endpoint_holds_each_event_briefly_then_recovers(
         assert attestor.token(f"next-{n}") is None
         held.append(time.monotonic() - started)
     assert max(held) < QUICK + 0.3, held
-    assert unattested(metrics) == 6
+    assert unattested(counter) == 6
     sim.clear_faults()
     deadline = time.monotonic() + 10
     while attestor.token("again") is None:  # a delayed request may still hold the connection
@@ -213,9 +213,9 @@ def test_a_silent_identity_endpoint_holds_each_event_briefly_then_recovers(
     assert sum("available again" in m for m in messages) == 1, messages
 
 
-def test_the_sink_sends_the_event_with_its_token_or_as_it_is(sim: Simulator, metrics: Metrics):
+def test_the_sink_sends_the_event_with_its_token_or_as_it_is(sim: Simulator, counter: Counter):
     inner = MemorySink()
-    sink = AttestingSink(inner, Attestor(MetadataClient(sim.url), metrics.unattested.inc))
+    sink = AttestingSink(inner, Attestor(MetadataClient(sim.url), counter.inc))
     assert sink.name == inner.name, "the registry's failure classes still apply"
     event = event_of(sim)
     assert sink.send(event).result(1) == event.id
@@ -228,7 +228,7 @@ def test_the_sink_sends_the_event_with_its_token_or_as_it_is(sim: Simulator, met
     other = event_of(sim, 2)
     sink.send(other).result(1)
     assert inner.sends[-1].event == other, "no token: the event as it is"
-    assert unattested(metrics) == 1
+    assert unattested(counter) == 1
     sink.close()
 
 
