@@ -8,21 +8,34 @@ come from the committed package-lock.json (`npm ci`, cached in its git-ignored n
 
 Go: `examples/consumers/go/` is standard library only; where a Go toolchain is installed it must
 be gofmt-clean, pass `go vet` and its own `go test`, and decode the golden messages.
+
+Verified origin (issue 26, bridge/origin.py's contract): both verify real tokens from the
+simulated metadata server (its signing certificates served at the URL the consumers are pointed
+at, as Google's would be), in both content modes, and refuse what bridge/origin.py refuses:
+another VM's token, a token replayed on a new event, a tampered payload, an unattested event, a
+cloud event signed by the wrong account; their canonical JSON is Python's, byte for byte.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import os
 import shutil
 import subprocess
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bridge.events import CLOUD_KINDS, STRUCTURED_CONTENT_TYPE, dumps
+from bridge import origin
+from bridge.events import CLOUD_KINDS, STRUCTURED_CONTENT_TYPE, Event, decode_pubsub, dumps
 from bridge.events import KINDS as BRIDGE_KINDS
+from bridge.metadata import MetadataClient
+from bridge.simulator.state import Simulator
 
 # npm and Go builds on a cold cache (each limited to 300 s).
 pytestmark = pytest.mark.timeout(900)
@@ -47,22 +60,27 @@ def _wire(kind: str, mode: str) -> tuple[dict[str, str], bytes]:
     return {"content-type": STRUCTURED_CONTENT_TYPE}, dumps(structured)
 
 
-def _message(attributes: dict[str, str], payload: bytes) -> dict[str, Any]:
+def _message(
+    attributes: dict[str, str], payload: bytes, published: str = "2030-01-20T02:00:01.100Z"
+) -> dict[str, Any]:
     return {
         "attributes": attributes,
         "data": _b64(payload),
         "messageId": "2070443601311540",
         "message_id": "2070443601311540",
-        "publishTime": "2030-01-20T02:00:01.100Z",
-        "publish_time": "2030-01-20T02:00:01.100Z",
+        "publishTime": published,
+        "publish_time": published,
         "orderingKey": attributes.get("ce-instanceid", ""),
     }
 
 
-def _deliveries(attributes: dict[str, str], payload: bytes) -> dict[str, dict[str, Any]]:
+def _deliveries(
+    attributes: dict[str, str], payload: bytes, published_at: str = "2030-01-20T02:00:01.100Z"
+) -> dict[str, dict[str, Any]]:
     """label -> one delivery line for consumer.js, for every path a subscriber meets."""
     subscription = "projects/demo-project/subscriptions/maintenance-events"
-    published = {"subscription": subscription, "message": _message(attributes, payload)}
+    message = _message(attributes, payload, published_at)
+    published = {"subscription": subscription, "message": message}
     outer_attributes = {
         "ce-specversion": "1.0",
         "ce-id": "2070443601311540",
@@ -79,7 +97,12 @@ def _deliveries(attributes: dict[str, str], payload: bytes) -> dict[str, dict[st
         "data": published,
     }
     return {
-        "pull": {"delivery": "pubsub", "attributes": attributes, "data": _b64(payload)},
+        "pull": {
+            "delivery": "pubsub",
+            "attributes": attributes,
+            "data": _b64(payload),
+            "publishTime": published_at,
+        },
         "pull Content-Type": {
             "delivery": "pubsub",
             "attributes": {
@@ -125,10 +148,13 @@ def node() -> str:
     return node_bin
 
 
-def _run_node(node: str, deliveries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _run_node(
+    node: str, deliveries: list[dict[str, Any]], env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     done = subprocess.run(
         [node, "consumer.js"],
         cwd=NODE_DIR,
+        env={**os.environ, **(env or {})},
         input="".join(json.dumps(d) + "\n" for d in deliveries),
         capture_output=True,
         text=True,
@@ -173,6 +199,11 @@ def test_node_consumer_decodes_every_golden_on_every_path(node: str) -> None:
             "kind": kind,
             "stream": f"{data['instance']['id']}/{data['stream_id']}",
             "sequence": str(data["sequence"]),
+            # The goldens carry no token: decoded, not acted on (REQUIRE_ATTESTATION's default).
+            "verified": False,
+            "attested": False,
+            "reason": "unattested",
+            "act": False,
         }, (kind, mode, label)
     assert len(results) == len(KINDS) * 2 * 5
 
@@ -268,3 +299,258 @@ def test_go_consumer_decodes_the_goldens(go: str) -> None:
     assert len(lines) == len(files)
     for kind, line in zip(kinds, lines, strict=True):
         assert line.startswith(f"{kind} "), line
+
+
+# -- Verified origin -----------------------------------------------------------------------------
+
+CLOUD_IDENTITY = "system-events@demo-project.iam.gserviceaccount.com"
+# Free text in every known place (data only keeps known fields in Python's signed form):
+# non-ASCII, astral, control characters, quotes, backslashes, line separators.
+AWKWARD = 'naïve ☃ 😀 𝄞 \x00\x1f\x7f "q" \\ / \u2028 é'
+# An int64 sequence beyond 2^53: JSON.parse would round it.
+BIG_SEQUENCE = 2**62 + 1
+
+
+def _golden_event(kind: str) -> Event:
+    structured = json.loads((EXAMPLES / f"{kind}.json").read_text(encoding="utf-8"))
+    return decode_pubsub({"content-type": STRUCTURED_CONTENT_TYPE}, dumps(structured))
+
+
+def _token(sim: Simulator, event: Event, account: str = "default") -> str:
+    """A format=full identity token bound to `event`, as the bridge asks for it (the simulator
+    is, by default, the golden events' VM: same instance, zone and project)."""
+    client = MetadataClient(sim.url)
+    try:
+        reading = client.get(
+            f"instance/service-accounts/{account}/identity",
+            params={"audience": origin.binding_of(event), "format": "full"},
+        )
+    finally:
+        client.close()
+    assert isinstance(reading.value, str)
+    return reading.value
+
+
+def _certs_url(sim: Simulator) -> str:
+    return f"http://{sim.host_port}/simulator/v1/identity/certs"
+
+
+def _rfc3339(at: float) -> str:
+    return datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One message on the wire, what Python's origin.check says of it, and a word the refusal
+    names (so a case refused for another reason than the one planted fails)."""
+
+    label: str
+    attributes: dict[str, str]
+    payload: bytes
+    published: float
+    verified: bool
+    attested: bool
+    because: str
+
+
+def _tampered(payload: bytes, mode: str) -> bytes:
+    body = json.loads(payload)
+    data = body if mode == "binary" else body["data"]
+    data["current"] = "TERMINATE_ON_HOST_MAINTENANCE"
+    return dumps(body)
+
+
+def _cases(sim: Simulator) -> list[Case]:
+    """Genuine and forged messages in both modes, each judged by bridge/origin.py first."""
+    started = _golden_event("maintenance.started")
+    awkward = dataclasses.replace(
+        started,
+        subject=AWKWARD,
+        data=dataclasses.replace(
+            started.data, previous=AWKWARD, current=AWKWARD[::-1], sequence=BIG_SEQUENCE
+        ),
+    )
+    ended = _golden_event("maintenance.ended")
+    cloud = _golden_event("cloud.migrated")
+    sim.set_value("instance/id", "999")  # another VM of the fleet asks for a token
+    try:
+        other_vm = _token(sim, started)
+    finally:
+        sim.set_value("instance/id", started.data.instance.id)
+    now = time.time()
+    made: list[tuple[str, Event, float, str]] = [
+        ("genuine", origin.with_token(started, _token(sim, started)), now, ""),
+        ("awkward", origin.with_token(awkward, _token(sim, awkward)), now, ""),
+        ("cloud", origin.with_token(cloud, _token(sim, cloud, CLOUD_IDENTITY)), now, ""),
+        ("(a) another VM's token", origin.with_token(started, other_vm), now, "instance_id"),
+        ("(b) replayed", origin.with_token(ended, _token(sim, started)), now, "audience"),
+        ("(d) unattested", started, now, "unattested"),
+        ("(e) cloud, wrong account", origin.with_token(cloud, _token(sim, cloud)), now, "cloud"),
+        (
+            "published after its token expired",
+            origin.with_token(started, _token(sim, started)),
+            now + 5 * 3600,
+            "not valid",
+        ),
+    ]
+    certs = sim.identity.certs()
+    cases = []
+    for mode in ("binary", "structured"):
+        wires = [(label, *event.to_pubsub(mode), at, because) for label, event, at, because in made]
+        genuine = wires[0]
+        tampered = _tampered(genuine[2], mode)
+        wires.append(("(c) tampered", genuine[1], tampered, now, "audience"))
+        for label, attributes, payload, at, because in wires:
+            verdict = origin.check(
+                decode_pubsub(attributes, payload),
+                at=at,
+                certs=certs,
+                cloud_identity=CLOUD_IDENTITY,
+            )
+            assert because in verdict.reason, (label, verdict)  # the contract's own verdict
+            cases.append(
+                Case(
+                    f"{label}, {mode}",
+                    attributes,
+                    payload,
+                    at,
+                    verdict.verified,
+                    verdict.attested,
+                    because,
+                )
+            )
+    assert [c.verified for c in cases].count(True) == 6  # genuine, awkward, cloud; two modes
+    return cases
+
+
+def _origin_env(sim: Simulator) -> dict[str, str]:
+    return {"ATTESTATION_CERTS_URL": _certs_url(sim), "CLOUD_EVENTS_IDENTITY": CLOUD_IDENTITY}
+
+
+def test_node_consumer_verifies_origin_as_python_does(node: str, sim: Simulator) -> None:
+    """Every case on the pulled path with its publish time; genuine events on every delivery
+    path (the publish time from the message, or the time received on an HTTP path)."""
+    cases = _cases(sim)
+    pulled = [
+        {
+            "delivery": "pubsub",
+            "attributes": c.attributes,
+            "data": _b64(c.payload),
+            "publishTime": _rfc3339(c.published),
+        }
+        for c in cases
+    ]
+    paths = [
+        d
+        for c in cases
+        if c.verified
+        for d in _deliveries(c.attributes, c.payload, _rfc3339(c.published)).values()
+    ]
+    results = _run_node(node, pulled + paths, _origin_env(sim))
+    for case, result in zip(cases, results[: len(cases)], strict=True):
+        assert result["ok"], (case.label, result)
+        assert (result["verified"], result["attested"]) == (case.verified, case.attested), (
+            case.label,
+            result,
+        )
+        assert case.because in result["reason"], (case.label, result)
+        assert result["act"] is case.verified, case.label
+    awkward = [r for c, r in zip(cases, results[: len(cases)], strict=True) if "awkward" in c.label]
+    assert {r["sequence"] for r in awkward} == {str(BIG_SEQUENCE)}
+    assert len(paths) == 6 * 5
+    assert all(r["verified"] for r in results[len(cases) :])
+
+
+def test_node_consumer_acts_on_unverified_events_only_when_told(node: str, sim: Simulator) -> None:
+    case = next(c for c in _cases(sim) if c.label.startswith("(a)"))
+    line = {"delivery": "pubsub", "attributes": case.attributes, "data": _b64(case.payload)}
+    env = {**_origin_env(sim), "REQUIRE_ATTESTATION": "false"}
+    (result,) = _run_node(node, [line], env)
+    assert (result["verified"], result["act"]) == (False, True), result
+
+
+def test_go_consumer_verifies_origin_as_python_does(
+    go: str, sim: Simulator, tmp_path: Path
+) -> None:
+    """Every case as a push body (its publishTime the time the token is judged at)."""
+    cases = _cases(sim)
+    files = []
+    for n, case in enumerate(cases):
+        path = tmp_path / f"{n}.json"
+        message = _message(case.attributes, case.payload, _rfc3339(case.published))
+        path.write_text(json.dumps({"message": message}), encoding="utf-8")
+        files.append(str(path))
+    done = subprocess.run(
+        [
+            go,
+            "run",
+            ".",
+            "-certs-url",
+            _certs_url(sim),
+            "-cloud-identity",
+            CLOUD_IDENTITY,
+            *files,
+        ],
+        cwd=GO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(cases), done.stdout
+    for case, line in zip(cases, lines, strict=True):
+        said = line.split(" origin=", 1)[1]
+        if case.verified:
+            assert said == "verified", (case.label, line)
+        else:
+            assert said.startswith("unverified (") and said.endswith("not acted on"), line
+            assert case.because in said, (case.label, line)
+    awkward = [line for c, line in zip(cases, lines, strict=True) if "awkward" in c.label]
+    assert all(f" seq={BIG_SEQUENCE} " in line for line in awkward), awkward
+
+
+# JSON texts whose canonical forms differ between naive encoders: Python's is the contract.
+CANONICAL_TEXTS = [
+    '{"b":1,"a":[true,false,null],"A":{},"":[]}',
+    '{"\\u00e9":"na\\u00efve \\u2603","astral":"\\ud83d\\ude00 \\ud834\\udd1e"}',
+    '"\\u0000\\u0001\\u001f\\u007f\\b\\f\\n\\r\\t\\u2028\\u2029\\"\\\\/\'"',
+    '{"raw":"naïve ☃ 😀 \u0080 \u00ff"}',
+    "[12345678901234567890123,-18446744073709551616,9223372036854775807,-0,0,1,-1]",
+    "[1.0,1.5,1e16,1E15,1e-5,0.0001,0.00001,-0.0,1e300,123456789.125,1e400,-1e400,1e-400]",
+    "[2.5e-7,100e-2,1234567890123456.0,12345678901234567.0,0.1,5e-324,1.7976931348623157e308]",
+    '{"\\uffff":1,"\\ud83d\\ude00":2,"\\ue000":3,"z":4,"Z":5,"\\u00e9":6,"e\\u0301":7}',
+    '{"__proto__":{"x":1},"constructor":2,"toString":3}',
+    ' { "sp" : [ 1 , 2 , { } ] } ',
+]
+# A lone surrogate escape: Python keeps it, Node too; Go's encoding/json makes it U+FFFD
+# (consumer.go says so: such an event fails closed there, and no bridge can send one).
+LONE_SURROGATE = '{"lone":"\\udc00x\\ud800"}'
+
+
+def _assert_canonical_is_pythons(command: list[str], cwd: Path, texts: list[str]) -> None:
+    """`command` reads one JSON text a line and writes its canonical form a line."""
+    done = subprocess.run(
+        command,
+        cwd=cwd,
+        input="".join(t + "\n" for t in texts),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    python = [origin.canonical(json.loads(t)).decode("ascii") for t in texts]
+    assert done.stdout.splitlines() == python
+
+
+def test_node_canonical_form_is_pythons(node: str) -> None:
+    script = (
+        'const {parseExact, canonical} = require("./origin");'
+        'const lines = require("fs").readFileSync(0, "utf8").split("\\n").filter(Boolean);'
+        'for (const l of lines) process.stdout.write(canonical(parseExact(l)) + "\\n");'
+    )
+    _assert_canonical_is_pythons([node, "-e", script], NODE_DIR, [*CANONICAL_TEXTS, LONE_SURROGATE])
+
+
+def test_go_canonical_form_is_pythons(go: str) -> None:
+    _assert_canonical_is_pythons([go, "run", ".", "canonical"], GO_DIR, CANONICAL_TEXTS)

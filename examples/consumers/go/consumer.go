@@ -11,6 +11,9 @@
 //  3. Decode data, ignoring unknown fields (fields are added within v1).
 //  4. Read sequence as an int64 that JSON may carry as a number or a decimal string.
 //  5. Order and deduplicate per (instance id, stream_id, sequence); deduplicate on source + id.
+//  6. Verify its origin (origin.go, VerifyOrigin): the VM that signed the event's token is the
+//     VM it speaks for, judged at the message's publish time; an unverified event is logged and
+//     not acted on.
 //
 // Dependency-free on purpose: the CloudEvents Go SDK's Pub/Sub protocol binding needs the
 // Pub/Sub client library, and a subscriber that already has a message needs neither.
@@ -24,6 +27,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 )
 
 var extensionName = regexp.MustCompile(`^[a-z0-9]{1,20}$`)
@@ -85,11 +89,16 @@ type EventData struct {
 	Upcoming          *Upcoming         `json:"upcoming"`
 }
 
-// Event is one maintenance-bridge CloudEvent.
+// Event is one maintenance-bridge CloudEvent. Structured is the event as sent, in structured
+// form and parsed exactly (numbers as json.Number), which VerifyOrigin digests; PublishedAt is
+// when Pub/Sub published it (set by DecodeMessagePublished; for a pulled message, set it from
+// the message's PublishTime), zero when unknown.
 type Event struct {
 	ID, Source, Type, Time, Subject string
 	Extensions                      map[string]string
 	Data                            EventData
+	Structured                      map[string]any
+	PublishedAt                     time.Time
 }
 
 // Kind is the type without its prefix, e.g. maintenance.started.
@@ -116,20 +125,28 @@ func DecodePubSub(attributes map[string]string, payload []byte) (*Event, error) 
 		return decodeStructured(payload)
 	}
 	context := map[string]string{}
+	structured := map[string]any{}
 	for name, value := range attributes {
 		if strings.HasPrefix(name, "ce-") {
 			context[strings.TrimPrefix(name, "ce-")] = value
+			structured[strings.TrimPrefix(name, "ce-")] = value
 		}
 	}
-	return build(context, payload)
+	data, err := parseExact(payload)
+	if err != nil {
+		return nil, fmt.Errorf("data: %w", err)
+	}
+	structured["data"] = data
+	return build(context, payload, structured)
 }
 
 // DecodeMessagePublished reads a push request body or an Eventarc messagePublished data.
 func DecodeMessagePublished(body []byte) (*Event, error) {
 	var envelope struct {
 		Message *struct {
-			Attributes map[string]string `json:"attributes"`
-			Data       string            `json:"data"`
+			Attributes  map[string]string `json:"attributes"`
+			Data        string            `json:"data"`
+			PublishTime string            `json:"publishTime"`
 		} `json:"message"`
 	}
 	if err := json.Unmarshal(body, &envelope); err != nil {
@@ -142,12 +159,24 @@ func DecodeMessagePublished(body []byte) (*Event, error) {
 	if err != nil {
 		return nil, fmt.Errorf("message.data: %w", err)
 	}
-	return DecodePubSub(envelope.Message.Attributes, payload)
+	event, err := DecodePubSub(envelope.Message.Attributes, payload)
+	if err != nil || envelope.Message.PublishTime == "" {
+		return event, err
+	}
+	event.PublishedAt, err = time.Parse(time.RFC3339Nano, envelope.Message.PublishTime)
+	if err != nil {
+		return nil, fmt.Errorf("message.publishTime: %w", err)
+	}
+	return event, nil
 }
 
 func decodeStructured(payload []byte) (*Event, error) {
 	var fields map[string]json.RawMessage
 	if err := json.Unmarshal(payload, &fields); err != nil {
+		return nil, fmt.Errorf("structured event: %w", err)
+	}
+	exact, err := parseExact(payload)
+	if err != nil {
 		return nil, fmt.Errorf("structured event: %w", err)
 	}
 	data, ok := fields["data"]
@@ -165,14 +194,14 @@ func decodeStructured(payload []byte) (*Event, error) {
 		}
 		context[name] = value
 	}
-	return build(context, data)
+	return build(context, data, exact.(map[string]any))
 }
 
-func build(context map[string]string, data []byte) (*Event, error) {
+func build(context map[string]string, data []byte, structured map[string]any) (*Event, error) {
 	if context["specversion"] != "1.0" {
 		return nil, fmt.Errorf("unsupported specversion %q", context["specversion"])
 	}
-	event := &Event{Extensions: map[string]string{}}
+	event := &Event{Extensions: map[string]string{}, Structured: structured}
 	for name, value := range context {
 		switch name {
 		case "specversion", "dataschema":
