@@ -69,9 +69,26 @@ def binding(obj: Any) -> str:
 def signed_part(event: Event) -> dict[str, Any]:
     """What a token vouches for: the structured event without the token itself and without
     `datacontenttype` (a binding detail: binary mode carries it as `content-type`)."""
+    return _unsigned_removed(event.to_structured())
+
+
+def signed_part_of_message(attributes: Mapping[str, str], data: bytes | str) -> dict[str, Any]:
+    """`signed_part` of an event as it was published (a Pub/Sub message's attributes and
+    payload, either content mode), not as this decoder rebuilt it: a field added by a newer
+    bridge, which this decoder drops, is still digested, so the audience still matches. Call
+    it on a message that decoded (ValueError on a payload that is not JSON)."""
+    payload = json.loads(data)
+    content_type = attributes.get("content-type", attributes.get("Content-Type", ""))
+    if content_type.lower().startswith("application/cloudevents"):
+        return _unsigned_removed(payload)
+    said = {name[3:]: value for name, value in attributes.items() if name.startswith("ce-")}
+    return _unsigned_removed({**said, "data": payload})
+
+
+def _unsigned_removed(structured: Mapping[str, Any]) -> dict[str, Any]:
     return {
         name: value
-        for name, value in event.to_structured().items()
+        for name, value in structured.items()
         if name != "datacontenttype" and not _PIECE_NAME.fullmatch(name)
     }
 
@@ -208,16 +225,24 @@ class Policy:
 
 
 def check(
-    event: Event, *, at: float, certs: Mapping[str, str], cloud_identity: str = ""
+    event: Event,
+    *,
+    at: float,
+    certs: Mapping[str, str],
+    cloud_identity: str = "",
+    signed: Mapping[str, Any] | None = None,
 ) -> Verdict:
-    """The origin verdict for a decoded event published at `at` (epoch seconds). Never raises
-    for a bad token (that is the verdict); fetching `certs` is the caller's, so that a network
-    fault there stays a retryable error and not a forgery."""
+    """The origin verdict for a decoded event published at `at` (epoch seconds); `signed` is
+    the event as it was published (`signed_part_of_message`), when the caller has it, else the
+    decoded event is digested. Never raises for a bad token (that is the verdict); fetching
+    `certs` is the caller's, so that a network fault there stays a retryable error and not a
+    forgery."""
     token = token_of(event)
     if token is None:
         return Verdict(False, False, "unattested")
+    audience = binding(_unsigned_removed(signed)) if signed is not None else binding_of(event)
     try:
-        claims = verify(token, audience=binding_of(event), at=at, certs=certs)
+        claims = verify(token, audience=audience, at=at, certs=certs)
         vouches_for(claims, event, cloud_identity=cloud_identity)
     except Forged as exc:
         return Verdict(False, True, str(exc))
