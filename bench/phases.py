@@ -387,69 +387,82 @@ def phase_breakdown(b: Bench) -> dict[str, Any]:
     return out
 
 
+Sides = dict[str, tuple[VM, str, subprocess.Popen[bytes]]]  # side -> (vm, label, process)
+
+
+def side_by_side(
+    b: Bench, sides: Sides, tag: str, n: int, spacing: float, only: str | None = None
+) -> dict[str, Any]:
+    """n changes per side (or to `only`), alternating between the sides' VMs `spacing` s
+    apart, unique values; each side's change -> stdout line latencies and the CPU its bridge
+    process spent meanwhile."""
+    names = [only] if only else list(sides)
+    steps = [
+        Step(k * spacing, sides[names[k % len(names)]][0], value=f"{MIGRATE}_{tag}_{k}")
+        for k in range(n * len(names))
+    ]
+    cpu0 = {s: psutil.Process(sides[s][2].pid).cpu_times() for s in names}
+    stamps = play(steps)
+    last = {s: next(st.value for st in reversed(steps) if st.vm is sides[s][0]) for s in names}
+
+    def done() -> bool:
+        return all(
+            any(o.value == last[s] for o in parse("stdout", b.hub.get(sides[s][1]))) for s in names
+        )
+
+    b.hub.wait(done, 10.0)
+    out: dict[str, Any] = {}
+    for s in names:
+        seen: dict[str, float] = {}
+        for o in parse("stdout", b.hub.get(sides[s][1])):
+            seen.setdefault(o.value, o.t)
+        mine = [(st.value, t) for st, t in zip(steps, stamps, strict=True) if st.vm is sides[s][0]]
+        lat = [seen[v] - t for v, t in mine if v in seen]
+        cpu1 = psutil.Process(sides[s][2].pid).cpu_times()
+        cpu = (cpu1.user + cpu1.system) - (cpu0[s].user + cpu0[s].system)
+        out[s] = {"latency": Dist.of(lat, len(mine) - len(lat)), "cpu": cpu, "events": len(lat)}
+    return out
+
+
+def ab_measure(b: Bench, sides: Sides, changes: int, cpu_seconds: float) -> dict[str, Any]:
+    """Latency of `changes` interleaved changes per side, 40 ms apart (both see the same
+    machine), and CPU per event at 100 changes/s to one side at a time, in the order first,
+    second, second, first (a machine getting busier weighs on both alike)."""
+    first, second = sides
+    side_by_side(b, sides, "warm", 2, 0.05)
+    time.sleep(0.3)
+    interleaved = side_by_side(b, sides, "lat", changes, 0.04)
+    seconds: dict[str, float] = defaultdict(float)
+    events: dict[str, int] = defaultdict(int)
+    half = int(100 * cpu_seconds / 2)
+    for i, side in enumerate((first, second, second, first)):
+        time.sleep(0.5)
+        got = side_by_side(b, sides, f"cpu{i}", half, 0.01, only=side)[side]
+        seconds[side] += got["cpu"]
+        events[side] += got["events"]
+    return {
+        "latency": {s: interleaved[s]["latency"] for s in sides},
+        "cpu_ms_per_event": {s: 1000.0 * seconds[s] / max(1, events[s]) for s in sides},
+    }
+
+
 def phase_ab(b: Bench) -> dict[str, Any]:
     """Before/after in this run: the A/B baseline's bridge and this tree's, stdout sink, each on
-    its own VM. Latency: changes alternate between the two VMs, one at a time, 40 ms apart
-    (interleaved, so both see the same machine). CPU: 100 changes/s to one at a time, in the
-    order before, after, after, before (a machine getting busier weighs on both alike)."""
+    its own VM (`ab_measure`: interleaved latency, CPU before, after, after, before)."""
     assert b.before is not None
     vms = b.vms(2)
-    sides: dict[str, tuple[VM, str, subprocess.Popen[bytes]]] = {}
+    sides: Sides = {}
     for side, vm in zip(("before", "after"), vms, strict=True):
         label, proc = b.bridge(vm, name=f"ab-{side}", before=side == "before")
         sides[side] = (vm, label, proc)
     for vm in vms:
         wait_ready(b, vm, bridges=1)
-
-    def changes(tag: str, n: int, spacing: float, only: str | None = None) -> dict[str, Any]:
-        """n changes per side (or to `only`), unique values; latencies and CPU per side."""
-        names = [only] if only else list(sides)
-        steps = [
-            Step(k * spacing, sides[names[k % len(names)]][0], value=f"{MIGRATE}_{tag}_{k}")
-            for k in range(n * len(names))
-        ]
-        cpu0 = {s: psutil.Process(sides[s][2].pid).cpu_times() for s in names}
-        stamps = play(steps)
-        last = {s: next(st.value for st in reversed(steps) if st.vm is sides[s][0]) for s in names}
-
-        def done() -> bool:
-            return all(
-                any(o.value == last[s] for o in parse("stdout", b.hub.get(sides[s][1])))
-                for s in names
-            )
-
-        b.hub.wait(done, 10.0)
-        out: dict[str, Any] = {}
-        for s in names:
-            seen: dict[str, float] = {}
-            for o in parse("stdout", b.hub.get(sides[s][1])):
-                seen.setdefault(o.value, o.t)
-            mine = [
-                (st.value, t) for st, t in zip(steps, stamps, strict=True) if st.vm is sides[s][0]
-            ]
-            lat = [seen[v] - t for v, t in mine if v in seen]
-            cpu1 = psutil.Process(sides[s][2].pid).cpu_times()
-            cpu = (cpu1.user + cpu1.system) - (cpu0[s].user + cpu0[s].system)
-            out[s] = {"latency": Dist.of(lat, len(mine) - len(lat)), "cpu": cpu, "events": len(lat)}
-        return out
-
-    changes("warm", 2, 0.05)
-    time.sleep(0.3)
-    interleaved = changes("lat", b.plan.ab_changes, 0.04)
-    seconds: dict[str, float] = defaultdict(float)
-    events: dict[str, int] = defaultdict(int)
-    half = int(100 * b.plan.ab_cpu_seconds / 2)
-    for i, side in enumerate(("before", "after", "after", "before")):  # drift weighs on both
-        time.sleep(0.5)
-        got = changes(f"cpu{i}", half, 0.01, only=side)[side]
-        seconds[side] += got["cpu"]
-        events[side] += got["events"]
-    cpu = {side: 1000.0 * seconds[side] / max(1, events[side]) for side in sides}
+    measured = ab_measure(b, sides, b.plan.ab_changes, b.plan.ab_cpu_seconds)
+    cpu = measured["cpu_ms_per_event"]
     b.procs.stop(*(proc for _, _, proc in sides.values()))
     out = {
         "commit": b.before.commit,
-        "latency": {s: interleaved[s]["latency"] for s in sides},
-        "cpu_ms_per_event": cpu,
+        **measured,
         "parts": cpu_parts(b, int(100 * b.plan.ab_cpu_seconds)),
     }
     log(

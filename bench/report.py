@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from bench.phases import STAGES
+from bench.phases_attest import attest_text
 from bench.phases_disruption import disruption_rows, disruption_text
 from bench.phases_load import RECOVERY_CLIENTS
 from bench.plan import NAGLE_CLUSTER, TARGETS, Dist, fmt_ms, median, ratio, verdict, worst
@@ -429,6 +430,8 @@ def markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
     if r.get("ab"):
         w(ab_text(r))
         w("")
+    if r.get("attest"):
+        w(attest_text(r))
     if bd:
         w(HISTORY)
         w("")

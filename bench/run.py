@@ -52,6 +52,7 @@ from bench.phases import (
     phase_memory,
     phase_startup,
 )
+from bench.phases_attest import phase_attest
 from bench.phases_disruption import phase_disruption
 from bench.phases_load import (
     nagle_control,
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             ("latency", phase_latency),
             ("breakdown", phase_breakdown),
             ("ab", phase_ab),
+            ("attest", phase_attest),
             ("recovery", phase_recovery),
             ("growth", phase_growth),
             ("http", phase_http),
