@@ -1248,11 +1248,11 @@ class Verifying:
     board: Function | None
     collection: Any
 
-    def row(self, instance: Instance) -> dict[str, Any]:
+    def row(self, instance_id: str) -> dict[str, Any]:
         assert self.board is not None
         url = f"http://127.0.0.1:{self.board.port}/api/instances"
         rows = requests.get(url, timeout=30).json()["instances"]
-        return next(r for r in rows if r["instance_id"] == instance.id)
+        return next(r for r in rows if r["instance_id"] == instance_id)
 
 
 @pytest.fixture(scope="module")
@@ -1386,7 +1386,7 @@ def test_a_bridges_attested_event_verifies_in_drain_ledger_and_board(
     doc = _doc(verifying.collection, event.data.instance)
     entry = doc["state"]["maintenance"]
     assert (entry["verified"], entry["origin_reason"]) == (True, "")
-    row = verifying.row(event.data.instance)
+    row = verifying.row(event.data.instance.id)
     assert row["state"] == "maintenance" and row["unverified"] == []
 
 
@@ -1415,7 +1415,7 @@ def test_each_forgery_is_refused_by_drain_and_marked_by_ledger_and_board(
     assert send_now(verifying.ledger, event).status_code == 200
     entry = _doc(verifying.collection, event.data.instance)["state"]["maintenance"]
     assert entry["verified"] is False and reason in entry["origin_reason"]
-    (mark,) = verifying.row(event.data.instance)["unverified"]
+    (mark,) = verifying.row(event.data.instance.id)["unverified"]
     assert mark["entry"] == "maintenance" and reason in mark["reason"]
 
 
@@ -1468,3 +1468,54 @@ def test_a_cloud_event_verifies_by_the_system_events_identity_only(verifying: Ve
         assert send_now(verifying.ledger, with_token(event, token)).status_code == 200
         entry = _doc(verifying.collection, instance)["state"]["cloud"]
         assert (entry["verified"], reason in entry["origin_reason"]) == (verified, True), name
+
+
+def test_a_real_bridges_attested_events_verify_end_to_end(
+    verifying: Verifying, compute: Recorder, pubsub, tmp_path: Path
+) -> None:
+    """bridge --attest on -> official Pub/Sub emulator -> push -> drain acts (it verified) and
+    the ledger and the board record the events as verified."""
+    from support.bridge import BridgeProcess
+    from support.pubsub import admin
+
+    sim, name, instance_id = verifying.sim, "attesting-vm", "5550001112223337777"
+
+    def doc() -> dict[str, Any]:
+        snap = verifying.collection.document(f"demo-project_{instance_id}").get()
+        return snap.to_dict() if snap.exists else {}
+
+    for key, value in {
+        "instance/id": instance_id,
+        "instance/name": name,
+        "instance/hostname": f"{name}.{ZONE}.c.demo-project.internal",
+        "instance/zone": f"projects/123456789012/zones/{ZONE}",
+        "project/project-id": "demo-project",
+    }.items():
+        sim.set_value(key, value)
+    compute.members["web"].add(name)  # type: ignore[attr-defined]
+    topic_name = f"attest-{uuid.uuid4().hex[:8]}"
+    pushed = [verifying.drain] + ([verifying.ledger] if verifying.ledger else [])
+    with admin(pubsub) as ps:
+        topic = ps.create_topic(topic_name)
+        for n, fn in enumerate(pushed):
+            endpoint = f"http://127.0.0.1:{fn.port}/{topic}"
+            ps.create_subscription(topic, f"{topic_name}-{n}", push_endpoint=endpoint)
+        args = ("--topic", topic, "--attest", "on")
+        bridge = BridgeProcess(sim.url, tmp_path / "state", *args, env=pubsub.env())
+        try:
+            assert until(lambda: sim.stats().get(MAINTENANCE, 0) >= 2, timeout=10)
+            sim.set_value(MAINTENANCE, MIGRATE)
+            assert until(lambda: _drain_calls(compute, name), timeout=15), bridge.logs()[-5:]
+            if verifying.ledger is not None:
+                started = until(lambda: (doc().get("state") or {}).get("maintenance"), 15)
+                assert started, verifying.ledger.logs()[-3:]
+        finally:
+            assert bridge.terminate() == 0
+            sim.set_value(MAINTENANCE, "NONE")
+    assert [c.rsplit("/", 1)[1] for c in _drain_calls(compute, name)] == ["removeInstances"]
+    assert not [r for r in verifying.drain.logs() if "not verified" in r.get("message", "")]
+    if verifying.ledger is None:
+        skip_without_firestore()
+    entry = doc()["state"]["maintenance"]
+    assert entry["verified"] is True, entry
+    assert verifying.row(instance_id)["unverified"] == []

@@ -7,7 +7,8 @@ iap-desktop and scylla-cluster-tests were read for the shapes, none copied); the
 system-events function runs from its zip (tests/test_functions.py's `Function`) against the
 official Pub/Sub emulator: an entry published on a log topic as a sink publishes it, delivered
 Eventarc-style, comes out on a main topic that enforces the Avro schema, decoded by the
-project's decoder.
+project's decoder. The function attests each event with its own identity token (here the
+simulator's metadata server stands for Cloud Run's), which verifies as the cloud's.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from hypothesis import strategies as st
 from support.pubsub import PubSubAdmin, PubSubServer
 from test_avro_schema import avro_topic  # noqa: F401  (the fixture: a topic enforcing the .avsc)
 from test_functions import (
+    CLOUD_IDENTITY,
     MIGRATE,
     Function,
     _load_module,
     deliver,
     firestore_host,  # noqa: F401  (the module's Firestore emulator fixture)
+    free_port,
     maintenance,
     message_published,
     skip_without_firestore,
@@ -43,6 +46,7 @@ from test_functions import (
     wait_for_port,
 )
 
+from bridge import origin
 from bridge.cloud_kinds import (
     CLOUD_KEY,
     CLOUD_KINDS,
@@ -53,7 +57,8 @@ from bridge.cloud_kinds import (
     UPCOMING_SCHEDULED,
     UPCOMING_UPDATED,
 )
-from bridge.events import DEFAULT_TYPE_PREFIX, Scheduling, decode_pubsub, dumps
+from bridge.events import DEFAULT_TYPE_PREFIX, Event, Scheduling, decode_pubsub, dumps
+from bridge.simulator import Simulator
 from bridge.system_events import NotASystemEvent, convert, event_id, parse, stream_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -399,9 +404,23 @@ def _log_message(entry: Any) -> tuple[bytes, dict[str, str]]:
 
 
 @pytest.fixture
+def signer() -> Any:
+    """The metadata server the function gets its identity token from (Cloud Run's, simulated:
+    its default account signs)."""
+    sim = Simulator().start()
+    # google-auth reads the account's email (its directory, recursive) before asking for a token.
+    sim.set_value("instance/service-accounts/default/email", CLOUD_IDENTITY)
+    try:
+        yield sim
+    finally:
+        sim.stop()
+
+
+@pytest.fixture
 def system_events(
     pubsub: PubSubServer,
     avro_topic: tuple[PubSubAdmin, str, str],  # noqa: F811
+    signer: Simulator,
     tmp_path: Path,
 ) -> Any:
     """(function, admin, log topic, log subscription, main subscription)."""
@@ -413,6 +432,8 @@ def system_events(
         "PUBSUB_EMULATOR_HOST": pubsub.host_port,
         "GOOGLE_CLOUD_PROJECT": pubsub.project,
         "EVENTS_TOPIC": topic,
+        "GCE_METADATA_HOST": signer.host_port,
+        "GCE_METADATA_IP": signer.host_port,
     }
     function = Function("system-events", env, tmp_path)
     try:
@@ -420,6 +441,12 @@ def system_events(
         yield function, api, log_topic, log_subscription, main_subscription
     finally:
         stop(function.proc)
+
+
+def bare(event: Event) -> Event:
+    """The event without its attestation: what the converter made of the entry."""
+    kept = {k: v for k, v in event.extensions.items() if not k.startswith("attestation")}
+    return dataclasses.replace(event, extensions=kept)
 
 
 def _through_the_log_topic(api: PubSubAdmin, log_topic: str, sub: str, entry: Any) -> dict:
@@ -430,7 +457,9 @@ def _through_the_log_topic(api: PubSubAdmin, log_topic: str, sub: str, entry: An
     return message_published(message.attributes, message.data, message.message_id)
 
 
-def test_each_entry_becomes_one_event_on_the_avro_topic_end_to_end(system_events: Any) -> None:
+def test_each_entry_becomes_one_event_on_the_avro_topic_end_to_end(
+    system_events: Any, signer: Simulator
+) -> None:
     function, api, log_topic, log_sub, main_sub = system_events
     entries = {kind: golden(kind) for kind in CLOUD_KINDS}
     for entry in entries.values():
@@ -439,12 +468,20 @@ def test_each_entry_becomes_one_event_on_the_avro_topic_end_to_end(system_events
     got = api.pull_until(main_sub, len(entries), timeout=30)
     events = [decode_pubsub(m.attributes, m.data) for m in got]
     assert sorted(e.kind for e in events) == sorted(CLOUD_KINDS)
+    certs = signer.identity.certs()
     for message, event in zip(got, events, strict=True):
         entry = entries[event.kind]
         assert event.id == event_id(entry["logName"], entry["insertId"])
         assert message.ordering_key == event.extensions["instanceid"]
         assert message.attributes["content-type"] == "application/json"  # binary mode
-        assert event == convert(entry)
+        assert bare(event) == convert(entry)
+        at = message.publish_time.timestamp()
+        verdict = origin.check(event, at=at, certs=certs, cloud_identity=CLOUD_IDENTITY)
+        assert verdict == origin.Verdict(True, True), verdict
+        # No VM can sign as the cloud: a VM's own account is not the cloud's identity.
+        vm_account = "vm@demo-project.iam.gserviceaccount.com"
+        assert not origin.check(event, at=at, certs=certs, cloud_identity=vm_account).verified
+        assert all(len(v.encode()) <= 1024 for v in message.attributes.values())
         jsonschema.validate(json.loads(message.data), CONSUMER, format_checker=CHECKER)
 
     # Redelivered (a new Pub/Sub message of the same entry): the same event, the same id.
@@ -453,7 +490,9 @@ def test_each_entry_becomes_one_event_on_the_avro_topic_end_to_end(system_events
     )
     assert again.status_code == 200
     (copy_of,) = api.pull_until(main_sub, 1, timeout=30)
-    assert decode_pubsub(copy_of.attributes, copy_of.data) == convert(entries["cloud.host_error"])
+    assert bare(decode_pubsub(copy_of.attributes, copy_of.data)) == convert(
+        entries["cloud.host_error"]
+    )
 
     # Unrelated and malformed: acknowledged (200), logged once each, nothing published: the
     # next message on the main topic is the sentinel delivered after them.
@@ -875,3 +914,36 @@ def test_any_arrival_order_gives_one_disruption_per_notice_seen_by_both(
     )
     assert all(d["seen_by"] == ["bridge", "cloud"] for d in disruptions)
     assert None not in parts
+
+
+def test_with_no_token_to_be_had_the_event_goes_out_unattested_and_logged(
+    pubsub: PubSubServer,
+    avro_topic: tuple[PubSubAdmin, str, str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """No metadata server answers (a closed port): published all the same, unattested, which
+    consumers then mark (or drain does not act on); the function says so in its log."""
+    api, topic, main_sub = avro_topic
+    name = f"logs-{uuid.uuid4().hex[:8]}"
+    log_topic = api.create_topic(name)
+    log_sub = api.create_subscription(log_topic, f"{name}-sub", ordering=False)
+    closed = f"127.0.0.1:{free_port()}"
+    env = {
+        "PUBSUB_EMULATOR_HOST": pubsub.host_port,
+        "GOOGLE_CLOUD_PROJECT": pubsub.project,
+        "EVENTS_TOPIC": topic,
+        "GCE_METADATA_HOST": closed,
+        "GCE_METADATA_IP": closed,
+    }
+    function = Function("system-events", env, tmp_path)
+    try:
+        wait_for_port(function.port, function.proc, function.log, time.monotonic() + 120)
+        entry = golden("cloud.host_error")
+        delivery = _through_the_log_topic(api, log_topic, log_sub, entry)
+        assert deliver(function.port, delivery).status_code == 200
+        (message,) = api.pull_until(main_sub, 1, timeout=30)
+    finally:
+        stop(function.proc)
+    event = decode_pubsub(message.attributes, message.data)
+    assert event == convert(entry) and origin.token_of(event) is None
+    assert any("published unattested" in r.get("message", "") for r in function.logs())
