@@ -11,7 +11,8 @@ after the event was recorded: the store never holds a token, and a restart fetch
 A token is never worth holding an event back for long: a failed fetch is retried once at once,
 then the event goes out unattested (counted, logged once per outage). While that outage lasts,
 each event gets one quick attempt only, so a metadata server that does not answer costs each
-event `QUICK` seconds at most, not the retried `TIMEOUT`s.
+event `QUICK` seconds at most, not the retried `TIMEOUT`s; one event per `PROBE` seconds gets
+a full `TIMEOUT` instead, so that a server merely slower than `QUICK` ends the outage.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from bridge.outage import Outage
 from bridge.sinks import Sink
 
 IDENTITY_PATH = "instance/service-accounts/default/identity"
-TIMEOUT = 1.0  # seconds, each of the two attempts while tokens come
+TIMEOUT = 0.75  # seconds, each of the two attempts while tokens come (both < relay.SEND_STUCK)
 QUICK = 0.25  # seconds, the one attempt per event while tokens do not come
+PROBE = 30.0  # seconds between full attempts while tokens do not come
 CACHED = 4096  # tokens kept for resends (a resend comes after a sink failure: the last few)
 REUSE_MARGIN = 300  # seconds a cached token must still be valid for to be sent again
 LOG = logging.getLogger(__name__)
@@ -43,18 +45,10 @@ class Attestor:
     """Fetches tokens on the relay thread's own metadata connection (`client`, closed by
     `close`); `count` is called once per event that goes out unattested (the daemon's metric)."""
 
-    def __init__(
-        self,
-        client: MetadataClient,
-        count: Callable[[], object],
-        *,
-        timeout: float = TIMEOUT,
-        quick: float = QUICK,
-    ) -> None:
+    def __init__(self, client: MetadataClient, count: Callable[[], object]) -> None:
         self.client = client
         self.count = count
-        self.timeout = timeout
-        self.quick = quick
+        self._probe_at = 0.0  # monotonic: the outage's next full attempt
         self._outage = Outage(LOG, "identity tokens available again; events are attested")
         self._tokens: OrderedDict[str, tuple[str, int]] = OrderedDict()  # audience -> (jwt, exp)
 
@@ -64,16 +58,19 @@ class Attestor:
         cached = self._tokens.get(audience)
         if cached is not None and cached[1] - time.time() > REUSE_MARGIN:
             return cached[0]
-        quick = self._outage.failures > 0
-        tries = 1 if quick else 2
+        outage = self._outage.failures > 0
+        full = not outage or time.monotonic() >= self._probe_at
+        tries = 1 if outage else 2
         while True:
             tries -= 1
             try:
-                token, expires = self._fetch(audience, self.quick if quick else self.timeout)
+                token, expires = self._fetch(audience, TIMEOUT if full else QUICK)
                 break
             except MetadataError as exc:
                 if tries:
                     continue
+                if full:
+                    self._probe_at = time.monotonic() + PROBE
                 self.count()
                 self._outage.failed(
                     exc.failure_class, "no identity token (%s); events go out unattested", exc

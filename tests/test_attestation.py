@@ -213,6 +213,22 @@ def test_a_silent_identity_endpoint_holds_each_event_briefly_then_recovers(
     assert sum("available again" in m for m in messages) == 1, messages
 
 
+def test_a_server_slower_than_the_quick_attempt_still_ends_the_outage(
+    sim: Simulator, attestor: Attestor, counter: Counter, monkeypatch: pytest.MonkeyPatch
+):
+    """Two failures open an outage; the server then answers, but slower than a quick attempt
+    waits: the next full attempt (PROBE seconds on) gets the token and ends the outage."""
+    monkeypatch.setattr(attestation, "PROBE", 1.0)
+    sim.inject("status", count=2, path=IDENTITY_PATH, status=503)
+    sim.inject("delay", count=100, path=IDENTITY_PATH, seconds=QUICK + 0.3)
+    assert attestor.token("first") is None
+    assert attestor.token("quick") is None, "a quick attempt gives up on the slow server"
+    time.sleep(1.0)
+    assert attestor.token("probe") is not None
+    assert attestor.token("after") is not None, "the outage is over: full attempts again"
+    assert unattested(counter) == 2
+
+
 def test_the_sink_sends_the_event_with_its_token_or_as_it_is(sim: Simulator, counter: Counter):
     inner = MemorySink()
     sink = AttestingSink(inner, Attestor(MetadataClient(sim.url), counter.inc))
