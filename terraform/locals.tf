@@ -30,6 +30,19 @@ locals {
     ])
   }
 
+  # Verified origin (docs/events.md): what every consuming function checks events against. The
+  # cloud's events are signed by the system-events function's own account (system_events.tf
+  # creates it under this id), which no VM runs as: a VM cannot speak as the cloud.
+  system_events_account_id = "${var.name}-sysev"
+  system_events_identity   = var.system_events.enabled ? "${local.system_events_account_id}@${var.project_id}.iam.gserviceaccount.com" : ""
+  origin_env = merge(
+    {
+      REQUIRE_ATTESTATION   = tostring(var.require_attestation)
+      CLOUD_EVENTS_IDENTITY = local.system_events_identity
+    },
+    var.attestation_certs_url != "" ? { ATTESTATION_CERTS_URL = var.attestation_certs_url } : {},
+  )
+
   drain_backends = var.drain.backends
   drain_zones    = distinct([for b in local.drain_backends : b.zone])
 
@@ -38,34 +51,34 @@ locals {
       enabled       = var.notify.enabled
       description   = "Posts maintenance events to a chat webhook (${var.notify.chat_format})."
       max_instances = var.notify.max_instances
-      env = {
+      env = merge(local.origin_env, {
         WEBHOOK_SECRET = "projects/${var.project_id}/secrets/${local.notify_secret_id}"
         CHAT_FORMAT    = var.notify.chat_format
         EVENT_FILTER   = jsonencode(local.filters.notify)
-      }
+      })
     }
     ledger = {
       enabled       = var.ledger.enabled
       description   = "Keeps one Firestore document per instance: maintenance state and history."
       max_instances = var.ledger.max_instances
-      env = {
+      env = merge(local.origin_env, {
         GOOGLE_CLOUD_PROJECT = var.project_id
         FIRESTORE_DATABASE   = var.ledger.database
         LEDGER_COLLECTION    = var.ledger.collection
         HISTORY_LIMIT        = tostring(var.ledger.history_limit)
         EVENT_FILTER         = jsonencode(local.filters.ledger)
-      }
+      })
     }
     drain = {
       enabled     = var.drain.enabled
       description = "Takes an instance out of its load-balancer backend during maintenance."
       # One instance: its de-duplication and ordering memory is per instance.
       max_instances = 1
-      env = {
+      env = merge(local.origin_env, {
         DRAIN_TARGETS      = jsonencode(local.drain_backends)
         DRAIN_METADATA_KEY = var.drain.metadata_key
         EVENT_FILTER       = jsonencode(local.filters.drain)
-      }
+      })
     }
   }
   functions    = { for fn, s in local.function_settings : fn => s if s.enabled }
@@ -93,7 +106,8 @@ locals {
   vm = var.example_instance_template
 
   # The VM serves /metrics on loopback for the Ops Agent (deploy/ops-agent/config.yaml scrapes
-  # this port) and sends heartbeats, which the "bridge silent" alert needs (monitoring.tf).
+  # this port) and sends heartbeats, which the "bridge silent" alert needs (monitoring.tf). It
+  # attests every event with its identity token (verified origin), which the functions require.
   metrics_port = 8799
   bridge_env = merge(
     {
@@ -102,6 +116,7 @@ locals {
       BRIDGE_HTTP_HOST          = "127.0.0.1"
       BRIDGE_HTTP_PORT          = tostring(local.metrics_port)
       BRIDGE_HEARTBEAT_INTERVAL = "60"
+      BRIDGE_ATTEST             = "on"
     },
     local.vm.bridge_settings,
   )

@@ -86,11 +86,20 @@ resource "google_service_account" "system_events" {
   count = var.system_events.enabled ? 1 : 0
 
   project      = var.project_id
-  account_id   = "${var.name}-sysev"
+  account_id   = local.system_events_account_id
   display_name = "maintenance-bridge system-events function"
   description  = "Publishes Compute Engine system events to ${local.topic_name}; nothing else."
 
   depends_on = [google_project_service.apis]
+
+  lifecycle {
+    # Its identity tokens are what makes a cloud event trusted (CLOUD_EVENTS_IDENTITY): a VM
+    # running as this account could sign cloud events for any instance.
+    precondition {
+      condition     = !contains(var.publisher_service_account_emails, local.system_events_identity)
+      error_message = "The system-events function's service account must not be a VM's (publisher_service_account_emails): consumers trust cloud events by its identity tokens."
+    }
+  }
 }
 
 resource "google_pubsub_topic_iam_member" "system_events_publisher" {

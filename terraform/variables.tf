@@ -164,6 +164,23 @@ variable "publisher_service_account_emails" {
 
 # --- example subscribers ----------------------------------------------------------------------
 
+variable "require_attestation" {
+  description = "Verified origin (docs/events.md): REQUIRE_ATTESTATION of the consuming functions. true: drain does not act on an event whose origin is not verified (its VM's identity token, or the system-events function's for the cloud's events); false: it acts. The ledger, the board and notify mark unverified events either way. The example template attests (BRIDGE_ATTEST=on); turn this off only while bridges that do not attest are still publishing."
+  type        = bool
+  default     = true
+}
+
+variable "attestation_certs_url" {
+  description = "ATTESTATION_CERTS_URL of the consuming functions: where the identity tokens' signing certificates are fetched ({kid: PEM}). Empty: Google's (https://www.googleapis.com/oauth2/v1/certs), the only right value for real tokens."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.attestation_certs_url == "" || can(regex("^https?://[^\\s]+$", var.attestation_certs_url))
+    error_message = "attestation_certs_url must be an http(s) URL, or empty for Google's."
+  }
+}
+
 variable "function_delivery" {
   description = <<-EOT
     How events reach the functions.
@@ -374,6 +391,10 @@ variable "example_instance_template" {
   validation {
     condition     = can(regex("^[a-z0-9-]+$", var.example_instance_template.machine_type))
     error_message = "example_instance_template.machine_type must be a machine type name such as e2-small."
+  }
+  validation {
+    condition     = lookup(var.example_instance_template.bridge_settings, "BRIDGE_PUBSUB_TRANSPORT", "rest") != "grpc"
+    error_message = "example_instance_template installs maintenance-bridge without its [grpc] extra (REST transport only): BRIDGE_PUBSUB_TRANSPORT = \"grpc\" would stop the bridge at start."
   }
   validation {
     condition     = alltrue([for k, v in var.example_instance_template.bridge_settings : can(regex("^BRIDGE_[A-Z0-9_]+$", k)) && !can(regex("['\n]", v))])

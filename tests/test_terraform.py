@@ -385,6 +385,7 @@ def test_function_zips_vendor_the_decoder(module) -> None:
         "subscriber.py",
         "bridge/__init__.py",
         "bridge/events.py",
+        "bridge/origin.py",  # verified origin: each function checks who signed an event
         "bridge/keys.py",
         "bridge/cloud_kinds.py",  # the cloud's kinds, which the decoder accepts
         "bridge/system_events.py",  # the system-events function's converter
@@ -688,6 +689,44 @@ def test_function_settings_match_what_the_functions_parse(console: Console) -> N
     )
 
 
+def test_verified_origin_is_on_by_default_everywhere(console: Console) -> None:
+    """The template's VM attests, every consuming function requires it and knows the
+    system-events function's account (the one the module creates for it, never a VM's), and
+    the policy the environment gives is the one the functions' subscriber.py parses."""
+    from bridge.origin import GOOGLE_CERTS_URL, Policy
+
+    assert console.eval("local.bridge_env")["BRIDGE_ATTEST"] == "on"
+    settings = console.eval("local.functions")
+    assert set(settings) == {"notify", "ledger", "drain"}
+    identity = "maintenance-bridge-sysev@my-project.iam.gserviceaccount.com"
+    assert console.eval("local.system_events_identity") == identity
+    for name, fn in settings.items():
+        policy = Policy.from_env(fn["env"])
+        assert policy == Policy(True, GOOGLE_CERTS_URL, identity), name
+        assert "ATTESTATION_CERTS_URL" not in fn["env"], name  # Google's, the default
+    relaxed = console.eval(
+        "local.functions",
+        require_attestation=False,
+        attestation_certs_url="http://127.0.0.1:9/certs",
+        system_events={"enabled": False},
+    )
+    for name, fn in relaxed.items():
+        assert Policy.from_env(fn["env"]) == Policy(False, "http://127.0.0.1:9/certs", ""), name
+    overridden = {"bridge_settings": {"BRIDGE_ATTEST": "off"}}
+    assert (
+        console.eval("local.bridge_env", example_instance_template=overridden)["BRIDGE_ATTEST"]
+        == "off"
+    )
+
+
+def test_the_cloud_identity_is_the_system_events_account_and_no_vms(module) -> None:
+    account = resources(module, "google_service_account")["system_events"]
+    assert account["account_id"] == "${local.system_events_account_id}"
+    precondition = block(block(account, "lifecycle"), "precondition")
+    assert "var.publisher_service_account_emails" in precondition["condition"]
+    assert "local.system_events_identity" in precondition["condition"]
+
+
 def test_kind_validation_lists_every_kind_the_bridge_emits() -> None:
     from bridge.cloud_kinds import CLOUD_KINDS
     from bridge.keys import KINDS
@@ -733,6 +772,8 @@ def test_defaults_pass_validation(console: Console) -> None:
         ),
         ("example_instance_template", {"bridge_package": "maintenance-bridge==0.1.0"}),
         ("example_instance_template", {"bridge_wheel": "/tmp/something.tar.gz"}),
+        ("example_instance_template", {"bridge_settings": {"BRIDGE_PUBSUB_TRANSPORT": "grpc"}}),
+        ("attestation_certs_url", "file:///etc/certs.json"),
         ("monitoring", {"notification_channels": ["email:me@example.com"]}),
         ("autopilot_policy", {"windows": [{"days": ["monday"], "start": "01:00", "end": "02:00"}]}),
         ("autopilot_policy", {"windows": [{"days": ["mon"], "start": "1:00", "end": "02:00"}]}),
