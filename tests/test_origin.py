@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -335,20 +334,11 @@ def test_policy_from_the_environment() -> None:
             origin.Policy.from_env({"REQUIRE_ATTESTATION": bad})
 
 
-@pytest.fixture
-def certs_server() -> Iterator[Simulator]:
-    simulator = Simulator().start()
-    try:
-        yield simulator
-    finally:
-        simulator.stop()
-
-
-def test_certs_are_fetched_once_per_ttl_and_a_failure_raises(certs_server: Simulator) -> None:
-    url = f"http://{certs_server.host_port}/simulator/v1/identity/certs"
+def test_certs_are_fetched_once_per_ttl_and_a_failure_raises(sim: Simulator) -> None:
+    url = f"http://{sim.host_port}/simulator/v1/identity/certs"
     cached = origin.Certs(url)
-    assert cached.get() == certs_server.identity.certs()
-    certs_server.stop()
-    assert cached.get() == certs_server.identity.certs()  # within the ttl: no fetch
+    assert cached.get() == sim.identity.certs()
+    sim.stop()
+    assert cached.get() == sim.identity.certs()  # within the ttl: no fetch
     with pytest.raises(OSError):
         origin.Certs(url, ttl=0).get()
