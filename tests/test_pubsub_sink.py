@@ -10,6 +10,7 @@ Finally, the default path must not load gRPC at all: that is what halves the bri
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import subprocess
@@ -259,6 +260,68 @@ def test_each_publish_carries_the_token_and_a_refused_one_is_replaced(sim):
         server.server_close()
     assert TokenCheckingApi.seen == ["Bearer ya29.revoked", "Bearer ya29.good"]
     assert sim.stats()[TOKEN_PATH] == 2, "the refused token was forgotten, the new one asked"
+
+
+class HoldingApi(http.server.BaseHTTPRequestHandler):
+    """Stands in for `topics.publish` with HTTP/1.1 keep-alive, holding each answer until
+    `gate` is set; records the connections accepted and each request's messages."""
+
+    protocol_version = "HTTP/1.1"
+    connections: ClassVar[list[int]] = []
+    requests: ClassVar[list[list[str]]] = []
+    gate: ClassVar[threading.Event] = threading.Event()
+
+    def setup(self) -> None:
+        super().setup()
+        self.connections.append(len(self.connections))
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        data = [base64.b64decode(m["data"]).decode() for m in body["messages"]]
+        assert {m["orderingKey"] for m in body["messages"]} == {"k"}
+        self.requests.append(data)
+        number = len(self.requests)
+        self.gate.wait(10)
+        raw = json.dumps({"messageIds": [f"{number}-{i}" for i in range(len(data))]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+def test_rest_keeps_one_connection_and_sends_what_waited_in_one_request():
+    """What keeps REST as quick as gRPC when events come together: one kept-alive connection
+    (no connect per publish), and the messages of a key queued behind a publish in flight
+    leave together, in order, in one request (`messages: [...]`), each under its own id."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HoldingApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    HoldingApi.connections, HoldingApi.requests = [], []
+    HoldingApi.gate.clear()
+    transport = RestTransport(
+        "projects/p-test1/topics/t-1",
+        f"127.0.0.1:{server.server_address[1]}",
+        secure=False,
+        tokens=None,
+    )
+    try:
+        first = transport.publish("k", {}, b"0")
+        wait_for("the first request", lambda: len(HoldingApi.requests) == 1)
+        behind = [transport.publish("k", {}, str(i).encode()) for i in range(1, 6)]
+        HoldingApi.gate.set()
+        ids = [f.result(timeout=10) for f in (first, *behind)]
+        last = transport.publish("k", {}, b"6").result(timeout=10)
+    finally:
+        transport.close()
+        server.shutdown()
+        server.server_close()
+    assert HoldingApi.requests == [["0"], ["1", "2", "3", "4", "5"], ["6"]]
+    assert ids == ["1-0", "2-0", "2-1", "2-2", "2-3", "2-4"]
+    assert last == "3-0"
+    assert HoldingApi.connections == [0], "one connection for every publish"
 
 
 # --- the default path stays light -----------------------------------------------------------
