@@ -209,7 +209,22 @@ def test_no_service_account_is_a_permission_failure(sim):
     assert classify(failed.value) == "permission"
 
 
-class TokenCheckingApi(http.server.BaseHTTPRequestHandler):
+class StandInApi(http.server.BaseHTTPRequestHandler):
+    """A loopback stand-in for Pub/Sub's `topics.publish`, quiet, answering JSON."""
+
+    def answer(self, status: int, payload: object) -> None:
+        raw = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+class TokenCheckingApi(StandInApi):
     """Stands in for Pub/Sub's authentication only (the emulator checks none): answers
     `topics.publish` as the API does when the bearer token is `accepted`, 401 otherwise."""
 
@@ -224,15 +239,7 @@ class TokenCheckingApi(http.server.BaseHTTPRequestHandler):
             answer, status = {"error": {"code": 401, "status": "UNAUTHENTICATED"}}, 401
         else:
             answer, status = {"messageIds": [str(i) for i, _ in enumerate(body["messages"])]}, 200
-        raw = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None
+        self.answer(status, answer)
 
 
 def test_each_publish_carries_the_token_and_a_refused_one_is_replaced(sim):
@@ -262,7 +269,7 @@ def test_each_publish_carries_the_token_and_a_refused_one_is_replaced(sim):
     assert sim.stats()[TOKEN_PATH] == 2, "the refused token was forgotten, the new one asked"
 
 
-class HoldingApi(http.server.BaseHTTPRequestHandler):
+class HoldingApi(StandInApi):
     """Stands in for `topics.publish` with HTTP/1.1 keep-alive, holding each answer until
     `gate` is set; records the connections accepted and each request's messages."""
 
@@ -282,15 +289,7 @@ class HoldingApi(http.server.BaseHTTPRequestHandler):
         self.requests.append(data)
         number = len(self.requests)
         self.gate.wait(10)
-        raw = json.dumps({"messageIds": [f"{number}-{i}" for i in range(len(data))]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None
+        self.answer(200, {"messageIds": [f"{number}-{i}" for i in range(len(data))]})
 
 
 def test_rest_keeps_one_connection_and_sends_what_waited_in_one_request():
