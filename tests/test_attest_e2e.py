@@ -33,7 +33,7 @@ from bridge.cli import parser
 from bridge.config import build
 from bridge.events import Event, decode_pubsub, decode_structured
 from bridge.keys import MAINTENANCE
-from bridge.origin import check
+from bridge.origin import check, signed_part_of_message
 from bridge.simulator import Simulator
 from bridge.sinks.pubsub import TRANSPORTS
 
@@ -82,9 +82,17 @@ def test_a_bad_attest_value_exits_2_with_one_line(tmp_path: Path) -> None:
     assert len(result.stderr.splitlines()) == 1 and "--attest" in result.stderr, result.stderr
 
 
-def verified(sim: Simulator, event: Event, at: float) -> None:
-    verdict = check(event, at=at, certs=sim.identity.certs())
+def verified(
+    sim: Simulator, event: Event, at: float, message: tuple[dict[str, str], bytes] | None = None
+) -> None:
+    """Verified as the decoded event and, given the message as published (attributes and
+    payload), as the consumers digest it (`signed_part_of_message`)."""
+    certs = sim.identity.certs()
+    verdict = check(event, at=at, certs=certs)
     assert verdict.verified, (event.id, verdict.reason)
+    if message is not None:
+        verdict = check(event, at=at, certs=certs, signed=signed_part_of_message(*message))
+        assert verdict.verified, (event.id, "as published", verdict.reason)
 
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])
@@ -110,7 +118,8 @@ def test_every_published_event_verifies_within_pubsubs_limits(
         events = [(m, decode_pubsub(m.attributes, m.data)) for m in got]
         assert [e.data.current for _, e in events] == VALUES
         for message, event in events:
-            verified(sim, event, message.publish_time.timestamp())
+            at = message.publish_time.timestamp()
+            verified(sim, event, at, (message.attributes, message.data))
             sizes = [len(v.encode()) for v in message.attributes.values()]
             assert max(sizes) <= ATTRIBUTE_LIMIT, sizes
             pieces = [k for k in message.attributes if "attestation" in k]
@@ -142,12 +151,12 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
 
-def decode_http(headers: dict[str, str], body: bytes) -> Event:
-    """What a receiver decodes: `ce-*` headers (percent-encoded values) and Content-Type, as
-    the Pub/Sub binding's attributes, or a structured body."""
+def attributes_of(headers: dict[str, str]) -> dict[str, str]:
+    """A POST's `ce-*` headers (percent-encoded values) and Content-Type, named as the Pub/Sub
+    binding's attributes: what a receiver decodes and digests."""
     attributes = {k.lower(): unquote(v) for k, v in headers.items() if k.lower().startswith("ce-")}
     attributes["content-type"] = headers.get("Content-Type", "")
-    return decode_pubsub(attributes, body)
+    return attributes
 
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])
@@ -168,10 +177,11 @@ def test_every_event_posted_by_the_http_sink_verifies(tmp_path: Path, mode: str)
                 posts = [receiver.got.get(timeout=15) for _ in VALUES]
             finally:
                 assert bridge.terminate() == 0, bridge.logs()[-5:]
-            events = [(at, decode_http(headers, body)) for at, headers, body in posts]
-            assert [e.data.current for _, e in events] == VALUES
-            for at, event in events:
-                verified(sim, event, at)
+            messages = [(at, attributes_of(headers), body) for at, headers, body in posts]
+            events = [(at, decode_pubsub(a, body), (a, body)) for at, a, body in messages]
+            assert [e.data.current for _, e, _ in events] == VALUES
+            for at, event, message in events:
+                verified(sim, event, at, message)
     finally:
         receiver.shutdown()
         receiver.server_close()
