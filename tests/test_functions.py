@@ -1519,3 +1519,24 @@ def test_a_real_bridges_attested_events_verify_end_to_end(
     entry = doc()["state"]["maintenance"]
     assert entry["verified"] is True, entry
     assert verifying.row(instance_id)["unverified"] == []
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_an_attested_event_posted_by_the_http_sink_verifies(
+    verifying: Verifying, compute: Recorder, mode: str
+) -> None:
+    """No Pub/Sub envelope, no publish time: judged when received, the token in ce- headers
+    (binary) or JSON members (structured), as the HTTP sink sends extensions."""
+    from bridge.sinks.http_post import on_the_wire
+
+    event = signed(verifying.sim, started_of(f"posted-{mode}", 30 if mode == "binary" else 31))
+    name = event.data.instance.name
+    compute.members["web"].add(name)  # type: ignore[attr-defined]
+    headers, body = on_the_wire(event, mode)
+    for fn in filter(None, (verifying.drain, verifying.ledger)):
+        url = f"http://127.0.0.1:{fn.port}/"
+        assert requests.post(url, data=body, headers=headers, timeout=10).status_code == 200
+    assert [c.rsplit("/", 1)[1] for c in _calls(compute, name)] == ["removeInstances"]
+    if verifying.ledger is None:
+        skip_without_firestore()
+    assert _doc(verifying.collection, event.data.instance)["state"]["maintenance"]["verified"]
