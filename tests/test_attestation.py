@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from prometheus_client import Counter
@@ -227,6 +229,35 @@ def test_a_server_slower_than_the_quick_attempt_still_ends_the_outage(
     assert attestor.token("probe") is not None
     assert attestor.token("after") is not None, "the outage is over: full attempts again"
     assert unattested(counter) == 2
+
+
+class _Garbling(BaseHTTPRequestHandler):
+    """A metadata server whose identity endpoint answers 200 with something not a JWT."""
+
+    def do_GET(self) -> None:
+        body = b"not-a-jwt"
+        self.send_response(200)
+        self.send_header("Metadata-Flavor", "Google")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+
+def test_an_answer_that_is_no_token_means_unattested(counter: Counter):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Garbling)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1/"
+    attestor = Attestor(MetadataClient(url), counter.inc)
+    try:
+        assert attestor.token("a") is None
+    finally:
+        attestor.close()
+        server.shutdown()
+        server.server_close()
+    assert unattested(counter) == 1
 
 
 def test_the_sink_sends_the_event_with_its_token_or_as_it_is(sim: Simulator, counter: Counter):
