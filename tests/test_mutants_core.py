@@ -27,12 +27,13 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import Future
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import test_recorder
+import test_relay
 from support.harness import INSTANCE, SCHEDULING, event_for, wait_for
 from support.memory_sink import MemorySink
 from test_recorder import MIGRATE, WINDOW, Rig, query_only, rig
@@ -62,13 +63,9 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "bridge.sqlite3")
-    try:
-        yield s
-    finally:
-        s.close()
+# The same fixtures: a store, and a recorder with its relay and memory sink, on a fresh state dir.
+store = test_relay.store
+bridge = test_recorder.bridge
 
 
 # -- status ---------------------------------------------------------------------------------------
@@ -326,15 +323,6 @@ def test_readyz_says_the_sink_is_blocked_in_send_after_two_seconds(store: Store)
 
 
 # -- the recorder ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def bridge(tmp_path: Path) -> Iterator[Rig]:
-    r = rig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def test_every_event_has_its_own_uuid_across_restarts(tmp_path: Path) -> None:
