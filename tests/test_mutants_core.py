@@ -39,7 +39,7 @@ from support.memory_sink import MemorySink
 from test_recorder import MIGRATE, WINDOW, Rig, query_only, rig
 
 from bridge import store as store_module
-from bridge.config import ConfigError
+from bridge.config import Config, ConfigError
 from bridge.events import (
     MAINTENANCE,
     PREEMPTED,
@@ -468,3 +468,31 @@ def test_the_window_model_of_what_the_server_said() -> None:
     assert window == Upcoming(type="SCHEDULED", maintenance_reasons=("PLANNED_UPDATE",))
     assert Upcoming.from_canonical('"SCHEDULED"') == Upcoming(type='"SCHEDULED"')
     assert Upcoming.from_canonical('{"can_reschedule": "TRUE"}') == Upcoming(can_reschedule=True)
+
+
+def test_events_carry_the_configured_type_prefix_and_the_documented_notice(
+    bridge: Rig, tmp_path: Path
+) -> None:
+    """docs/events.md: `type` is --type-prefix + kind; notice_seconds is 60 for a migration,
+    3600 for a termination, 30 for a preemption, absent at an end and for a window."""
+    prefix = "com.example.fleet.v1"
+    bridge.recorder.config = Config(state_dir=tmp_path, type_prefix=prefix)
+    for key, value in ((MAINTENANCE, "NONE"), (PREEMPTED, "FALSE"), (UPCOMING, "")):
+        bridge.observe(key, value, first=True)
+    for key, value in (
+        (MAINTENANCE, MIGRATE),
+        (MAINTENANCE, "NONE"),
+        (MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE"),
+        (PREEMPTED, "TRUE"),
+        (UPCOMING, WINDOW),
+    ):
+        bridge.observe(key, value)
+    events = bridge.published()
+    assert [e.type for e in events] == [
+        f"{prefix}.maintenance.started",
+        f"{prefix}.maintenance.ended",
+        f"{prefix}.maintenance.started",
+        f"{prefix}.preemption.started",
+        f"{prefix}.upcoming.scheduled",
+    ]
+    assert [e.data.notice_seconds for e in events] == [60, None, 3600, 30, None]

@@ -402,7 +402,9 @@ def test_heartbeats_are_recorded_numbered_events_of_the_same_stream(
     for beat in beats:
         assert beat.type == f"{Config.type_prefix}.{HEARTBEAT_KIND}"
         assert (beat.data.previous, beat.data.current) == ("", "")
-        assert not beat.data.at_startup and not beat.data.happened_while_down
+        # false, as the schema has it: not absent, not null
+        assert json.loads(beat.structured)["data"]["at_startup"] is False
+        assert json.loads(beat.structured)["data"]["happened_while_down"] is False
         assert beat.data.notice_seconds is None
     for seen in sink.first_sends():
         assert seen.outbox_id == seen.event_id and not seen.problems(), seen
