@@ -117,6 +117,11 @@ output "system_events" {
   } : null
 }
 
+output "cloud_events_identity" {
+  description = "The service account whose identity tokens attest the cloud's events (data.origin \"cloud\"): CLOUD_EVENTS_IDENTITY for any consumer of the topic that verifies origin (docs/events.md); empty when system_events.enabled = false."
+  value       = local.system_events_identity
+}
+
 output "autopilot" {
   description = "The autopilot (enable_autopilot): function name, URL, service account, scheduler job, and a dry-run command for an autopilot_operators member; null when disabled."
   value = var.enable_autopilot ? {

@@ -674,6 +674,8 @@ def test_notify_posts_readable_google_chat_message(functions, webhook: Recorder)
     assert len(posted) == 1
     body, path = posted[0]["body"], posted[0]["path"]
     assert "demo-vm (us-central1-a): live migration starts in 60 s" in body["text"]
+    # Unattested, so marked in the first words (it is posted all the same).
+    assert body["text"].startswith("*[unverified origin: unattested] demo-vm")
     assert body["thread"]["threadKey"].endswith(vm("demo-vm", 1).id)
     assert "messageReplyOption=REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD" in path
     received = [
@@ -1546,3 +1548,30 @@ def test_an_attested_event_posted_by_the_http_sink_verifies(
     if verifying.ledger is None:
         skip_without_firestore()
     assert _doc(verifying.collection, event.data.instance)["state"]["maintenance"]["verified"]
+
+
+def test_notify_marks_only_an_unverified_event_in_either_format() -> None:
+    notify = _load_module("notify")
+    event = maintenance("maintenance.started", instance=vm("demo-vm", 1))
+    for fmt in ("google_chat", "slack"):
+        plain = notify.payload(event, fmt)["text"]
+        marked = notify.payload(event, fmt, unverified="audience does not bind this event")["text"]
+        assert "unverified" not in plain, fmt
+        assert marked.lstrip("*").startswith("[unverified origin: audience does not bind"), fmt
+
+
+def test_a_certificate_fetch_that_fails_is_retried_not_a_verdict(
+    verifying: Verifying, tmp_path: Path
+) -> None:
+    """Google's endpoint unreachable says nothing of who signed: the delivery fails (the trigger
+    retries it); an unattested event needs no certificate and is refused at once."""
+    closed = f"http://127.0.0.1:{free_port()}/certs"
+    drain = Function("drain", {"ATTESTATION_CERTS_URL": closed, "COMPUTE_ANONYMOUS": "1"}, tmp_path)
+    try:
+        wait_for_port(drain.port, drain.proc, drain.log, time.monotonic() + 60)
+        attested = signed(verifying.sim, started_of("no-certs-vm", 40))
+        assert send_now(drain, attested).status_code >= 500
+        assert send_now(drain, started_of("no-certs-vm", 40, sequence=2)).status_code == 200
+    finally:
+        stop(drain.proc)
+    assert "TransientError: signing certificates unavailable" in drain.log.read_text()
