@@ -430,11 +430,11 @@ def markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
     if r.get("ab"):
         w(ab_text(r))
         w("")
-    if r.get("attest"):
-        w(attest_text(r))
     if bd:
         w(HISTORY)
         w("")
+    if r.get("attest"):
+        w(attest_text(r))
     if "startup" in r:
         st = r["startup"]
         w("## Start-up")
