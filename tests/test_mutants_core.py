@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import pytest
 import test_recorder
 import test_relay
 from support.harness import INSTANCE, SCHEDULING, event_for, wait_for
-from support.memory_sink import MemorySink
+from support.memory_sink import MemorySink, SinkDown
 from test_recorder import MIGRATE, WINDOW, Rig, query_only, rig
 
 from bridge import store as store_module
@@ -44,7 +45,10 @@ from bridge.events import (
     MAINTENANCE,
     PREEMPTED,
     UPCOMING,
+    CloudRecord,
+    DecodeError,
     Event,
+    Scheduling,
     Upcoming,
     build_event,
     decode_structured,
@@ -373,6 +377,7 @@ def test_the_store_error_in_healthz_is_the_store_s_own_and_clears_once_written(
     query_only(bridge.store, True)
     bridge.recorder.heartbeat(now(), time.monotonic())
     assert "readonly" in bridge.health.store_error
+    wait_for("the heartbeat published", lambda: bridge.relay.depth() == 0)
     critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
     assert len(critical) == 1 and str(bridge.store.path) in critical[0].getMessage()
     bridge.sink.hold = True
@@ -496,3 +501,92 @@ def test_events_carry_the_configured_type_prefix_and_the_documented_notice(
         f"{prefix}.upcoming.scheduled",
     ]
     assert [e.data.notice_seconds for e in events] == [60, None, 3600, 30, None]
+
+
+def test_the_recorded_line_says_what_changed_under_which_id_and_sequence(
+    bridge: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The one INFO line per recorded change (tests/test_crash.py joins on it): kind, previous ->
+    current ("(nothing)" for an empty value), event id, sequence, why it was seen at a start;
+    the id and kind also as log fields (docs/operations.md: `event_id`, `kind` in jsonPayload).
+    maintenance_bridge_events_total counts it under its kind."""
+    caplog.set_level(logging.INFO, logger="bridge.recorder")
+    bridge.observe(MAINTENANCE, MIGRATE, first=True)
+    bridge.recorder.values[PREEMPTED] = "FALSE"  # as if stored by an earlier run
+    bridge.observe(PREEMPTED, "TRUE", first=True)
+    bridge.observe(UPCOMING, WINDOW)
+    bridge.observe(UPCOMING, "")
+    started, preempted, scheduled, cleared = bridge.published()
+    lines = [r for r in caplog.records if r.name == "bridge.recorder"]
+    assert [r.getMessage() for r in lines[:2]] == [
+        f"maintenance.started: NONE -> {MIGRATE} (event {started.id}, sequence 1, already on "
+        "at start)",
+        f"preemption.started: FALSE -> TRUE (event {preempted.id}, sequence 2, happened while "
+        "the bridge was down)",
+    ]
+    assert lines[2].getMessage().startswith("upcoming.scheduled: (nothing) -> {")
+    assert lines[2].getMessage().endswith(f"(event {scheduled.id}, sequence 3)")
+    assert lines[3].getMessage().endswith(f"-> (nothing) (event {cleared.id}, sequence 4)")
+    fields = [(r.event_id, r.kind) for r in lines]  # type: ignore[attr-defined]
+    assert fields == [(e.id, e.kind) for e in (started, preempted, scheduled, cleared)]
+    registry = bridge.relay.metrics.registry
+    count = registry.get_sample_value(
+        "maintenance_bridge_events_total", {"kind": "upcoming.cleared"}
+    )
+    assert count == 1
+
+
+def test_a_failed_publish_is_the_reason_in_readyz_and_the_last_error_in_status(
+    store: Store,
+) -> None:
+    """While the sink refuses: /readyz's reason is the failure's class and message (at most 500
+    characters), and `status` shows it as the last error, with when."""
+    sink = MemorySink()
+    relay = relay_on(store, sink)
+    try:
+        sink.fail = SinkDown("x" * 1000)
+        record(store, relay, event_for(MAINTENANCE, "NONE", MIGRATE, 1))
+        sink.wait("a failed send", lambda s: len(s.sends) >= 1)
+        wait_for("the error noted", lambda: store.report()["last_error"] is not None)
+        assert relay.last_failure == ("publish other: " + "x" * 1000)[:500]
+        error = store.report()["last_error"]
+        assert error["message"] == relay.last_failure
+        assert error["at"].endswith("Z") and error["at"][:2] == "20"
+        sink.fail = None
+        sink.wait("the event", lambda s: len(s.acked) == 1)
+        wait_for("the reason gone", lambda: relay.last_failure == "")
+    finally:
+        relay.drain(timeout=1)
+
+
+def test_a_cloud_event_decodes_as_it_was_made() -> None:
+    """docs/events.md: the system-events function's events carry `origin: "cloud"` and the log
+    entry in `data.cloud`; every member a subscriber decodes is the one that was encoded."""
+    event = event_for(MAINTENANCE, "NONE", MIGRATE, sequence=7)
+    cloud = CloudRecord(
+        log_name="projects/p/logs/cloudaudit.googleapis.com%2Fsystem_event",
+        insert_id="abc123",
+        method="compute.instances.migrateOnHostMaintenance",
+        timestamp="2026-12-07T14:00:00.123456Z",
+        severity="INFO",
+    )
+    made = replace(event, data=replace(event.data, origin="cloud", cloud=cloud))
+    assert decode_structured(made.to_structured()) == made
+    assert decode_structured(event.to_structured()) == event
+
+
+def test_the_decoder_refuses_what_the_schema_requires_and_accepts_what_it_allows() -> None:
+    """data.instance's members are required (dedupe is on the instance id); scheduling's may
+    be absent (""); notice_seconds 0 is allowed (minimum 0)."""
+    body = event_for(MAINTENANCE, "NONE", MIGRATE, sequence=1).to_structured()
+    del body["data"]["instance"]["id"]
+    with pytest.raises(DecodeError, match=r"instance\.id"):
+        decode_structured(body)
+    body = event_for(MAINTENANCE, "NONE", MIGRATE, sequence=1).to_structured()
+    body["data"]["scheduling"] = {}
+    body["data"]["notice_seconds"] = 0
+    decoded = decode_structured(body)
+    assert (decoded.data.scheduling, decoded.data.notice_seconds) == (Scheduling(), 0)
+    body["data"]["notice_seconds"] = -1
+    with pytest.raises(DecodeError, match="notice_seconds"):
+        decode_structured(body)
