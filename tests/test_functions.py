@@ -46,7 +46,7 @@ from support.harness import free_port, holds_for
 
 from bridge.events import DEFAULT_TYPE_PREFIX, Instance, Scheduling, Transition, build_event
 from bridge.keys import KEYS, MAINTENANCE
-from bridge.origin import binding_of, token_of, with_token
+from bridge.origin import binding, binding_of, token_of, with_token
 
 # A cold build of a function's venv may take minutes (pip's own limit below is 900 s).
 pytestmark = pytest.mark.timeout(1200)
@@ -1575,3 +1575,23 @@ def test_a_certificate_fetch_that_fails_is_retried_not_a_verdict(
     finally:
         stop(drain.proc)
     assert "TransientError: signing certificates unavailable" in drain.log.read_text()
+
+
+def test_a_newer_bridges_event_verifies_by_the_message_as_published(
+    verifying: Verifying, compute: Recorder
+) -> None:
+    """A field a later v1 bridge adds is dropped by this decoder, but the token digests it:
+    the functions bind the message as published (origin.signed_part_of_message)."""
+    from bridge.origin import signed_part_of_message
+
+    event = started_of("newer-vm", 50)
+    compute.members["web"].add("newer-vm")  # type: ignore[attr-defined]
+    attributes, payload = event.to_pubsub()
+    newer = json.dumps({**json.loads(payload), "added_in_v1_9": {"x": 1}}).encode()
+    audience = binding(signed_part_of_message(attributes, newer))
+    token = token_for(verifying.sim, audience, event.data.instance)
+    attested, _ = with_token(event, token).to_pubsub()
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    delivery = message_published(attested, newer, uuid.uuid4().hex, now)
+    assert deliver(verifying.drain.port, delivery).status_code == 200
+    assert [c.rsplit("/", 1)[1] for c in _calls(compute, "newer-vm")] == ["removeInstances"]

@@ -478,6 +478,8 @@ def test_each_entry_becomes_one_event_on_the_avro_topic_end_to_end(
         at = message.publish_time.timestamp()
         verdict = origin.check(event, at=at, certs=certs, cloud_identity=CLOUD_IDENTITY)
         assert verdict == origin.Verdict(True, True), verdict
+        sent = origin.signed_part_of_message(message.attributes, message.data)
+        assert origin.binding(sent) == origin.binding_of(event)  # as published, as decoded
         # No VM can sign as the cloud: a VM's own account is not the cloud's identity.
         vm_account = "vm@demo-project.iam.gserviceaccount.com"
         assert not origin.check(event, at=at, certs=certs, cloud_identity=vm_account).verified

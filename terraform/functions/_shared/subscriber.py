@@ -18,6 +18,7 @@ mark it.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -181,14 +182,39 @@ def published_at(cloud_event: Any) -> float:
     Pub/Sub message's publishTime for a messagePublished delivery, so that a redelivery hours
     later is judged as of its first publication; now for an event POSTed straight by the HTTP
     sink (no one else records when it was sent), or a delivery without a readable publishTime."""
-    if cloud_event.get("type") == MESSAGE_PUBLISHED:
-        data = cloud_event.get_data()
-        message = data.get("message") if isinstance(data, Mapping) else None
-        if isinstance(message, Mapping):
-            moment = parse_time(message.get("publishTime") or message.get("publish_time"))
-            if moment is not None:
-                return moment.timestamp()
+    message = _message(cloud_event)
+    if message is not None:
+        moment = parse_time(message.get("publishTime") or message.get("publish_time"))
+        if moment is not None:
+            return moment.timestamp()
     return time.time()
+
+
+def as_published(cloud_event: Any) -> Mapping[str, Any] | None:
+    """The event as its sender wrote it, what the token's audience digests
+    (`origin.signed_part_of_message`): from the Pub/Sub message itself, so that a field a newer
+    bridge adds, which the decoder drops, is still digested; for an HTTP POST, the CloudEvent's
+    attributes and data as the framework read them. None: digest the decoded event."""
+    message = _message(cloud_event)
+    if message is None:
+        return {**cloud_event.get_attributes(), "data": cloud_event.get_data()}
+    attributes = message.get("attributes")
+    try:
+        payload = base64.b64decode(str(message.get("data", "")), validate=True)
+        return origin.signed_part_of_message(
+            attributes if isinstance(attributes, Mapping) else {}, payload
+        )
+    except ValueError:  # decoded already, so not expected; the decoded event still binds
+        return None
+
+
+def _message(cloud_event: Any) -> Mapping[str, Any] | None:
+    """The Pub/Sub message of a messagePublished delivery; None for an HTTP POST."""
+    if cloud_event.get("type") != MESSAGE_PUBLISHED:
+        return None
+    data = cloud_event.get_data()
+    message = data.get("message") if isinstance(data, Mapping) else None
+    return message if isinstance(message, Mapping) else None
 
 
 def origin_of(event: Event, cloud_event: Any) -> origin.Verdict:
@@ -203,7 +229,11 @@ def origin_of(event: Event, cloud_event: Any) -> origin.Verdict:
         except (OSError, ValueError, http.client.HTTPException) as exc:
             raise TransientError(f"signing certificates unavailable: {exc}") from exc
     verdict = origin.check(
-        event, at=published_at(cloud_event), certs=certs, cloud_identity=POLICY.cloud_identity
+        event,
+        at=published_at(cloud_event),
+        certs=certs,
+        cloud_identity=POLICY.cloud_identity,
+        signed=as_published(cloud_event),
     )
     if not verdict.verified:
         log(
