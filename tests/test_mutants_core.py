@@ -590,3 +590,79 @@ def test_the_decoder_refuses_what_the_schema_requires_and_accepts_what_it_allows
     body["data"]["notice_seconds"] = -1
     with pytest.raises(DecodeError, match="notice_seconds"):
         decode_structured(body)
+
+
+class RefusingSink(MemorySink):
+    """A client that refuses every event outright: `send` raises instead of returning."""
+
+    def send(self, event: Event) -> Future[str]:
+        super().send(event)
+        raise SinkDown("connection refused")
+
+
+@pytest.mark.parametrize("outright", [False, True], ids=["future", "raised"])
+def test_a_failing_sink_is_tried_again_after_a_back_off_not_in_a_loop(
+    store: Store, outright: bool
+) -> None:
+    """The relay backs off between attempts (100 ms up to the cap), whether the send raised or
+    its acknowledgement failed: a sink down is not hammered."""
+    sink = RefusingSink() if outright else MemorySink()
+    sink.fail = None if outright else SinkDown("unavailable")
+    relay = relay_on(store, sink)
+    try:
+        record(store, relay, event_for(MAINTENANCE, "NONE", MIGRATE, 1))
+        time.sleep(0.3)
+        attempts = len(sink.sends)
+    finally:
+        relay.drain(timeout=0.1)
+    assert 1 <= attempts <= 10, f"{attempts} attempts in 0.3 s"
+
+
+def test_only_the_newest_of_the_heartbeats_left_waiting_goes_out(store: Store) -> None:
+    """After an outage, heartbeats queued behind a newer one are coalesced: the newest goes out,
+    the older leave the outbox unsent; a change behind them goes out."""
+    sink = MemorySink(hold=True)
+    relay = relay_on(store, sink)
+    try:
+        assert relay.last_failure == ""
+        record(store, relay, event_for(MAINTENANCE, "NONE", MIGRATE, 1))
+        sink.wait("the first send", lambda s: len(s.sends) == 1)
+        for seq in (2, 3):
+            record(store, relay, heartbeat(seq))
+        record(store, relay, event_for(PREEMPTED, "FALSE", "TRUE", sequence=4))
+        sink.hold = False
+        sink.ack()
+        sink.wait("the rest", lambda s: len(s.acked) == 3)
+        assert relay.drain(timeout=5)
+    finally:
+        relay.drain(timeout=1)
+    assert [e.data.sequence for e in sink.acked] == [1, 3, 4]
+    assert store.load().pending == []
+
+
+def test_redriven_events_go_back_by_id_and_count_towards_the_bound(tmp_path: Path) -> None:
+    """`redrive ID ID`: the named parked events go back into the outbox, where they count
+    towards the bound like any row."""
+    store = Store(tmp_path / "bridge.sqlite3", max_events=3)
+    try:
+        events = [event_for(UPCOMING, "", WINDOW, sequence=seq) for seq in (1, 2, 3)]
+        for event in events:
+            store.record(event)
+            store.park(event.data.sequence, 400, "refused", AT)
+        assert store.request_redrive([events[0].id, events[2].id]) == [events[0].id, events[2].id]
+        assert [seq for seq, _, _ in store.take_redrives()] == [1, 3]
+        store.record(event_for(UPCOMING, WINDOW, "", sequence=4))
+        assert store.record(event_for(UPCOMING, "", WINDOW, sequence=5)) == [1]
+    finally:
+        store.close()
+
+
+def test_optional_context_attributes_decode_as_sent() -> None:
+    """time, subject and dataschema may be absent (""), and datacontenttype is kept as sent."""
+    body = event_for(MAINTENANCE, "NONE", MIGRATE, sequence=1).to_structured()
+    for name in ("time", "subject", "dataschema"):
+        del body[name]
+    body["datacontenttype"] = "application/json; charset=utf-8"
+    event = decode_structured(body)
+    assert (event.time, event.subject, event.dataschema) == ("", "", "")
+    assert event.datacontenttype == "application/json; charset=utf-8"
