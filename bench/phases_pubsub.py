@@ -11,12 +11,12 @@ google-cloud-pubsub), on the same emulator and machine, interleaved:
   extra: the dependency closures' files as their RECORDs list them, read from this venv.
 
 The emulator is warmed on both APIs first, equally (`warm_emulator`): it is a JVM, and its REST
-path (an HTTP/1.1 front end that transcodes JSON and calls the emulator's own gRPC service: 27
-voluntary thread switches per publish against 9 on gRPC, measured from /proc) is three times the
-code of its gRPC path, so its JIT takes some 2,500 publishes to settle (a bare REST publish
-8.4 ms p50 over the first 250, 1.9 ms after 2,500; gRPC through the library about 4-5 ms
-throughout). Twenty warm-up changes left the REST figures measuring the emulator's compiler;
-Google's servers are never cold for a client.
+path (an HTTP/1.1 front end that transcodes JSON and calls the emulator's own gRPC service; 24-27
+voluntary thread switches inside the emulator per publish against 9-10 on gRPC, read from /proc)
+is JIT-compiled only after some 2,500 publishes: a bare REST publish, back to back, 8.4 ms p50
+over the first 250 and 1.9 ms after 2,500, gRPC through the library 4-5 ms throughout. With
+twenty warm-up changes the REST figures measured the emulator's compiler; Google's servers are
+never cold for a client.
 """
 
 from __future__ import annotations
