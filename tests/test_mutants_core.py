@@ -22,6 +22,7 @@ sink, no metadata server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -197,6 +198,7 @@ def test_a_refused_event_is_parked_with_why_and_the_queue_goes_on(
     sink = MemorySink()
     relay = relay_on(store, sink)
     try:
+        relay.parked = 2  # as the daemon sets it from the store at start
         sink.fail = Permanent(400, "refused: bad request")
         refused = event_for(MAINTENANCE, "NONE", MIGRATE, sequence=1)
         record(store, relay, refused)
@@ -207,7 +209,7 @@ def test_a_refused_event_is_parked_with_why_and_the_queue_goes_on(
         assert relay.drain(timeout=5)
     finally:
         relay.drain(timeout=1)
-    assert relay.parked == 1
+    assert relay.parked == 3
     assert sink.recovered == [refused.id]
     assert sample(relay, "maintenance_bridge_publish_failures_total", reason="other") == 1
     (parked,) = store.report()["parked"]
@@ -222,7 +224,7 @@ def test_a_refused_event_is_parked_with_why_and_the_queue_goes_on(
     assert refused.id in line.getMessage() and "refused: bad request" in line.getMessage()
     assert (line.event_id, line.kind) == (refused.id, "maintenance.started")  # type: ignore[attr-defined]
     relay.unparked(1)
-    assert relay.parked == 0
+    assert relay.parked == 2
     relay.unparked(3)
     assert relay.parked == 0
 
@@ -360,12 +362,6 @@ def test_the_change_to_publish_latency_is_measured_for_changes_and_heartbeats(
     assert beats == 1
 
 
-def data_version(path: Path) -> int:
-    """SQLite's count of commits by other connections, as seen from a new one."""
-    with sqlite3.connect(path) as db:
-        return int(db.execute("PRAGMA data_version").fetchone()[0])
-
-
 def test_the_store_error_in_healthz_is_the_store_s_own_and_clears_once_written(
     bridge: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -381,7 +377,7 @@ def test_the_store_error_in_healthz_is_the_store_s_own_and_clears_once_written(
     critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
     assert len(critical) == 1 and str(bridge.store.path) in critical[0].getMessage()
     bridge.sink.hold = True
-    bridge.observe(MAINTENANCE, MIGRATE)
+    bridge.recorder.heartbeat(now(), time.monotonic())  # an event to write back, no value
     bridge.recorder.retry_store()
     assert "readonly" in bridge.health.store_error
     query_only(bridge.store, False)
@@ -411,10 +407,14 @@ def test_a_healthy_store_is_not_written_by_the_retry_timer(bridge: Rig) -> None:
     bridge.observe(MAINTENANCE, "NONE", first=True)
     bridge.observe(MAINTENANCE, MIGRATE)
     assert len(bridge.published()) == 1
-    before = data_version(bridge.store.path)
-    for _ in range(3):
-        bridge.recorder.retry_store()
-    assert data_version(bridge.store.path) == before
+    # data_version changes, for this connection, with every commit made by another one.
+    with contextlib.closing(sqlite3.connect(bridge.store.path)) as db:
+        before = db.execute("PRAGMA data_version").fetchone()
+        for _ in range(3):
+            bridge.recorder.retry_store()
+        assert db.execute("PRAGMA data_version").fetchone() == before
+        bridge.store.note_error("a commit of the store's own", AT)  # the probe can see one
+        assert db.execute("PRAGMA data_version").fetchone() != before
 
 
 def test_an_event_published_while_it_was_written_back_is_not_sent_again(
