@@ -666,3 +666,16 @@ def test_optional_context_attributes_decode_as_sent() -> None:
     event = decode_structured(body)
     assert (event.time, event.subject, event.dataschema) == ("", "", "")
     assert event.datacontenttype == "application/json; charset=utf-8"
+
+
+def test_a_failed_write_is_rolled_back_and_the_store_takes_the_next(store: Store) -> None:
+    """A write the database refuses (here the same event twice) leaves nothing half-done and no
+    transaction open: the next record commits."""
+    first = event_for(MAINTENANCE, "NONE", MIGRATE, sequence=1)
+    store.record(first)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.record(first, (MAINTENANCE, "NONE", first.data.observed_at))
+    store.record(event_for(PREEMPTED, "FALSE", "TRUE", sequence=2))
+    snapshot = store.load()
+    assert [seq for seq, _, _ in snapshot.pending] == [1, 2]
+    assert snapshot.values == {}
