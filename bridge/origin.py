@@ -251,7 +251,12 @@ def check(
 
 class Certs:
     """Google's signing certificates from `url`, fetched on first use and kept `ttl` seconds
-    (they rotate over days; a per-message fetch would add a round trip to every event)."""
+    (they rotate over days; a per-message fetch would add a round trip to every event). A
+    token under a key id the cached set lacks (a key that came in since) fetches them again,
+    at most once per `REFETCH` seconds, so that a rotation is not read as a forgery and a flood
+    of made-up key ids cannot turn into a flood of fetches."""
+
+    REFETCH = 60.0
 
     def __init__(self, url: str = GOOGLE_CERTS_URL, ttl: float = CERTS_TTL) -> None:
         self.url = url
@@ -260,13 +265,32 @@ class Certs:
         self._certs: dict[str, str] = {}
         self._fetched = float("-inf")
 
-    def get(self) -> dict[str, str]:
+    def get(self, kid: str | None = None) -> dict[str, str]:
+        """The certificates; with `kid`, fetched again first if that key id is unknown. A
+        network fault or an answer that is not a `{kid: PEM}` object raises OSError (the
+        caller's retryable error), never a verdict."""
         with self._lock:
-            if time.monotonic() - self._fetched > self.ttl:
+            age = time.monotonic() - self._fetched
+            unknown = kid is not None and kid not in self._certs and age > self.REFETCH
+            if age > self.ttl or unknown:
                 with urllib.request.urlopen(self.url, timeout=10) as reply:
-                    self._certs = {str(k): str(v) for k, v in json.load(reply).items()}
+                    answer = json.load(reply)
+                if not isinstance(answer, dict):
+                    raise OSError(f"{self.url}: not a JSON object of certificates")
+                self._certs = {str(k): str(v) for k, v in answer.items()}
                 self._fetched = time.monotonic()
             return self._certs
+
+
+def key_id(token: str) -> str | None:
+    """The `kid` of a token's header, read without verifying (to know which certificate
+    `Certs.get` must have); None when there is none to read."""
+    try:
+        header = json.loads(_unb64(token.split(".", 1)[0]))
+    except (ValueError, binascii.Error):
+        return None
+    kid = header.get("kid") if isinstance(header, dict) else None
+    return str(kid) if kid is not None else None
 
 
 def _unb64(part: str) -> bytes:

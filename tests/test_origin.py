@@ -342,3 +342,38 @@ def test_certs_are_fetched_once_per_ttl_and_a_failure_raises(sim: Simulator) -> 
     assert cached.get() == sim.identity.certs()  # within the ttl: no fetch
     with pytest.raises(OSError):
         origin.Certs(url, ttl=0).get()
+
+
+def test_a_key_id_the_cache_lacks_fetches_the_certificates_again_at_most_once_a_minute(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key that came in since the last fetch (Google rotates them) is not a forgery: the
+    certificates are fetched again for it, but a made-up key id costs one fetch a minute."""
+    url = f"http://{sim.host_port}/simulator/v1/identity/certs"
+    fetches: list[str] = []
+    real = origin.urllib.request.urlopen
+
+    def counted(*args: object, **kwargs: object) -> object:
+        fetches.append(url)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(origin.urllib.request, "urlopen", counted)
+    certs = origin.Certs(url)
+    kid = next(iter(sim.identity.certs()))
+    assert kid in certs.get("made-up")  # the first fetch
+    assert len(fetches) == 1
+    certs.get("made-up")  # unknown, but fetched less than REFETCH ago
+    certs.get(kid)
+    assert len(fetches) == 1
+    monkeypatch.setattr(certs, "REFETCH", 0.0)
+    certs.get(kid)  # known: no fetch
+    assert len(fetches) == 1
+    certs.get("rotated-in")
+    assert len(fetches) == 2
+
+
+def test_the_key_id_is_read_from_the_header_or_none() -> None:
+    header = base64.urlsafe_b64encode(b'{"alg":"RS256","kid":"k1"}').decode().rstrip("=")
+    assert origin.key_id(f"{header}.e30.c2ln") == "k1"
+    assert origin.key_id("not a token") is None
+    assert origin.key_id(".") is None

@@ -223,9 +223,10 @@ def origin_of(event: Event, cloud_event: Any) -> origin.Verdict:
     that fails raises TransientError (the trigger retries): Google's endpoint being unreachable
     says nothing about who signed the event."""
     certs: Mapping[str, str] = {}
-    if origin.token_of(event) is not None:
+    token = origin.token_of(event)
+    if token is not None:
         try:
-            certs = CERTS.get()
+            certs = CERTS.get(origin.key_id(token))
         except (OSError, ValueError, http.client.HTTPException) as exc:
             raise TransientError(f"signing certificates unavailable: {exc}") from exc
     verdict = origin.check(
