@@ -48,7 +48,7 @@ from bench.harness import (
     wait_connected,
     wait_until,
 )
-from bench.plan import MIGRATE, NONE, REPO, TERMINATE, Dist, median
+from bench.plan import MIGRATE, NONE, REPO, TERMINATE, Dist, fmt_ms, median
 
 TRANSPORTS = ("rest", "grpc")
 WARM_UP = 20  # changes per transport before the measured ones
@@ -376,3 +376,44 @@ def _closure(specs: list[str]) -> dict[str, metadata.Distribution]:
 
 def _size(dists: dict[str, metadata.Distribution]) -> int:
     return sum(f.size or 0 for d in dists.values() for f in (d.files or []))
+
+
+def pubsub_text(r: dict[str, Any]) -> str:
+    """The section of docs/benchmarks.md comparing the two transports (issue 24): informational
+    rows of this run, side by side, the same emulator warmed equally for both."""
+    p = r.get("pubsub")
+    if not p:
+        return ""
+    ack, cpu, idle, first = p["ack"], p["cpu_ms_per_event"], p["idle"], p["first_publish"]
+    floor, sizes, warm = p["server_floor"], p["install"], p["emulator_warm_up"]
+
+    def row(name: str, cell: Any) -> str:
+        return f"| {name} | " + " | ".join(cell(t) for t in TRANSPORTS) + " |"
+
+    return "\n".join(
+        [
+            "## Pub/Sub transports: REST (default) and gRPC (`--pubsub-transport grpc`)",
+            "",
+            "Both transports in this run, one bridge each on its own simulated VM, the same topic",
+            f"of the official emulator, after {warm['publishes']} publishes on each of its APIs",
+            "(the emulator is a JVM: its REST path is some 4x slower until compiled).",
+            "",
+            "| | REST | gRPC |",
+            "|---|---|---|",
+            row("change -> emulator ack, p50 / p99 / max", lambda t: ack[t].row()),
+            row("CPU per event", lambda t: f"{cpu[t]:.2f} ms"),
+            row("start -> first ack, median", lambda t: f"{median(first[t]):.3f} s"),
+            row("idle RSS, heartbeats on", lambda t: f"{idle[t]['rss_mb']:.1f} MB"),
+            row("threads, idle", lambda t: str(idle[t]["threads"])),
+            row("the emulator alone (raw publish), p50 / p99", lambda t: _p50_p99(floor[t])),
+            "",
+            f"Installed on the VM (site-packages of the dependency closure): "
+            f"{sizes['default_mb']:.1f} MB by default, {sizes['grpc_mb']:.1f} MB with the "
+            f"`[grpc]` extra ({', '.join(sizes['grpc_only_packages'])}).",
+            "",
+        ]
+    )
+
+
+def _p50_p99(d: Dist) -> str:
+    return f"{fmt_ms(d.p50)} / {fmt_ms(d.p99)}"

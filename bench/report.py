@@ -10,6 +10,7 @@ from bench.phases import STAGES
 from bench.phases_attest import attest_text
 from bench.phases_disruption import disruption_rows, disruption_text
 from bench.phases_load import RECOVERY_CLIENTS
+from bench.phases_pubsub import pubsub_text
 from bench.plan import NAGLE_CLUSTER, TARGETS, Dist, fmt_ms, median, ratio, verdict, worst
 from bench.report_text import CHANGES, HISTORY
 from bridge.config import Config
@@ -261,35 +262,35 @@ def ab_text(r: dict[str, Any]) -> str:
 
 
 def memory_text(steps: list[dict[str, Any]], idle: dict[str, Any] | None) -> str:
-    """What a Pub/Sub bridge's memory is made of, and where its floor is."""
-    lines = [
-        "## Memory",
-        "",
-        "One fresh process (bench/memory_probe.py), each step on top of the previous one:",
-        "",
-        "| step | RSS | added | threads |",
-        "|---|---|---|---|",
-    ]
-    previous = 0.0
-    for st in steps:
-        added = f"+{st['rss_mb'] - previous:.1f} MB" if previous else "-"
-        lines.append(f"| {st['step']} | {st['rss_mb']:.1f} MB | {added} | {st['threads']} |")
-        previous = st["rss_mb"]
-    base = steps[1]["rss_mb"] if len(steps) > 1 else math.nan
-    total = steps[-1]["rss_mb"]
-    lines += [
-        "",
-        f"google-cloud-pubsub (import, client, open channel) adds {total - base:.1f} MB to the "
-        f"{base:.1f} MB of a stdout bridge's code; a Pub/Sub bridge cannot idle below "
-        f"{total:.1f} MB with this client library, so 60 MB is "
-        + ("within reach." if total < 60 else "not reachable with it (the floor is the library).")
-        + (
-            f" The idle bridge above, with its watchers, relay, HTTP endpoint and SQLite store, "
+    """What a Pub/Sub bridge's memory is made of, per transport (bench/memory_probe.py: one
+    fresh process per transport, each step on top of the previous one)."""
+    lines = ["## Memory", ""]
+    totals: dict[str, float] = {}
+    for transport in dict.fromkeys(st.get("transport", "grpc") for st in steps):
+        mine = [st for st in steps if st.get("transport", "grpc") == transport]
+        lines += [
+            f"`--pubsub-transport {transport}`, one fresh process, each step on top of the last:",
+            "",
+            "| step | RSS | added | threads |",
+            "|---|---|---|---|",
+        ]
+        previous = 0.0
+        for st in mine:
+            added = f"+{st['rss_mb'] - previous:.1f} MB" if previous else "-"
+            lines.append(f"| {st['step']} | {st['rss_mb']:.1f} MB | {added} | {st['threads']} |")
+            previous = st["rss_mb"]
+        totals[transport] = mine[-1]["rss_mb"]
+        lines.append("")
+    if "rest" in totals and "grpc" in totals:
+        lines.append(
+            f"After one acknowledged publish: {totals['rest']:.1f} MB over REST (the default), "
+            f"{totals['grpc']:.1f} MB with google-cloud-pubsub and gRPC."
+        )
+    if idle:
+        lines.append(
+            f"The idle bridge above, with its watchers, relay, HTTP endpoint and SQLite store, "
             f"held {idle['rss_max_mb']:.1f} MB."
-            if idle
-            else ""
-        ),
-    ]
+        )
     return "\n".join(lines)
 
 
@@ -435,6 +436,8 @@ def markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
         w("")
     if r.get("attest"):
         w(attest_text(r))
+    if r.get("pubsub"):
+        w(pubsub_text(r))
     if "startup" in r:
         st = r["startup"]
         w("## Start-up")
