@@ -554,3 +554,63 @@ def test_node_canonical_form_is_pythons(node: str) -> None:
 
 def test_go_canonical_form_is_pythons(go: str) -> None:
     _assert_canonical_is_pythons([go, "run", ".", "canonical"], GO_DIR, CANONICAL_TEXTS)
+
+
+# -- A real bridge's events --------------------------------------------------------------------
+
+
+@pytest.fixture
+def bridge_events(sim: Simulator, tmp_path: Path) -> list[bytes]:
+    """What `maintenance-bridge run --attest on` wrote (stdout sink: the structured event as
+    every sink sends it) for a migration's notice and end, each as the bridge serialised it."""
+    from support.bridge import BridgeProcess
+    from support.harness import wait_for
+
+    from bridge.keys import MAINTENANCE
+
+    bridge = BridgeProcess(sim.url, tmp_path / "state", "--keys", MAINTENANCE, "--attest", "on")
+    try:
+        wait_for("the first long-poll", lambda: sim.stats().get(MAINTENANCE, 0) >= 1)
+        got = []
+        for value in ("MIGRATE_ON_HOST_MAINTENANCE", "NONE"):
+            sim.set_value(MAINTENANCE, value)
+            got.append(bridge.next_event(timeout=15)[1])
+    finally:
+        assert bridge.terminate() == 0
+    return [dumps(event) for event in got]
+
+
+def _both_modes(structured: bytes) -> list[tuple[dict[str, str], bytes]]:
+    """The bridge's event as a Pub/Sub message in each content mode, as its Pub/Sub sink
+    encodes it (`Event.to_pubsub`, the attestation extensions included)."""
+    event = decode_pubsub({"content-type": STRUCTURED_CONTENT_TYPE}, structured)
+    assert origin.token_of(event) is not None
+    return [({"content-type": STRUCTURED_CONTENT_TYPE}, structured), event.to_pubsub("binary")]
+
+
+def test_a_real_bridges_events_verify_in_node_and_go(
+    node: str, go: str, sim: Simulator, bridge_events: list[bytes], tmp_path: Path
+) -> None:
+    published = _rfc3339(time.time())
+    messages = [m for structured in bridge_events for m in _both_modes(structured)]
+    lines = [
+        {"delivery": "pubsub", "attributes": a, "data": _b64(p), "publishTime": published}
+        for a, p in messages
+    ]
+    results = _run_node(node, lines, _origin_env(sim))
+    assert [(r["verified"], r["act"]) for r in results] == [(True, True)] * len(messages), results
+    files = []
+    for n, (attributes, payload) in enumerate(messages):
+        path = tmp_path / f"{n}.json"
+        path.write_text(json.dumps({"message": _message(attributes, payload, published)}))
+        files.append(str(path))
+    done = subprocess.run(
+        [go, "run", ".", "-certs-url", _certs_url(sim), "-cloud-identity", CLOUD_IDENTITY, *files],
+        cwd=GO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    said = [line.split(" origin=", 1)[1] for line in done.stdout.splitlines()]
+    assert said == ["verified"] * len(messages), done.stdout
