@@ -266,8 +266,8 @@ def memory_text(steps: list[dict[str, Any]], idle: dict[str, Any] | None) -> str
     fresh process per transport, each step on top of the previous one)."""
     lines = ["## Memory", ""]
     totals: dict[str, float] = {}
-    for transport in dict.fromkeys(st.get("transport", "grpc") for st in steps):
-        mine = [st for st in steps if st.get("transport", "grpc") == transport]
+    for transport in dict.fromkeys(st["transport"] for st in steps):
+        mine = [st for st in steps if st["transport"] == transport]
         lines += [
             f"`--pubsub-transport {transport}`, one fresh process, each step on top of the last:",
             "",

@@ -285,12 +285,23 @@ class Certs:
 def key_id(token: str) -> str | None:
     """The `kid` of a token's header, read without verifying (to know which certificate
     `Certs.get` must have); None when there is none to read."""
-    try:
-        header = json.loads(_unb64(token.split(".", 1)[0]))
-    except (ValueError, binascii.Error):
-        return None
-    kid = header.get("kid") if isinstance(header, dict) else None
+    kid = _unverified(token, 0).get("kid")
     return str(kid) if kid is not None else None
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    """A token's claims read without verifying, {} when there are none to read: for the
+    bridge, which reads the expiry of a token its own metadata server just gave it."""
+    return _unverified(token, 1)
+
+
+def _unverified(token: str, part: int) -> dict[str, Any]:
+    """Header (0) or claims (1) of a JWT, unverified; {} for anything not a JSON object."""
+    try:
+        obj = json.loads(_unb64(token.split(".")[part]))
+    except (IndexError, ValueError, binascii.Error):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def _unb64(part: str) -> bytes:

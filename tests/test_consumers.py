@@ -30,10 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.bridge import BridgeProcess
+from support.harness import wait_for
 
 from bridge import origin
 from bridge.events import CLOUD_KINDS, STRUCTURED_CONTENT_TYPE, Event, decode_pubsub, dumps
 from bridge.events import KINDS as BRIDGE_KINDS
+from bridge.keys import MAINTENANCE
 from bridge.metadata import MetadataClient
 from bridge.simulator.state import Simulator
 
@@ -563,11 +566,6 @@ def test_go_canonical_form_is_pythons(go: str) -> None:
 def bridge_events(sim: Simulator, tmp_path: Path) -> list[bytes]:
     """What `maintenance-bridge run --attest on` wrote (stdout sink: the structured event as
     every sink sends it) for a migration's notice and end, each as the bridge serialised it."""
-    from support.bridge import BridgeProcess
-    from support.harness import wait_for
-
-    from bridge.keys import MAINTENANCE
-
     bridge = BridgeProcess(sim.url, tmp_path / "state", "--keys", MAINTENANCE, "--attest", "on")
     try:
         wait_for("the first long-poll", lambda: sim.stats().get(MAINTENANCE, 0) >= 1)
