@@ -515,7 +515,8 @@ class Trainer(http.server.ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/checkpoint"
 
 
-def test_recipes_checkpoint_on_terminate_and_drain_around_a_migration(tmp_path, sim):
+def test_recipes_checkpoint_on_terminate_and_drain_around_a_migration(tmp_path, sim, caplog):
+    caplog.set_level(logging.INFO, logger="bridge.hooks")
     checkpoint, drain = recipe("mb-checkpoint", tmp_path), recipe("mb-drain", tmp_path)
     flag = tmp_path / "drain"
     trainer = Trainer()
@@ -528,26 +529,29 @@ def test_recipes_checkpoint_on_terminate_and_drain_around_a_migration(tmp_path, 
     def runs_of(result: str) -> float:
         return sample(scrape(port)[1], "maintenance_bridge_hook_runs_total", result=result)
 
+    def hooks_said() -> list[str]:  # a failure says what each hook run ended with
+        return [r.getMessage() for r in caplog.records if r.name == "bridge.hooks"]
+
     try:
         with bridge_running(sim, config, environ=env) as b:
             # A live migration: drained at the notice, serving again when it is over.
             b.change(MAINTENANCE, "MIGRATE_ON_HOST_MAINTENANCE", "maintenance.started")
-            wait_for("the drain flag", flag.exists)
+            wait_for("the drain flag", flag.exists, detail=hooks_said)
             migration = b.sink.events("maintenance.started")[-1][0]
             assert flag.read_text() == f"{migration.id}\n"
             b.change(MAINTENANCE, "NONE", "maintenance.ended")
-            wait_for("the drain flag removed", lambda: not flag.exists())
-            wait_for("four runs", lambda: runs_of("ok") == 4)
+            wait_for("the drain flag removed", lambda: not flag.exists(), detail=hooks_said)
+            wait_for("four runs", lambda: runs_of("ok") == 4, detail=hooks_said)
             assert trainer.requests == [], "a migration needs no checkpoint"
 
             # Host maintenance that stops the VM: the trainer gets the CloudEvent.
             b.change(MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE", "maintenance.started")
-            wait_for("the checkpoint request", lambda: trainer.requests)
+            wait_for("the checkpoint request", lambda: trainer.requests, detail=hooks_said)
             terminate = b.sink.events("maintenance.started")[-1][0]
             ctype, body = trainer.requests[0]
             assert ctype == "application/cloudevents+json"
             assert decode_structured(json.loads(body)) == terminate
-            wait_for("six runs", lambda: runs_of("ok") == 6)
+            wait_for("six runs", lambda: runs_of("ok") == 6, detail=hooks_said)
             assert not flag.exists(), "no drain for a stop"
 
             # The trainer is gone: the hook fails, and says so in its exit code.
@@ -555,7 +559,7 @@ def test_recipes_checkpoint_on_terminate_and_drain_around_a_migration(tmp_path, 
             trainer.server_close()
             b.change(MAINTENANCE, "NONE", "maintenance.ended")
             b.change(MAINTENANCE, "TERMINATE_ON_HOST_MAINTENANCE", "maintenance.started")
-            wait_for("a failed run", lambda: runs_of("failed") == 1)
+            wait_for("a failed run", lambda: runs_of("failed") == 1, detail=hooks_said)
             assert runs_of("ok") == 9
     finally:
         trainer.server_close()
