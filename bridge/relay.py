@@ -127,7 +127,10 @@ class Relay:
         Without this pause the recording thread goes on (its log line, the hooks, the next
         long-poll) holding the GIL while the woken relay thread waits for it: 0.4-0.6 ms
         more per change at p50, measured. Only the pause depends on timing, never who sends;
-        a sink blocked in send or backing off costs no pause (`seq` is not at the head)."""
+        a sink blocked in send or backing off costs no pause (`seq` is not at the head). A
+        sink whose send is the whole exchange (REST Pub/Sub, a token fetched first with
+        --attest on) holds the recording thread the full HANDOFF_WAIT: its hooks and next
+        long-poll start 2 ms later, and the exchange has the GIL to itself meanwhile."""
         with self._cond:
             if self._idle or (self._sent_upto < seq and self._queue and self._queue[0][0] == seq):
                 self._taken.wait_for(lambda: self._sent_upto >= seq or self._stopping, HANDOFF_WAIT)

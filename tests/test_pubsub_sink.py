@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
@@ -269,14 +270,13 @@ def test_each_publish_carries_the_token_and_a_refused_one_is_replaced(sim):
     assert sim.stats()[TOKEN_PATH] == 2, "the refused token was forgotten, the new one asked"
 
 
-class HoldingApi(StandInApi):
-    """Stands in for `topics.publish` with HTTP/1.1 keep-alive, holding each answer until
-    `gate` is set; records the connections accepted and each request's messages."""
+class KeepAliveApi(StandInApi):
+    """Stands in for `topics.publish` with HTTP/1.1 keep-alive; records the connections
+    accepted, each request's messages and the thread of the client that was waiting."""
 
     protocol_version = "HTTP/1.1"
     connections: ClassVar[list[int]] = []
     requests: ClassVar[list[list[str]]] = []
-    gate: ClassVar[threading.Event] = threading.Event()
 
     def setup(self) -> None:
         super().setup()
@@ -288,18 +288,17 @@ class HoldingApi(StandInApi):
         assert {m["orderingKey"] for m in body["messages"]} == {"k"}
         self.requests.append(data)
         number = len(self.requests)
-        self.gate.wait(10)
         self.answer(200, {"messageIds": [f"{number}-{i}" for i in range(len(data))]})
 
 
-def test_rest_keeps_one_connection_and_sends_what_waited_in_one_request():
-    """What keeps REST as quick as gRPC when events come together: one kept-alive connection
-    (no connect per publish), and the messages of a key queued behind a publish in flight
-    leave together, in order, in one request (`messages: [...]`), each under its own id."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HoldingApi)
+def test_rest_publishes_on_the_calling_thread_over_one_connection():
+    """What keeps REST quicker than gRPC: one kept-alive connection (no connect per publish),
+    and no thread between the event and its acknowledgement: `publish` returns with the
+    answer in hand (the future already resolved) and the transport starts no thread."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), KeepAliveApi)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    HoldingApi.connections, HoldingApi.requests = [], []
-    HoldingApi.gate.clear()
+    KeepAliveApi.connections, KeepAliveApi.requests = [], []
+    before = set(threading.enumerate())
     transport = RestTransport(
         "projects/p-test1/topics/t-1",
         f"127.0.0.1:{server.server_address[1]}",
@@ -307,20 +306,63 @@ def test_rest_keeps_one_connection_and_sends_what_waited_in_one_request():
         tokens=None,
     )
     try:
-        first = transport.publish("k", {}, b"0")
-        wait_for("the first request", lambda: len(HoldingApi.requests) == 1)
-        behind = [transport.publish("k", {}, str(i).encode()) for i in range(1, 6)]
-        HoldingApi.gate.set()
-        ids = [f.result(timeout=10) for f in (first, *behind)]
-        last = transport.publish("k", {}, b"6").result(timeout=10)
+        futures = [transport.publish("k", {}, str(i).encode()) for i in range(4)]
+        done = [f.done() for f in futures]
+        ids = [f.result(timeout=0) for f in futures]
+        started = {  # the stand-in server's own request threads aside
+            t.name
+            for t in set(threading.enumerate()) - before
+            if "process_request_thread" not in t.name
+        }
     finally:
         transport.close()
         server.shutdown()
         server.server_close()
-    assert HoldingApi.requests == [["0"], ["1", "2", "3", "4", "5"], ["6"]]
-    assert ids == ["1-0", "2-0", "2-1", "2-2", "2-3", "2-4"]
-    assert last == "3-0"
-    assert HoldingApi.connections == [0], "one connection for every publish"
+    assert done == [True] * 4, "each publish answered before it returned"
+    assert KeepAliveApi.requests == [["0"], ["1"], ["2"], ["3"]]
+    assert ids == ["1-0", "2-0", "3-0", "4-0"]
+    assert KeepAliveApi.connections == [0], "one connection for every publish"
+    assert started == set(), f"threads of the transport's own: {started}"
+
+
+class SilentApi(StandInApi):
+    """Reads a publish and never answers (a front end that froze)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(30)
+
+
+def test_close_ends_a_publish_the_server_never_answers():
+    """At stop the daemon closes the sink: a publish stuck on a frozen server fails at once
+    (its connection shut under it) rather than holding the bridge for the request timeout,
+    and it does not reconnect to try again."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SilentApi)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    transport = RestTransport(
+        "projects/p-test1/topics/t-1",
+        f"127.0.0.1:{server.server_address[1]}",
+        secure=False,
+        tokens=None,
+    )
+    result: list[Future[str]] = []
+    publisher = threading.Thread(target=lambda: result.append(transport.publish("k", {}, b"x")))
+    try:
+        publisher.start()
+        time.sleep(0.3)  # the request is written and waits for its answer
+        t0 = time.monotonic()
+        transport.close()
+        publisher.join(5)
+        took = time.monotonic() - t0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not publisher.is_alive() and took < 2, took
+    with pytest.raises(Exception) as failed:
+        result[0].result(timeout=0)
+    assert classify(failed.value) in ("unavailable", "other"), failed.value
+    assert transport.publish("k2", {}, b"y").exception(timeout=0) is not None, "closed stays closed"
 
 
 # --- the default path stays light -----------------------------------------------------------

@@ -44,7 +44,13 @@ OPTIONS = (
         default="binary",
     ),
     # 0: commit each publish at once (batches still form behind one in flight, per ordering key).
-    Option("publish_latency", "Pub/Sub batch max_latency, seconds", parse=float, default=0.0),
+    Option(
+        "publish_latency",
+        "gRPC transport: the client library's batch max_latency, seconds (REST publishes each "
+        "event at once)",
+        parse=float,
+        default=0.0,
+    ),
     Option(
         "pubsub_transport",
         "Pub/Sub transport: rest (standard library) or grpc (needs maintenance-bridge[grpc])",
@@ -108,22 +114,22 @@ def new_transport(options: PubSubOptions) -> Transport:
             options.pubsub_emulator_host,
             secure=False,
             tokens=None,
-            max_latency=options.publish_latency,
         )
     return RestTransport(
         options.topic,
         options.pubsub_endpoint or GLOBAL_ENDPOINT,
         secure=True,
         tokens=MetadataTokens(options.metadata_url),
-        max_latency=options.publish_latency,
     )
 
 
 class PubSubSink:
-    """The transport is created on first use: importing the gRPC library and building its
-    client cost about 0.2 s, which must not delay the first long-poll. The daemon calls
-    `connect` in the background once the watch is armed; an event sent meanwhile waits for the
-    transport (and in the outbox) as it would during an outage.
+    """The transport is created on first use. Over gRPC, importing the library and building
+    its client cost about 0.2 s, which must not delay the first long-poll: the daemon calls
+    `connect` in the background once the watch is armed, and an event sent meanwhile waits for
+    the transport (and in the outbox) as it would during an outage. The REST transport costs
+    nothing to create: it is made by the first `send`, on the relay's thread, and every publish
+    is made there.
     """
 
     name = "pubsub"
@@ -146,9 +152,10 @@ class PubSubSink:
             return self._transport
 
     def start_connecting(self) -> None:
-        """From now until `connect` ends, `send` does not block on creating the transport."""
+        """From now until `connect` ends, `send` does not block on creating the (gRPC)
+        transport."""
         with self._lock:
-            self._connecting = self._transport is None
+            self._connecting = self._transport is None and self.options.pubsub_transport == "grpc"
 
     def connect(self) -> None:
         """Create the transport, then publish in order what waited for it; raises what creating
