@@ -1,0 +1,69 @@
+"""Promises of the watcher and the metadata client that mutation testing found unguarded
+(docs/reliability.md, "Mutation testing", "watcher and metadata"): each test failed on a mutant
+of bridge/watcher.py or bridge/metadata.py that the other in-process tests let through.
+
+- a watcher hanging on a calm long-poll is not called stuck by /healthz: its promise covers the
+  long-poll, the client's slack over it and the longest back-off, and no more;
+- an identity key the server does not have is a failure of the fixed class `http_4xx` (the
+  classes are the only metric labels and log words), retried by the caller.
+
+Each runs in about a second against the simulator in the test process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from support.harness import wait_for
+
+from bridge.config import Config
+from bridge.health import GRACE_SECONDS, Health
+from bridge.keys import MAINTENANCE
+from bridge.metadata import CLIENT_SLACK, FAILURE_CLASSES, MetadataClient, MetadataError
+from bridge.metrics import Metrics
+from bridge.simulator import Simulator
+from bridge.watcher import Watcher
+
+POLL_TIMEOUT = 60
+RETRY_CAP = 2.0
+
+
+def test_a_hanging_calm_poll_is_not_stuck_until_its_whole_promise_is_overdue(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """While the poll hangs, /healthz is green up to poll_timeout + CLIENT_SLACK + retry_cap
+    (+ grace) from the poll's start, and red after it: a shorter promise would call a healthy
+    watcher stuck (a restart by the supervisor of the VM), a longer one hide a stuck one."""
+    config = Config(
+        metadata_url=sim.url, state_dir=tmp_path, poll_timeout=POLL_TIMEOUT, retry_cap=RETRY_CAP
+    )
+    health, stop = Health(), threading.Event()
+    watcher = Watcher(MAINTENANCE, config, lambda *_: None, stop, health, Metrics())
+    watcher.start()
+    try:
+        wait_for("the calm poll hanging", lambda: sim.hanging(MAINTENANCE) > 0)
+        asked = time.monotonic()  # the promise was made just before the poll was sent
+        promise = POLL_TIMEOUT + CLIENT_SLACK + RETRY_CAP + GRACE_SECONDS
+        assert health.problems(asked + promise - 1.5) == []
+        assert health.problems(asked + promise + 1.5) != []
+    finally:
+        stop.set()
+        watcher.hurry()
+        watcher.thread.join(10)
+    assert not watcher.thread.is_alive()
+
+
+@pytest.mark.parametrize("path", ["instance/id", "instance/name", "project/project-id"])
+def test_a_missing_identity_key_is_an_http_4xx_failure(sim: Simulator, path: str) -> None:
+    sim.delete_value(path)
+    client = MetadataClient(sim.url)
+    try:
+        with pytest.raises(MetadataError, match=path) as caught:
+            client.identity()
+    finally:
+        client.close()
+    assert caught.value.failure_class == "http_4xx"
+    assert caught.value.failure_class in FAILURE_CLASSES
