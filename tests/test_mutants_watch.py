@@ -5,7 +5,8 @@ of bridge/watcher.py or bridge/metadata.py that the other in-process tests let t
 - a watcher hanging on a calm long-poll is not called stuck by /healthz: its promise covers the
   long-poll, the client's slack over it and the longest back-off, and no more;
 - an identity key the server does not have is a failure of the fixed class `http_4xx` (the
-  classes are the only metric labels and log words), retried by the caller.
+  classes are the only metric labels and log words), retried by the caller;
+- the metadata server's own URL, which names no port, is asked on port 80.
 
 Each runs in about a second against the simulator in the test process.
 """
@@ -67,3 +68,10 @@ def test_a_missing_identity_key_is_an_http_4xx_failure(sim: Simulator, path: str
         client.close()
     assert caught.value.failure_class == "http_4xx"
     assert caught.value.failure_class in FAILURE_CLASSES
+
+
+def test_a_url_without_a_port_is_asked_on_port_80() -> None:
+    """The production URL (config's default) names no port; nothing is connected here."""
+    client = MetadataClient("http://metadata.google.internal/computeMetadata/v1/")
+    assert (client.connection.host, client.connection.port) == ("metadata.google.internal", 80)
+    assert client.prefix == "/computeMetadata/v1/"
