@@ -416,8 +416,8 @@ def _event_data(raw: Any) -> EventData:
     if notice is not None and (type(notice) is not int or notice < 0):
         raise DecodeError("data.notice_seconds must be a non-negative integer")
     sequence = _int64(obj.get("sequence"))
-    if sequence is None or sequence < 0:
-        raise DecodeError("data.sequence must be a non-negative integer (number or string)")
+    if sequence is None or sequence < 1:  # the schemas' minimum: every stream starts at 1
+        raise DecodeError("data.sequence must be a positive integer (number or string)")
     down = obj.get("happened_while_down")
     if not isinstance(down, bool):
         raise DecodeError("data.happened_while_down must be a boolean")

@@ -256,6 +256,7 @@ MALFORMED: dict[str, tuple[Callable[[], Event], str]] = {
     "data is a list": (lambda: decode_pubsub(_ATTRS, b"[]"), "data must be a JSON object"),
     "no sequence": (_data_case("sequence", _DELETE), "data.sequence"),
     "negative sequence": (_data_case("sequence", -1), "data.sequence"),
+    "zero sequence (every stream starts at 1)": (_data_case("sequence", 0), "data.sequence"),
     "sequence as words": (_data_case("sequence", "four"), "data.sequence"),
     "sequence as signed text": (_data_case("sequence", "+4"), "data.sequence"),
     "sequence as float": (_data_case("sequence", 4.0), "data.sequence"),
