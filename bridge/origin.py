@@ -212,9 +212,10 @@ class Policy:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Policy:
-        """From REQUIRE_ATTESTATION (true/false, default true), ATTESTATION_CERTS_URL and
+        """From REQUIRE_ATTESTATION (true/false, default true: unset or empty, as a deploy tool
+        leaves a variable it was given no value for), ATTESTATION_CERTS_URL and
         CLOUD_EVENTS_IDENTITY; anything else for REQUIRE_ATTESTATION is a ValueError."""
-        raw = env.get("REQUIRE_ATTESTATION", "true").strip().lower()
+        raw = env.get("REQUIRE_ATTESTATION", "").strip().lower() or "true"
         if raw not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
             raise ValueError(f"REQUIRE_ATTESTATION must be true or false, not {raw!r}")
         return cls(

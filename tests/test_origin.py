@@ -316,7 +316,15 @@ def test_check_gives_the_verdict_and_never_raises_for_a_bad_token(signer: Signer
 def test_policy_from_the_environment() -> None:
     default = origin.Policy.from_env({})
     assert default == origin.Policy(True, origin.GOOGLE_CERTS_URL, "")
-    for raw, wanted in (("false", False), (" OFF ", False), ("0", False), ("yes", True)):
+    cases = (
+        ("false", False),
+        (" OFF ", False),
+        ("0", False),
+        ("yes", True),
+        ("", True),
+        (" ", True),
+    )
+    for raw, wanted in cases:
         assert origin.Policy.from_env({"REQUIRE_ATTESTATION": raw}).require_attestation is wanted
     env = {
         "REQUIRE_ATTESTATION": "true",
