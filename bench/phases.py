@@ -223,7 +223,7 @@ def phase_floor(b: Bench) -> dict[str, Any]:
     db.close()
     log(
         f"floor: long-poll answer p50 {fmt_ms(http_floor.p50)}, publish RTT p50 "
-        f"{fmt_ms(publish['0'].p50)}, durable commit p50 {fmt_ms(commits['FULL'].p50)}"
+        f"{fmt_ms(publish['rest'].p50)} (REST), durable commit p50 {fmt_ms(commits['FULL'].p50)}"
     )
     return {"http": http_floor, "publish": publish, "commit": commits}
 
