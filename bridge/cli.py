@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--scheduling",
-        choices=("json", "text", "404", "broken"),
+        choices=("json", "booleans", "path_keys", "text", "404", "broken"),  # SCHEDULING_MODES
         default="json",
         help="what instance/scheduling/?recursive=true answers",
     )

@@ -23,6 +23,7 @@ sink, no metadata server.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sqlite3
 import threading
@@ -734,3 +735,82 @@ def test_the_store_opens_at_synchronous_full(tmp_path: Path) -> None:
         assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2, "back at FULL"
     finally:
         store.close()
+
+
+# -- what the relay says about a published event --------------------------------------------------
+
+
+def test_the_published_line_and_histogram_give_the_latency_from_the_change_or_the_recording(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/operations.md joins logs on the published line: its `latency_ms` is from the change
+    (a live event) or, for an event restored from the outbox, from its recording; the histogram
+    `change_to_publish_seconds` takes the live ones only, at their own value."""
+    caplog.set_level(logging.INFO, logger="bridge.relay")
+    sink = MemorySink()
+    relay = relay_on(store, sink)
+    try:
+        live = event_for(MAINTENANCE, "NONE", MIGRATE, 1)
+        store.record(live)
+        relay.enqueue(1, live, time.monotonic() - 5.0, [])  # the change was seen 5 s ago
+        restored = event_for(MAINTENANCE, MIGRATE, "NONE", 2)
+        store.record(restored)
+        relay.enqueue(2, restored, None, [], since=time.monotonic() - 20.0)  # recorded 20 s ago
+        sink.wait("both events", lambda s: len(s.acked) == 2)
+        wait_for("both lines", lambda: len(published_lines(caplog)) == 2)
+    finally:
+        relay.drain(timeout=1)
+    lines = {r.event_id: r.latency_ms for r in published_lines(caplog)}  # type: ignore[attr-defined]
+    assert 5000 <= lines[live.id] < 6000, lines
+    assert 20000 <= lines[restored.id] < 21000, lines
+    assert sample(relay, "maintenance_bridge_change_to_publish_seconds_count") == 1
+    assert 5.0 <= sample(relay, "maintenance_bridge_change_to_publish_seconds_sum") < 6.0
+
+
+def published_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith("published ")]
+
+
+def test_the_next_publish_clears_the_last_error_in_status(store: Store) -> None:
+    """`status` shows the last error until a publish succeeds, whether the error is this run's
+    (a sink outage) or one an earlier run left in the store."""
+    store.note_error("publish unavailable: from the last run", AT)
+    sink = MemorySink()
+    relay = relay_on(store, sink)
+    try:
+        record(store, relay, event_for(MAINTENANCE, "NONE", MIGRATE, 1))
+        sink.wait("the first event", lambda s: len(s.acked) == 1)
+        wait_for("the old error cleared", lambda: store.report()["last_error"] is None)
+        sink.fail = SinkDown("down")
+        record(store, relay, event_for(MAINTENANCE, MIGRATE, "NONE", 2))
+        wait_for("the outage noted", lambda: store.report()["last_error"] is not None)
+        sink.fail = None
+        sink.wait("the second event", lambda s: len(s.acked) == 2)
+        wait_for("the outage's error cleared", lambda: store.report()["last_error"] is None)
+    finally:
+        relay.drain(timeout=1)
+
+
+def test_a_redriven_event_recorded_before_stream_id_goes_out_in_the_store_s_stream(
+    tmp_path: Path,
+) -> None:
+    """An event parked by a bridge older than stream_id, redriven after the upgrade, joins the
+    store's stream, as one restored from the outbox does (test_contract): a topic schema that
+    requires the field would refuse it otherwise."""
+    store = Store(tmp_path / "bridge.sqlite3")
+    try:
+        stream = store.load().stream_id
+        made = event_for(UPCOMING, "", WINDOW, sequence=1)
+        old = made.to_structured()
+        old["data"].pop("stream_id", None)  # an older bridge's body has none
+        with store._transaction():
+            store._db.execute(
+                "INSERT INTO outbox(seq, id, kind, body, recorded_at) VALUES (1, ?, ?, ?, 0)",
+                (made.id, made.kind, json.dumps(old)),
+            )
+        store.park(1, 400, "refused", AT)
+        assert store.request_redrive([old["id"]]) == [old["id"]]
+        ((seq, event, _),) = store.take_redrives()
+    finally:
+        store.close()
+    assert (seq, event.id, event.data.stream_id) == (1, old["id"], stream)

@@ -6,7 +6,9 @@ of bridge/watcher.py or bridge/metadata.py that the other in-process tests let t
   long-poll, the client's slack over it and the longest back-off, and no more;
 - an identity key the server does not have is a failure of the fixed class `http_4xx` (the
   classes are the only metric labels and log words), retried by the caller;
-- the metadata server's own URL, which names no port, is asked on port 80.
+- the metadata server's own URL, which names no port, is asked on port 80;
+- every scheduling field is read whichever plausible way the server renders it;
+- a failed poll (a 429) is followed by a back-off pause before the next request.
 
 Each runs in about a second against the simulator in the test process.
 """
@@ -20,12 +22,15 @@ from pathlib import Path
 import pytest
 from support.harness import wait_for
 
+from bridge.cli import parser
 from bridge.config import Config
+from bridge.events import Scheduling
 from bridge.health import GRACE_SECONDS, Health
 from bridge.keys import MAINTENANCE
 from bridge.metadata import CLIENT_SLACK, FAILURE_CLASSES, MetadataClient, MetadataError
 from bridge.metrics import Metrics
-from bridge.simulator import Simulator
+from bridge.retry import metadata_policy
+from bridge.simulator import SCHEDULING_MODES, Simulator
 from bridge.watcher import Watcher
 
 POLL_TIMEOUT = 60
@@ -78,3 +83,67 @@ def test_a_url_without_a_port_is_asked_on_port_80() -> None:
     client = MetadataClient("http://metadata.google.internal/computeMetadata/v1/")
     assert (client.connection.host, client.connection.port) == ("metadata.google.internal", 80)
     assert client.prefix == "/computeMetadata/v1/"
+
+
+SPOT = {
+    "instance/scheduling/on-host-maintenance": "TERMINATE",
+    "instance/scheduling/automatic-restart": "FALSE",
+    "instance/scheduling/preemptible": "TRUE",
+    "instance/scheduling/provisioning-model": "SPOT",
+}
+
+
+@pytest.mark.parametrize("mode", ["json", "booleans", "path_keys"])
+def test_every_scheduling_field_is_read_in_every_plausible_rendering(mode: str) -> None:
+    """Events carry the VM's scheduling (docs/events.md): a Spot VM's every field, whichever
+    way the server renders the directory (FACTS.md documents camelCase keys, not how a flag is
+    typed): flags as TRUE/FALSE or as JSON booleans, keys camelCase or as the paths spell them.
+    Subscribers route on these fields (a preemptible VM's notice is its end)."""
+    with Simulator(scheduling=mode) as sim:
+        for path, value in SPOT.items():
+            sim.set_value(path, value)
+        sim.start()
+        client = MetadataClient(sim.url)
+        try:
+            _, scheduling, problems = client.enrichment()
+        finally:
+            client.close()
+    assert problems == []
+    assert scheduling == Scheduling(
+        on_host_maintenance="TERMINATE",
+        automatic_restart="FALSE",
+        preemptible="TRUE",
+        provisioning_model="SPOT",
+    )
+
+
+def test_the_simulator_command_offers_every_scheduling_rendering() -> None:
+    """`maintenance-bridge simulate --scheduling` spells its choices out (the parser does not
+    import the simulator, for the start-up of `run`): each of the simulator's is among them."""
+    for mode in SCHEDULING_MODES:
+        assert parser().parse_args(["simulate", "--scheduling", mode]).scheduling == mode
+
+
+def test_a_failed_poll_is_followed_by_a_pause_before_the_server_is_asked_again(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A rate-limited server (429) is not asked again at once: the first retry waits the
+    policy's first delay (0.1 s for a 429, less its jitter), as every later one does."""
+    sim.inject("status", path=MAINTENANCE, status=429)
+    seen: list[float] = []
+    config = Config(metadata_url=sim.url, state_dir=tmp_path, retry_cap=RETRY_CAP)
+    health, stop = Health(), threading.Event()
+    watcher = Watcher(
+        MAINTENANCE, config, lambda *_: seen.append(time.monotonic()), stop, health, Metrics()
+    )
+    started = time.monotonic()
+    watcher.start()
+    try:
+        wait_for("the value after the 429", lambda: seen)
+    finally:
+        stop.set()
+        watcher.hurry()
+        watcher.thread.join(10)
+    least = metadata_policy(RETRY_CAP).delay(1, "http_429", rand=1.0)
+    assert least == pytest.approx(0.05)
+    assert seen[0] - started >= least

@@ -10,7 +10,8 @@ identity endpoint signs its tokens with google-auth, a dependency of the bridge 
 Where the real server's behaviour is undocumented, a switch picks the variant so that a client
 can be tested against each: ``plain_alt_json`` renders a plain value under ``alt=json`` as a
 JSON string (``"NONE"``) or as raw text (``NONE``); ``scheduling`` makes
-``instance/scheduling/?recursive=true`` answer its JSON object, a text listing, a 404 or a
+``instance/scheduling/?recursive=true`` answer its JSON object (or the same with its flags as
+JSON booleans, or with its keys as the paths spell them), a text listing, a 404 or a
 truncated JSON body; ``empty_upcoming`` makes an empty ``upcoming-maintenance`` answer the
 "no notifications" 503 or a 404. Every "nothing scheduled" form users report can be served:
 store ``NONE`` (read as ``"NONE"`` or raw ``NONE`` under ``alt=json``, per ``plain_alt_json``),

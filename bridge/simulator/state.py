@@ -37,7 +37,10 @@ log = logging.getLogger("bridge.simulator")
 
 SCHEDULING = "instance/scheduling/"
 PLAIN_ALT_JSON = ("string", "raw")  # how a plain value reads under alt=json: "NONE" or NONE
-SCHEDULING_MODES = ("json", "text", "404", "broken")  # what scheduling/?recursive=true answers
+# What scheduling/?recursive=true answers: its JSON object (camelCase keys, flags as the text
+# TRUE/FALSE), the same with flags as JSON booleans, the same with the keys as the paths spell
+# them (on-host-maintenance), a text listing, a 404 or a truncated body.
+SCHEDULING_MODES = ("json", "booleans", "path_keys", "text", "404", "broken")
 EMPTY_UPCOMING = ("503", "404")  # what upcoming-maintenance answers when it holds no value
 
 DEFAULT_IDENTITY: dict[str, str] = {
@@ -401,9 +404,13 @@ class Simulator:
                 for d in dirs:
                     node = node.setdefault(camel(d), {})
                 # User-chosen attribute names are not camelCased by the real server.
-                name = leaf if dirs[-1:] == ["attributes"] else camel(leaf)
+                plain = dirs[-1:] == ["attributes"] or odd == "path_keys"
+                name = leaf if plain else camel(leaf)
                 value = self._values[key]
-                node[name] = value if (parsed := container_of(value)) is None else parsed
+                if odd == "booleans" and value in ("TRUE", "FALSE"):
+                    node[name] = value == "TRUE"
+                else:
+                    node[name] = value if (parsed := container_of(value)) is None else parsed
             body, ctype = json.dumps(tree, separators=(",", ":")).encode(), JSON
             if odd == "broken":
                 body = body[: len(body) // 2]
