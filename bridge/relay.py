@@ -205,7 +205,7 @@ class Relay:
                         break
                 self._idle = False
                 if self._stopping:
-                    return
+                    break
                 stale = self._stale_heartbeats() if self._heartbeats > 1 else set()
                 batch = [] if stale else list(itertools.islice(self._queue, WINDOW))
             if stale:
@@ -214,6 +214,9 @@ class Relay:
             self._retry_retirements()
             if batch and not self._send(batch):
                 self._backoff()
+        # A retirement the store refused (a full disk, freed since) is tried once more: left
+        # in the outbox, the acknowledged event would go out again at the next start.
+        self._retry_retirements()
 
     def _send(self, batch: list[Item]) -> bool:
         """Send a batch and retire its acknowledged prefix; False on the first failure."""

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from support.bridge import BridgeProcess
-from support.harness import wait_for
+from support.harness import enrichment_under, wait_for
 
 from bridge.events import Scheduling
 from bridge.keys import MAINTENANCE as KEY
@@ -174,13 +174,7 @@ def test_enrichment(client: MetadataClient) -> None:
     ("mode", "problem"), [("text", "not valid JSON"), ("404", "not found"), ("broken", "JSON")]
 )
 def test_unreadable_scheduling_leaves_its_fields_empty(mode: str, problem: str) -> None:
-    with Simulator(scheduling=mode) as sim:
-        sim.start()
-        client = MetadataClient(sim.url)
-        try:
-            hostname, scheduling, problems = client.enrichment()
-        finally:
-            client.close()
+    hostname, scheduling, problems = enrichment_under(mode)
     assert hostname.startswith("demo-vm.")
     assert scheduling == Scheduling()
     assert len(problems) == 1 and "instance/scheduling/" in problems[0]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.harness import wait_for
+from support.harness import enrichment_under, wait_for
 
 from bridge.cli import parser
 from bridge.config import Config
@@ -99,15 +99,7 @@ def test_every_scheduling_field_is_read_in_every_plausible_rendering(mode: str) 
     way the server renders the directory (FACTS.md documents camelCase keys, not how a flag is
     typed): flags as TRUE/FALSE or as JSON booleans, keys camelCase or as the paths spell them.
     Subscribers route on these fields (a preemptible VM's notice is its end)."""
-    with Simulator(scheduling=mode) as sim:
-        for path, value in SPOT.items():
-            sim.set_value(path, value)
-        sim.start()
-        client = MetadataClient(sim.url)
-        try:
-            _, scheduling, problems = client.enrichment()
-        finally:
-            client.close()
+    _, scheduling, problems = enrichment_under(mode, SPOT)
     assert problems == []
     assert scheduling == Scheduling(
         on_host_maintenance="TERMINATE",

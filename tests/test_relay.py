@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -159,6 +160,39 @@ def test_a_drain_retires_what_was_acknowledged_before_it_ends(store):
     assert time.monotonic() - started < 2.5
     assert relay.stopped
     assert pending(store) == [2, 3]
+
+
+class FullAtAck(Store):
+    """A store whose disk is full when the relay first retires an event, freed right after."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.refusals = 0
+
+    def ack(self, seq: int, event_id: str, published_at: str, *, clear_error: bool = False) -> None:
+        if self.refusals == 0:
+            self.refusals += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        super().ack(seq, event_id, published_at, clear_error=clear_error)
+
+
+def test_a_retirement_refused_by_a_full_disk_is_made_before_the_relay_ends(tmp_path):
+    """An event acknowledged while the disk was full, then a drain once it is freed (before
+    the relay's own retry timer): it leaves the outbox, so the next start does not send it
+    again (a flake of test_faults' disk-full test, made deterministic)."""
+    store = FullAtAck(tmp_path / "bridge.sqlite3")
+    try:
+        sink = MemorySink()
+        relay = start_relay(sink, store)
+        (event,) = numbered(1)
+        record(relay, store, [event])
+        wait_for("the refused retirement", lambda: store.refusals == 1)
+        assert relay.drain(timeout=10)
+        assert relay.stopped
+        assert pending(store) == [], "acknowledged, yet the next start would send it again"
+        assert sink.sent_ids() == [event.id]
+    finally:
+        store.close()
 
 
 def test_an_event_leaves_the_outbox_only_once_the_sink_has_it(store):

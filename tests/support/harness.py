@@ -22,6 +22,8 @@ import requests
 from bridge.config import Config
 from bridge.daemon import run
 from bridge.events import Event, Instance, Scheduling, build_event
+from bridge.metadata import MetadataClient
+from bridge.simulator import Simulator
 from bridge.transitions import classify, notice_seconds
 
 INSTANCE = Instance(
@@ -82,6 +84,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def enrichment_under(
+    mode: str, values: dict[str, str] | None = None
+) -> tuple[str, Scheduling, list[str]]:
+    """What `MetadataClient.enrichment` reads from a simulator whose scheduling directory is
+    rendered in `mode` (after setting `values`): hostname, scheduling, problems."""
+    with Simulator(scheduling=mode) as sim:
+        for path, value in (values or {}).items():
+            sim.set_value(path, value)
+        sim.start()
+        client = MetadataClient(sim.url)
+        try:
+            return client.enrichment()
+        finally:
+            client.close()
 
 
 def event_for(key: str, previous: str, current: str, sequence: int = 1) -> Event:
