@@ -34,6 +34,7 @@ from bridge.http1 import (
     MAX_HEADERS,
     Connection,
     ProtocolError,
+    Reader,
     ReadTimeout,
     readable,
 )
@@ -151,6 +152,92 @@ def test_every_framing_reads_the_same_and_a_connection_is_kept_only_when_it_may_
         assert (response.status, response.body, response.headers["etag"]) == (200, b"NONE", "abc")
         threading.Event().wait(0.05)  # a server's close reaches the client while it is idle
     assert server.connections == connections
+
+
+def trickled(answer: bytes, *, then_close: bool = False) -> Script:
+    """One answer sent a byte at a time, each its own segment: the client's reads see every
+    framing cut at every place (a header line, a chunk-size line, chunk data, a trailer)."""
+
+    def script(conn: socket.socket, index: int) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        read_request(conn)
+        for byte in answer:
+            conn.sendall(bytes([byte]))
+            threading.Event().wait(0.001)
+        if not then_close:
+            conn.recv(1)
+
+    return script
+
+
+@pytest.mark.parametrize(
+    ("answer", "then_close"),
+    [(OK, False), (CHUNKED, False), (INTERIM, False), (TO_CLOSE, True)],
+    ids=["content-length", "chunked", "interim 100 first", "body read to the close"],
+)
+def test_every_framing_reads_the_same_when_it_arrives_a_byte_at_a_time(serve, answer, then_close):
+    """A server (or a proxy, or a lossy link) may deliver an answer in any number of pieces:
+    the body is the same as when it comes in one."""
+    _, conn = serve(trickled(answer, then_close=then_close))
+    response = conn.request(HEAD, 10.0)
+    assert (response.status, response.body, response.headers["etag"]) == (200, b"NONE", "abc")
+
+
+CAP = 100
+
+
+def framed(framing: str, body: bytes) -> bytes:
+    """`body` as an answer in `framing`; chunked in two chunks, so that the cap is counted
+    over the whole body, not per chunk."""
+    head = b"HTTP/1.1 200 OK\r\n"
+    if framing == "content-length":
+        return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    if framing == "chunked":
+        first, rest = body[:-3], body[-3:]
+        return (
+            head
+            + b"Transfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (first, rest))
+            + b"0\r\n\r\n"
+        )
+    return head + b"\r\n" + body  # read to the close
+
+
+def read_framed(framing: str, body: bytes, *, truncate: bool) -> tuple[bytes, bool]:
+    """The answer read with a cap of CAP; its last byte comes 50 ms after the rest (a reader
+    that stopped at the cap would miss the byte over it)."""
+    ours, theirs = socket.socketpair()
+    wire = framed(framing, body)
+
+    def last_byte() -> None:
+        theirs.sendall(wire[-1:])
+        if framing == "to the close":
+            theirs.shutdown(socket.SHUT_WR)
+
+    later = threading.Timer(0.05, last_byte)
+    with ours, theirs:
+        theirs.sendall(wire[:-1])
+        later.start()
+        try:
+            response, keep = Reader(ours).response(time.monotonic() + 5, CAP, truncate=truncate)
+        finally:
+            later.join()
+    return response.body, keep
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "to the close"])
+def test_a_body_of_exactly_the_cap_is_read_and_one_byte_more_is_refused_or_cut(framing):
+    """The cap on a body is exact, whatever the framing: the metadata client refuses one byte
+    more (a ProtocolError), the sinks (truncate) read what fits and do not reuse the
+    connection, whose rest of the body is still on the wire."""
+    whole = bytes(range(CAP))
+    body, keep = read_framed(framing, whole, truncate=False)
+    assert body == whole
+    assert keep is (framing != "to the close")
+    with pytest.raises(ProtocolError):
+        read_framed(framing, whole + b"!", truncate=False)
+    body, keep = read_framed(framing, whole + b"!", truncate=True)
+    assert (body, keep) == (whole, False)
 
 
 @pytest.mark.parametrize(
@@ -332,6 +419,7 @@ def chunked(body: bytes) -> bytes:
         b"4;a b\r\nNONE\r\n0\r\n\r\n",
         b"\r\n4\r\nNONE\r\n0\r\n\r\n",
         b"4\r\nNONE\r\n0\r\nbad trailer\r\n\r\n",
+        b"4\r\nNONE\r\n0\r\n" + b"X-A: 1\r\n" * (MAX_HEADERS + 1) + b"\r\n",
     ],
     ids=[
         "0x prefix",
@@ -350,6 +438,7 @@ def chunked(body: bytes) -> bytes:
         "extension with a space inside",
         "blank line first",
         "malformed trailer",
+        "one trailer line too many",
     ],
 )
 def test_chunked_framing_is_strict(serve, body):
@@ -367,8 +456,19 @@ def test_chunked_framing_is_strict(serve, body):
         b"2 ;a = b\r\nNO\r\n2\t; a\r\nNE\r\n0\r\n\r\n",
         b"2\r\nNO\r\n2\r\nNE\r\n0\r\nExpires: never\r\nX-A: 1\r\n\r\n",
         b"1\r\nN\r\n3\r\nONE\r\n0\r\n\r\n",
+        b"4\r\nNONE\r\n0\r\nX-A: 1\nX-B: 2\n\n",
+        b"4\r\nNONE\r\n0\r\n" + b"X-A: 1\r\n" * MAX_HEADERS + b"\r\n",
     ],
-    ids=["plain", "leading zeros", "extensions", "BWS before ; and =", "trailers", "split"],
+    ids=[
+        "plain",
+        "leading zeros",
+        "extensions",
+        "BWS before ; and =",
+        "trailers",
+        "split",
+        "trailers ended by bare LFs",
+        "as many trailer lines as header lines",
+    ],
 )
 def test_chunked_framing_allows_what_rfc_9112_allows(serve, body):
     server, conn = serve(answering(chunked(body), chunked(body)))
@@ -389,6 +489,12 @@ def test_chunked_framing_allows_what_rfc_9112_allows(serve, body):
         (b"Content-Length: \xb2\r\n", False),
         (b"Transfer-Encoding: gzip, chunked\r\n", False),
         (b"Transfer-Encoding: chunked\r\nContent-Length: 99\r\n", True),
+        (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n", False),
+        (b"Content-Length: 4,\t4\r\n", True),
+        (b"Content-Length: 000000000000000004\r\n", True),
+        (b"Content-Length: 0000000000000000004\r\n", False),
+        (b"Content-Length: 000000000000000004, 000000000000000004\r\n", True),
+        (b"Content-Length: 0000000000000000004, 0000000000000000004\r\n", False),
     ],
     ids=[
         "repeated, same",
@@ -400,6 +506,12 @@ def test_chunked_framing_allows_what_rfc_9112_allows(serve, body):
         "a latin-1 digit",
         "a coding besides chunked",
         "chunked wins over a length",
+        "a second coding in a repeated header",
+        "list with a tab",
+        "18 digits",
+        "19 digits: no server sends 10^18 bytes",
+        "list, 18 digits",
+        "list, 19 digits",
     ],
 )
 def test_framing_headers_must_not_be_ambiguous(serve, headers, ok):
@@ -412,10 +524,20 @@ def test_framing_headers_must_not_be_ambiguous(serve, headers, ok):
             conn.request(HEAD, 2.0)
 
 
-def test_a_folded_header_is_joined(serve):
-    answer = b"HTTP/1.1 200 OK\r\nETag: a\r\n  b\r\nContent-Length: 4\r\n\r\nNONE"
+@pytest.mark.parametrize("fold", [b"  ", b"\t", b" \t "], ids=["spaces", "a tab", "mixed"])
+def test_a_folded_header_is_joined(serve, fold):
+    answer = b"HTTP/1.1 200 OK\r\nETag: a\r\n" + fold + b"b\r\nContent-Length: 4\r\n\r\nNONE"
     _, conn = serve(answering(answer))
     assert conn.request(HEAD, 2.0).headers["etag"] == "a b"
+
+
+@pytest.mark.parametrize("fold", [b" ", b"\t"], ids=["a space", "a tab"])
+def test_a_fold_before_any_header_is_refused(serve, fold):
+    """A continuation of nothing: no header to join it to (RFC 9112 section 5.2)."""
+    answer = b"HTTP/1.1 200 OK\r\n" + fold + b"ETag: a\r\nContent-Length: 4\r\n\r\nNONE"
+    _, conn = serve(answering(answer))
+    with pytest.raises(ProtocolError, match="continuation"):
+        conn.request(HEAD, 2.0)
 
 
 def test_a_descriptor_above_1023_works(serve):
