@@ -131,9 +131,11 @@ INTERIM = (
 CLOSING = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 4\r\nETag: abc\r\n\r\nNONE"
 HTTP10 = b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\nETag: abc\r\n\r\nNONE"
 TO_CLOSE = b"HTTP/1.1 200 OK\r\nETag: abc\r\n\r\nNONE"
+BARE_LF = b"HTTP/1.1 200 OK\nContent-Length: 4\nETag: abc\n\nNONE"  # RFC 9112 2.2: a recipient MAY
 # script, connections two requests take: one when the connection may be kept, else two
 ANSWERS = {
     "content-length": (answering(OK, OK), 1),
+    "header lines ended by bare LFs": (answering(BARE_LF, BARE_LF), 1),
     "chunked": (answering(CHUNKED, CHUNKED), 1),
     "interim 100 first": (answering(INTERIM, INTERIM), 1),
     "connection: close": (answering(CLOSING), 2),
@@ -172,8 +174,8 @@ def trickled(answer: bytes, *, then_close: bool = False) -> Script:
 
 @pytest.mark.parametrize(
     ("answer", "then_close"),
-    [(OK, False), (CHUNKED, False), (INTERIM, False), (TO_CLOSE, True)],
-    ids=["content-length", "chunked", "interim 100 first", "body read to the close"],
+    [(OK, False), (CHUNKED, False), (INTERIM, False), (TO_CLOSE, True), (BARE_LF, False)],
+    ids=["content-length", "chunked", "interim 100 first", "body read to the close", "bare LFs"],
 )
 def test_every_framing_reads_the_same_when_it_arrives_a_byte_at_a_time(serve, answer, then_close):
     """A server (or a proxy, or a lossy link) may deliver an answer in any number of pieces:
