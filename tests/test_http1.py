@@ -156,16 +156,20 @@ def test_every_framing_reads_the_same_and_a_connection_is_kept_only_when_it_may_
     assert server.connections == connections
 
 
-def trickled(answer: bytes, *, then_close: bool = False) -> Script:
-    """One answer sent a byte at a time, each its own segment: the client's reads see every
-    framing cut at every place (a header line, a chunk-size line, chunk data, a trailer)."""
+def trickled(
+    answer: bytes, *, then_close: bool = False, pace: float = 0.001, whole: int = 0
+) -> Script:
+    """One answer sent a byte at a time (after its first `whole` bytes in one piece), each
+    its own segment `pace` seconds apart: the client's reads see every framing cut at every
+    place (a header line, a chunk-size line, chunk data, a trailer)."""
 
     def script(conn: socket.socket, index: int) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         read_request(conn)
-        for byte in answer:
+        conn.sendall(answer[:whole])
+        for byte in answer[whole:]:
             conn.sendall(bytes([byte]))
-            threading.Event().wait(0.001)
+            threading.Event().wait(pace)
         if not then_close:
             conn.recv(1)
 
@@ -382,15 +386,7 @@ def test_a_trickling_server_cannot_stretch_a_request_past_its_deadline(serve, wh
     request ends at its deadline (a per-read time-out let a 1 s request run 8.3 s)."""
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\nETag: e\r\n\r\n" + b"x" * 200
     start = answer.index(b"\r\n\r\n") + 4 if where == "body" else 0
-
-    def script(conn: socket.socket, index: int) -> None:
-        read_request(conn)
-        conn.sendall(answer[:start])
-        for byte in answer[start:]:
-            conn.sendall(bytes([byte]))
-            threading.Event().wait(0.05)  # the server's pace: what the test is about
-
-    _, conn = serve(script, max_body=1000)
+    _, conn = serve(trickled(answer, pace=0.05, whole=start), max_body=1000)
     began = time.monotonic()
     with pytest.raises(ReadTimeout):
         conn.request(HEAD, 1.0)

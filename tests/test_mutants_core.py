@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 import test_recorder
 import test_relay
+from support.full_disk import FullDisk
 from support.harness import INSTANCE, SCHEDULING, event_for, wait_for
 from support.memory_sink import MemorySink, SinkDown
 from test_recorder import MIGRATE, WINDOW, Rig, query_only, rig
@@ -230,19 +231,12 @@ def test_a_refused_event_is_parked_with_why_and_the_queue_goes_on(
     assert relay.parked == 0
 
 
-class ForgetFails(Store):
-    """A store that cannot delete stale heartbeats (as a full disk may refuse)."""
-
-    def forget(self, seqs: list[int]) -> None:
-        raise sqlite3.OperationalError("database or disk is full")
-
-
 def test_stale_heartbeats_the_store_cannot_forget_still_go_out_with_what_follows(
     tmp_path: Path,
 ) -> None:
     """Coalescing is an optimisation: when the store refuses to forget the stale heartbeats,
     they go out, in order, and so does the notice queued behind them."""
-    store = ForgetFails(tmp_path / "bridge.sqlite3")
+    store = FullDisk(tmp_path / "bridge.sqlite3", "forget")
     sink = MemorySink(hold=True)
     relay = relay_on(store, sink)
     try:

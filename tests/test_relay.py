@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sqlite3
 import threading
 import time
 import uuid
@@ -20,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from support.full_disk import FullDisk
 from support.harness import INSTANCE, SCHEDULING, event_for, holds_for, wait_for
 from support.memory_sink import DENIED_HINT, FAILURES, MemorySink, SinkDenied, SinkDown, SinkPaused
 
@@ -162,25 +162,11 @@ def test_a_drain_retires_what_was_acknowledged_before_it_ends(store):
     assert pending(store) == [2, 3]
 
 
-class FullAtAck(Store):
-    """A store whose disk is full when the relay first retires an event, freed right after."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.refusals = 0
-
-    def ack(self, seq: int, event_id: str, published_at: str, *, clear_error: bool = False) -> None:
-        if self.refusals == 0:
-            self.refusals += 1
-            raise sqlite3.OperationalError("database or disk is full")
-        super().ack(seq, event_id, published_at, clear_error=clear_error)
-
-
 def test_a_retirement_refused_by_a_full_disk_is_made_before_the_relay_ends(tmp_path):
     """An event acknowledged while the disk was full, then a drain once it is freed (before
     the relay's own retry timer): it leaves the outbox, so the next start does not send it
     again (a flake of test_faults' disk-full test, made deterministic)."""
-    store = FullAtAck(tmp_path / "bridge.sqlite3")
+    store = FullDisk(tmp_path / "bridge.sqlite3", "ack", times=1)
     try:
         sink = MemorySink()
         relay = start_relay(sink, store)
