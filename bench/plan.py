@@ -4,6 +4,7 @@ the targets, the A/B baseline and the latency distribution (bench/run.py runs it
 from __future__ import annotations
 
 import math
+import random
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ TARGETS = {
     "idle_cpu": ("idle CPU", "% of a core", 0.2),
     "idle_rss": ("idle RSS", "MB", 70.0),
     "idle_requests": ("idle metadata requests (worst key)", "/min/key", 1.0),
+    # Issue 24: the REST transport against gRPC, one bridge each in the same run.
+    "rest_p99_gap": (
+        "change -> emulator ack p99, REST minus gRPC: the low end of its 95 % interval",
+        "ms",
+        0.0,
+    ),
+    "rest_rss": ("idle RSS, Pub/Sub sink over REST, heartbeats on", "MB", 40.0),
+    "install_ratio": ("installed on the VM, default / with [grpc]", "x", 0.5),
 }
 
 
@@ -171,6 +180,25 @@ class Dist:
 
     def row(self) -> str:
         return f"{fmt_ms(self.p50)} / {fmt_ms(self.p99)} / {fmt_ms(self.max)}"
+
+
+def gap_interval(
+    a: Dist, b: Dist, q: float = 99, rounds: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """`a`'s q-th percentile minus `b`'s, and the 95 % bootstrap interval of that difference
+    (each sample resampled with replacement, `rounds` times; seeded: the same samples give the
+    same interval). Two transports' p99s from one run differ by chance by a few ms on this
+    machine: the interval says whether a gap is more than that. Samples of 400 hold the p99 as
+    the 4th worst, so the interval is wide; it is what the data can say."""
+    if not a.values or not b.values:
+        return math.nan, math.nan, math.nan
+    rng = random.Random(seed)
+
+    def resampled(d: Dist) -> float:
+        return Dist(tuple(sorted(rng.choices(d.values, k=d.n)))).pct(q)
+
+    gaps = sorted(resampled(a) - resampled(b) for _ in range(rounds))
+    return a.pct(q) - b.pct(q), gaps[int(0.025 * rounds)], gaps[int(0.975 * rounds) - 1]
 
 
 def fmt_ms(ms: float) -> str:

@@ -10,7 +10,7 @@ from bench.phases import STAGES
 from bench.phases_attest import attest_text
 from bench.phases_disruption import disruption_rows, disruption_text
 from bench.phases_load import RECOVERY_CLIENTS
-from bench.phases_pubsub import pubsub_text
+from bench.phases_pubsub import pubsub_text, transport_targets
 from bench.plan import NAGLE_CLUSTER, TARGETS, Dist, fmt_ms, median, ratio, verdict, worst
 from bench.report_text import CHANGES, HISTORY
 from bridge.config import Config
@@ -18,7 +18,7 @@ from bridge.retry import metadata_policy
 
 
 def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
-    """(label, measured, target, met) for every target of issue 8."""
+    """(label, measured, target, met) for every target of issues 8, 12 and 24."""
     rows: list[tuple[str, str, str, bool | None]] = []
 
     def add(key: str, value: float, shown: str) -> None:
@@ -60,6 +60,9 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         ok = fleet["complete"] == n and fleet["in_order"] == n
         shown = f"{fleet['complete']}/{n} complete, {fleet['in_order']}/{n} in order"
         rows.append(("fleet: every event delivered, per-instance order", shown, "all", ok))
+    if pubsub := r.get("pubsub"):
+        for key, (value, shown) in transport_targets(pubsub).items():
+            add(key, value, shown)
     rows += disruption_rows(r)
     ng = r.get("nagle")
     if ng:
