@@ -54,7 +54,13 @@ def sim() -> Iterator[Simulator]:
 
 @pytest.fixture(scope="session")
 def pubsub() -> Iterator[PubSubServer]:
-    """The official Pub/Sub emulator (skipped, with the reason, where it is not installed)."""
+    """The official Pub/Sub emulator (skipped, with the reason, where it is not installed).
+    BRIDGE_TEST_PUBSUB=host:port names one already running, used as it is and never stopped:
+    scripts/mutation starts one for its thousands of short pytest runs (a JVM start each would
+    cost seconds a mutant)."""
+    if shared := os.environ.get("BRIDGE_TEST_PUBSUB"):
+        yield PubSubServer(shared, "emulator", "test-project")
+        return
     server = emulator_or_skip()
     try:
         yield server
