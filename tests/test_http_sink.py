@@ -991,3 +991,150 @@ def test_a_trickling_receiver_cannot_stretch_the_read_timeout() -> None:
         sink.close()
         listener.close()
     assert classify(failed.value) == "timeout" and took < 1.6, (failed.value, took)
+
+
+def answer(status: int, *headers: str, body: bytes = b"") -> bytes:
+    lines = "".join(f"{h}\r\n" for h in headers)
+    return b"HTTP/1.1 %d X\r\n%sContent-Length: %d\r\n\r\n%s" % (
+        status, lines.encode(), len(body), body
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("status", "grace", "judged"),
+    [
+        (200, "600", "delivered"),
+        (204, "600", "delivered"),
+        (299, "600", "delivered"),
+        (300, "600", "redirect"),
+        (399, "600", "redirect"),
+        (408, "600", "server"),
+        (500, "600", "server"),
+        (599, "600", "server"),
+        (429, "600", "throttled"),
+        (400, "600", "parked"),
+        (405, "600", "parked"),
+        (499, "600", "parked"),
+        (401, "600", "refused, retried"),
+        (403, "600", "refused, retried"),
+        (404, "600", "refused, retried"),
+        (403, "0", "parked"),
+    ],
+)
+def test_every_answer_is_judged_by_its_status(status: int, grace: str, judged: str) -> None:
+    """What the relay does with an answer rests on this: a 2xx acknowledges; a redirect, a
+    408, a 429 and a 5xx are retried under the same id; 401/403/404 are retried for the
+    refusal grace, then parked like every other 4xx (Permanent)."""
+    from bridge.sinks import Permanent
+    from bridge.sinks.http_post import classify
+
+    rx = RawReceiver(answer(status, "Location: https://rx.example/new?sig=secret"))
+    sink = direct_sink(rx.url, "--http-refusal-grace", grace)
+    event = an_event(1)
+    try:
+        failure = sink.send(event).exception(timeout=5)
+    finally:
+        sink.close()
+        rx.close()
+    if judged == "delivered":
+        assert failure is None
+        return
+    assert failure is not None
+    parked = isinstance(failure, Permanent)
+    got = "parked" if parked else classify(failure)
+    assert got == {"refused, retried": "refused"}.get(judged, judged), failure
+    assert str(status) in str(failure)
+    if judged == "redirect":
+        assert "https://rx.example/new " in str(failure) and "secret" not in str(failure)
+    if judged == "refused, retried":
+        assert "parks in 600 s" in str(failure)
+
+
+def test_a_429_holds_the_next_request_for_its_retry_after() -> None:
+    """Retried sooner than the receiver asked, the event is not written (the relay tries
+    again later); once the wait is over it goes out."""
+    from bridge.sinks.http_post import classify
+
+    rx = RawReceiver(answer(429, "Retry-After: 1"), OK_EMPTY)
+    sink = direct_sink(rx.url)
+    try:
+        first = sink.send(an_event(1)).exception(timeout=5)
+        refused = time.monotonic()
+        sink.recover(an_event(1))
+        early = sink.send(an_event(1)).exception(timeout=5)
+        written_early = len(rx.bodies)
+        wait_for("the receiver's wait", lambda: time.monotonic() - refused > 1.05)
+        sink.recover(an_event(1))
+        sink.send(an_event(1)).result(timeout=5)
+    finally:
+        sink.close()
+        rx.close()
+    assert first is not None and "429" in str(first)
+    assert early is not None and classify(early) == "throttled"
+    assert written_early == 1 and len(rx.bodies) == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(None, 0.0), ("", 0.0), ("7", 7.0), (" 7 ", 7.0), ("soon", 0.0), ("-3", 0.0)],
+)
+def test_retry_after_in_seconds_or_nothing(value: str | None, seconds: float) -> None:
+    from bridge.sinks.http_post import _retry_after
+
+    assert _retry_after(value) == seconds
+
+
+def test_retry_after_as_an_http_date() -> None:
+    from email.utils import formatdate
+
+    from bridge.sinks.http_post import _retry_after
+
+    assert 28 <= _retry_after(formatdate(time.time() + 30, usegmt=True)) <= 30
+    assert _retry_after(formatdate(time.time() - 30, usegmt=True)) == 0.0
+
+
+def test_an_echoed_secret_is_masked_in_the_failure() -> None:
+    """A receiver that echoes the request: the static headers' values and the token never
+    reach the log or the parked row; the ce-* headers and the content type are kept."""
+    from bridge.sinks.http_post import _scrub
+
+    sent = {
+        "Authorization": "Bearer tok.en",
+        "X-Key": "k3y",
+        "ce-id": "abc",
+        "Content-Type": "application/json",
+        "X-Empty": "",
+    }
+    text = "got Bearer tok.en and k3y for abc as application/json"
+    assert _scrub(text, sent) == "got Bearer *** and *** for abc as application/json"
+
+
+def test_static_headers_are_read_from_flags_and_the_environment() -> None:
+    from bridge.sinks.http_post import Header, headers_from
+
+    got = headers_from([" X-Key =env:KEY", "X-Plain=a=b", "X-Empty="], {"KEY": "s3cret"})
+    assert got == (Header("X-Key", "s3cret"), Header("X-Plain", "a=b"), Header("X-Empty", ""))
+    assert "s3cret" not in repr(got)
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("NoValue", "give NAME=VALUE"),
+        ("Bad Name=x", "give NAME=VALUE"),
+        ("=x", "give NAME=VALUE"),
+        ("Content-Type=x", "set by the bridge itself"),
+        ("CE-Source=x", "set by the bridge itself"),
+        ("X-Key=env:UNSET", "the variable UNSET is not set"),
+        ("X-Key=env:BROKEN", "holds a line break"),
+        ("X-Key=a\rb", "holds a line break"),
+        ("X-Key=a\0b", "holds a line break"),
+    ],
+)
+def test_a_bad_static_header_is_refused_naming_it_never_its_value(spec: str, says: str) -> None:
+    from bridge.options import ConfigError
+    from bridge.sinks.http_post import headers_from
+
+    with pytest.raises(ConfigError, match=says) as refused:
+        headers_from(["X-Fine=1", spec], {"BROKEN": "zq1\nzq2"})
+    assert "zq1" not in str(refused.value) and "a\rb" not in str(refused.value)

@@ -200,14 +200,21 @@ def test_the_token_is_cached_and_asked_again_before_it_expires(sim):
         tokens.close()
 
 
-def test_no_service_account_is_a_permission_failure(sim):
-    tokens = MetadataTokens(sim.url)  # the simulator holds no token unless given one
+def token_failure(metadata_url: str) -> PublishFailed:
+    """Why asking `metadata_url` for the access token failed."""
+    tokens = MetadataTokens(metadata_url)
     try:
         with pytest.raises(PublishFailed) as failed:
             tokens.get()
     finally:
         tokens.close()
-    assert classify(failed.value) == "permission"
+    return failed.value
+
+
+def test_no_service_account_is_a_permission_failure(sim):
+    failed = token_failure(sim.url)  # the simulator holds no token unless given one
+    assert classify(failed) == "permission"
+    assert str(failed) == f"access token: {TOKEN_PATH} answered 404"
 
 
 class StandInApi(http.server.BaseHTTPRequestHandler):
@@ -478,3 +485,142 @@ def test_the_bridge_delivers_every_event_once_in_order(pubsub, adm, topic, trans
     assert len(copies) == len(set(copies)), "once"
     assert any(e.kind == "bridge.heartbeat" for e in events.values())
     assert not [r for r in bridge.logs() if r.get("severity") == "ERROR"], bridge.logs()[-5:]
+
+
+# --- the REST transport's answers, one by one ---------------------------------------------------
+
+
+class ScriptedApi(StandInApi):
+    """Answers every publish with `status` and `payload` (raw bytes when `payload` is bytes)."""
+
+    status: ClassVar[int] = 200
+    payload: ClassVar[object] = {}
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if isinstance(self.payload, bytes):
+            self.send_response(self.status)
+            self.send_header("Content-Length", str(len(self.payload)))
+            self.end_headers()
+            self.wfile.write(self.payload)
+        else:
+            self.answer(self.status, self.payload)
+
+
+def publish_against(status: int, payload: object) -> Future[str]:
+    ScriptedApi.status, ScriptedApi.payload = status, payload
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ScriptedApi)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    host = f"127.0.0.1:{server.server_address[1]}"
+    transport = RestTransport("projects/p-test1/topics/t-1", host, secure=False, tokens=None)
+    try:
+        return transport.publish("k", {"ce-id": "1"}, b"x")
+    finally:
+        transport.close()
+        server.shutdown()
+        server.server_close()
+
+
+NOT_FOUND = {"error": {"code": 404, "status": "NOT_FOUND", "message": "Resource not found"}}
+
+
+@pytest.mark.parametrize(
+    ("status", "payload", "failure", "text"),
+    [
+        (200, {"messageIds": ["7"]}, None, "7"),
+        (200, {"messageIds": 7}, "other", "one message published, ids 7"),
+        (200, {"messageIds": ["7", "8"]}, "other", "one message published"),
+        (200, {"ids": ["7"]}, "other", "HTTP 200 without messageIds"),
+        (200, b"not json", "other", "HTTP 200 without messageIds"),
+        (404, NOT_FOUND, "not_found", "HTTP 404 NOT_FOUND: Resource not found"),
+        (401, {"error": {"status": "UNAUTHENTICATED"}}, "permission", "HTTP 401 UNAUTHENTICATED: "),
+        (403, {"error": {"message": "denied"}}, "permission", "HTTP 403 : denied"),
+        (400, b"<html>bad</html>", "other", "HTTP 400: <html>bad</html>"),
+        (408, {}, "unavailable", "HTTP 408: {}"),
+        (429, {}, "unavailable", "HTTP 429"),
+        (499, {}, "unavailable", "HTTP 499"),
+        (500, {}, "unavailable", "HTTP 500"),
+        (503, {"error": "a string"}, "unavailable", "HTTP 503: "),
+        (402, {}, "other", "HTTP 402"),
+        (498, {}, "other", "HTTP 498"),
+    ],
+)
+def test_each_answer_of_the_api_is_an_id_or_a_failure_of_its_class(status, payload, failure, text):
+    """The relay's retries and the outage lines rest on the class; the operator reads the
+    API's own error (its status and message, short)."""
+    future = publish_against(status, payload)
+    if failure is None:
+        assert future.result(0) == text
+        return
+    error = future.exception(0)
+    assert isinstance(error, PublishFailed), error
+    assert (classify(error), str(error)[: len(text)]) == (failure, text)
+
+
+def test_a_long_error_is_cut():
+    answer = {"error": {"status": "INVALID_ARGUMENT", "message": "x" * 2000}}
+    assert len(str(publish_against(400, answer).exception(0))) == 500
+    assert str(publish_against(400, b"y" * 2000).exception(0)) == "HTTP 400: " + "y" * 200
+
+
+def test_each_transport_is_built_for_where_it_publishes():
+    from bridge.sinks.pubsub import new_transport
+
+    topic = "projects/p-test1/topics/t-1"
+    emulator = new_transport(PubSubOptions(topic=topic, pubsub_emulator_host="127.0.0.1:8085"))
+    assert isinstance(emulator, RestTransport)
+    assert (emulator.host, emulator.secure, emulator.tokens) == ("127.0.0.1:8085", False, None)
+    assert emulator.path == f"/v1/{topic}:publish"
+    default = new_transport(PubSubOptions(topic=topic, metadata_url="http://10.9.9.9/v1/"))
+    assert isinstance(default, RestTransport)
+    assert (default.host, default.secure) == ("pubsub.googleapis.com", True)
+    assert isinstance(default.tokens, MetadataTokens)
+    assert default.tokens.metadata_url == "http://10.9.9.9/v1/"
+    regional = new_transport(
+        PubSubOptions(topic=topic, pubsub_endpoint="us-east1-pubsub.googleapis.com:8443")
+    )
+    assert isinstance(regional, RestTransport)
+    assert (regional.host, regional.secure) == ("us-east1-pubsub.googleapis.com:8443", True)
+
+
+@pytest.mark.parametrize(
+    ("answer", "failure"),
+    [
+        ({"token_type": "Bearer"}, "unavailable"),
+        ({"access_token": 7}, "unavailable"),
+        (["ya29.x"], "unavailable"),
+    ],
+    ids=["no access_token", "not a string", "not an object"],
+)
+def test_a_token_answer_that_is_no_token_is_an_outage(sim, answer, failure):
+    """What the metadata server answers is read, not trusted: the publish fails as an outage
+    (retried), never with a token of None or an AttributeError."""
+    sim.set_value(TOKEN_PATH, json.dumps(answer))
+    failed = token_failure(sim.url)
+    assert (classify(failed), str(failed)) == (
+        failure,
+        f"access token: {TOKEN_PATH} is not a token",
+    )
+
+
+def test_an_unreachable_metadata_server_is_an_outage():
+    failed = token_failure(f"http://127.0.0.1:{free_port()}/computeMetadata/v1/")
+    assert classify(failed) == "unavailable"
+    assert str(failed).startswith("access token: ")
+
+
+@pytest.mark.parametrize("expires_in", [None, "3599", 0], ids=["absent", "a string", "zero"])
+def test_a_token_without_a_usable_lifetime_is_asked_again_every_time(sim, expires_in):
+    """Without a lifetime the bridge can read, the token is never cached (cached for ever,
+    it would be refused an hour later)."""
+    payload: dict[str, object] = {"access_token": "ya29.a", "token_type": "Bearer"}
+    if expires_in is not None:
+        payload["expires_in"] = expires_in
+    sim.set_value(TOKEN_PATH, json.dumps(payload))
+    tokens = MetadataTokens(sim.url)
+    try:
+        assert tokens.get() == "ya29.a"
+        assert tokens.get() == "ya29.a"
+    finally:
+        tokens.close()
+    assert sim.stats()[TOKEN_PATH] == 2
