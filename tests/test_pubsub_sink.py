@@ -11,6 +11,7 @@ Finally, the default path must not load gRPC at all: that is what halves the bri
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import subprocess
@@ -507,18 +508,25 @@ class ScriptedApi(StandInApi):
             self.answer(self.status, self.payload)
 
 
-def publish_against(status: int, payload: object) -> Future[str]:
+@contextlib.contextmanager
+def scripted(status: int, payload: object) -> Iterator[RestTransport]:
+    """A REST transport publishing to a ScriptedApi that answers `status` and `payload`."""
     ScriptedApi.status, ScriptedApi.payload = status, payload
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ScriptedApi)
     threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
     host = f"127.0.0.1:{server.server_address[1]}"
     transport = RestTransport("projects/p-test1/topics/t-1", host, secure=False, tokens=None)
     try:
-        return transport.publish("k", {"ce-id": "1"}, b"x")
+        yield transport
     finally:
         transport.close()
         server.shutdown()
         server.server_close()
+
+
+def publish_against(status: int, payload: object) -> Future[str]:
+    with scripted(status, payload) as transport:
+        return transport.publish("k", {"ce-id": "1"}, b"x")
 
 
 NOT_FOUND = {"error": {"code": 404, "status": "NOT_FOUND", "message": "Resource not found"}}
@@ -624,3 +632,15 @@ def test_a_token_without_a_usable_lifetime_is_asked_again_every_time(sim, expire
     finally:
         tokens.close()
     assert sim.stats()[TOKEN_PATH] == 2
+
+
+def test_after_close_nothing_is_published_and_no_connection_is_opened():
+    """The daemon closes the sink as it stops: a publish after that fails (its event stays
+    in the outbox for the next start) instead of opening a connection of its own."""
+    from bridge.sinks.pubsub.rest import Closed
+
+    with scripted(200, {"messageIds": ["1"]}) as transport:
+        assert transport.publish("k", {}, b"x").result(0) == "1"
+        transport.close()
+        assert isinstance(transport.publish("k", {}, b"x").exception(0), Closed)
+        assert transport._reader is None
