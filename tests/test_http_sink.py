@@ -877,6 +877,7 @@ class RawReceiver:
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/events"
         self.connections = 0
         self.bodies: list[bytes] = []
+        self.heads: list[bytes] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -901,6 +902,7 @@ class RawReceiver:
                 length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
                 while len(data) < length:
                     data += conn.recv(65536)
+                self.heads.append(head)
                 self.bodies.append(data[:length])
                 data = data[length:]
                 answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
@@ -1138,3 +1140,60 @@ def test_a_bad_static_header_is_refused_naming_it_never_its_value(spec: str, say
     with pytest.raises(ConfigError, match=says) as refused:
         headers_from(["X-Fine=1", spec], {"BROKEN": "zq1\nzq2"})
     assert "zq1" not in str(refused.value) and "a\rb" not in str(refused.value)
+
+
+def request_head(url: str, *args: str) -> list[str]:
+    """The request line and header lines the sink writes for one event to `url`."""
+    rx = RawReceiver(OK_EMPTY)
+    sink = direct_sink(url.replace("RX", rx.url.removesuffix("/events")), *args)
+    try:
+        sink.send(an_event(1)).result(timeout=5)
+    finally:
+        sink.close()
+        rx.close()
+    return rx.heads[0].decode("latin-1").split("\r\n")
+
+
+@pytest.mark.parametrize(
+    ("url", "line"),
+    [
+        ("RX", "POST / HTTP/1.1"),
+        ("RX/hook/a b", "POST /hook/a%20b HTTP/1.1"),
+        ("RX/hook?k=1&sig=x%2F", "POST /hook?k=1&sig=x%2F HTTP/1.1"),
+        ("RX/h~(1)!?q=[a]", "POST /h~(1)!?q=[a] HTTP/1.1"),
+    ],
+)
+def test_the_request_target_is_the_url_s_path_and_query(url: str, line: str) -> None:
+    """As requests sent it before: an empty path is "/", the query kept (a receiver may
+    authenticate by it), what a URL may hold left as it is, a space escaped."""
+    assert request_head(url)[0] == line
+
+
+def test_the_user_agent_is_the_bridge_s_unless_a_header_sets_one() -> None:
+    agents = [h for h in request_head("RX/e") if h.lower().startswith("user-agent:")]
+    assert len(agents) == 1 and agents[0].startswith("User-Agent: maintenance-bridge/")
+    mine = request_head("RX/e", "--http-header", "user-agent=mine/1")
+    assert [h for h in mine if h.lower().startswith("user-agent:")] == ["user-agent: mine/1"]
+
+
+def test_the_content_mode_decides_the_headers() -> None:
+    binary = request_head("RX/e")
+    structured = request_head("RX/e", "--content-mode", "structured")
+    assert "Content-Type: application/json" in binary
+    assert any(h.startswith("ce-id: ") for h in binary)
+    assert "Content-Type: application/cloudevents+json; charset=UTF-8" in structured
+    assert not any(h.lower().startswith("ce-") for h in structured)
+
+
+def test_nothing_listening_is_a_connection_failure_naming_the_receiver() -> None:
+    from bridge.sinks.http_post import classify
+
+    url = f"http://127.0.0.1:{free_port()}/events?sig=secret"
+    sink = direct_sink(url)
+    try:
+        failure = sink.send(an_event(1)).exception(timeout=5)
+    finally:
+        sink.close()
+    assert failure is not None and classify(failure) == "connection"
+    assert str(failure).startswith(url.split("?")[0] + ": ")
+    assert "secret" not in str(failure)
