@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 
 from bench.plan import Dist, gap_interval
 
